@@ -1,0 +1,1 @@
+"""Per-architecture adapters, importable as ``hieravid.adapters``."""

@@ -1,0 +1,1 @@
+"""hieravid: hierarchical video-token pruning for Video LLMs."""

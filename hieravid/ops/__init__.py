@@ -1,0 +1,1 @@
+"""Pure tensor operators of the three HieraVid levels. They know nothing about modules or models."""

@@ -1,0 +1,1 @@
+"""Runtime: applies a PruningPlan to a model through instance-local hooks."""
