@@ -1,0 +1,289 @@
+"""The policy schema: strict, frozen, versioned pydantic models loaded from YAML.
+
+A policy says *what* to prune at each of the three HieraVid levels; the planner
+(:mod:`hieravid.plan`) turns it into a concrete per-layer plan for one model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hieravid.errors import PolicyError
+
+POLICY_VERSION = 1
+POLICY_KIND = "PruningPolicy"
+
+UnitFraction = Annotated[float, Field(ge=0.0, le=1.0)]
+PruneRatio = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class _Strict(BaseModel):
+    """Base of every policy section: unknown keys rejected, immutable, no silent coercion of strings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True)
+
+
+class SegmentLevel(_Strict):
+    """Segment level (SPEC §2.1): temporal segmentation, segment values and merging before layer 0."""
+
+    enabled: bool = True
+    kind: Literal["hieravid"] = "hieravid"
+    similarity_threshold: UnitFraction = Field(0.6, description="τ: same-position cosine above which a token is redundant")
+    segment_threshold: UnitFraction = Field(0.4, description="β: a frame less redundant than this opens a new segment")
+    merge_ratio: PruneRatio = Field(0.5, description="ρ0: fraction of video tokens merged into anchors")
+    marginal_value_weight: UnitFraction = Field(0.5, description="λ: weight of novelty vs. the past in MV")
+
+
+class DppSelector(_Strict):
+    """Greedy MAP DPP per segment on relevance-weighted cosine kernels (the HieraVid selector)."""
+
+    kind: Literal["dpp"] = "dpp"
+    max_block: int | None = Field(
+        1024, ge=2, description="segments larger than this are split into blocks of at most this many tokens"
+    )
+
+
+class TopkRelevanceSelector(_Strict):
+    """Keep the k most relevant tokens of each segment."""
+
+    kind: Literal["topk_relevance"]
+
+
+class BinnedRelevanceSelector(_Strict):
+    """Split each segment into k equal bins and keep the most relevant token of each (fast variant)."""
+
+    kind: Literal["binned_relevance"]
+
+
+class UniformSelector(_Strict):
+    """Keep k evenly spaced tokens of each segment."""
+
+    kind: Literal["uniform"]
+
+
+class RandomSelector(_Strict):
+    """Keep k random tokens of each segment (seeded, deterministic)."""
+
+    kind: Literal["random"]
+    seed: int = 0
+
+
+Selector = Annotated[
+    DppSelector | TopkRelevanceSelector | BinnedRelevanceSelector | UniformSelector | RandomSelector,
+    Field(discriminator="kind"),
+]
+
+
+class Relevance(_Strict):
+    """How the relevance of each video token to the question is measured at a stage layer."""
+
+    source: Literal["last_query_attention"] = "last_query_attention"
+    sign: Literal["negative", "positive"] = Field(
+        "negative",
+        description="negative: the authors' choice (least-attended tokens get the largest quality term); "
+        "positive: the +a ablation",
+    )
+    query_rows: int | None = Field(
+        None, ge=1, le=64, description="last prompt rows averaged; null = the adapter's default (Qwen2-VL: 4)"
+    )
+
+
+class DynamicBudget(_Strict):
+    """Per-segment budgets κ_g = clamp((1 − ρ) + R·MV_g, min_keep, max_keep) (SPEC §2.2 step 2)."""
+
+    enabled: bool = True
+    scale: float = Field(0.1, ge=0.0, le=1.0, description="R: how much segment marginal value moves the budget")
+    min_keep: UnitFraction = 0.05
+    max_keep: UnitFraction = 0.95
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> DynamicBudget:
+        if self.min_keep > self.max_keep:
+            raise ValueError(f"min_keep ({self.min_keep}) must not exceed max_keep ({self.max_keep})")
+        return self
+
+
+class FrameLevel(_Strict):
+    """Frame level (SPEC §2.2): per-segment selection of video tokens at each stage layer."""
+
+    enabled: bool = True
+    selector: Selector = Field(default_factory=DppSelector)
+    relevance: Relevance = Field(default_factory=Relevance)
+    dynamic_budget: DynamicBudget = Field(default_factory=DynamicBudget)
+
+
+class Stage(_Strict):
+    """One pruning stage: after decoder layer ``layer``, remove ``prune_ratio`` of the current video tokens."""
+
+    layer: int = Field(ge=0)
+    prune_ratio: PruneRatio
+
+
+class ExplicitSchedule(_Strict):
+    """Stages listed one by one."""
+
+    kind: Literal["explicit"] = "explicit"
+    stages: list[Stage] = Field(min_length=1)
+
+    @field_validator("stages")
+    @classmethod
+    def _strictly_increasing(cls, stages: list[Stage]) -> list[Stage]:
+        layers = [stage.layer for stage in stages]
+        for previous, current in zip(layers, layers[1:]):
+            if current <= previous:
+                raise ValueError(
+                    f"stage layers must be strictly increasing without duplicates, got {layers}"
+                )
+        return stages
+
+
+class DepthFractionSchedule(_Strict):
+    """Stages at fixed fractions of the model depth: layer = floor(fraction · L) (e.g. every L/4 layers)."""
+
+    kind: Literal["depth_fraction"]
+    fractions: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(min_length=1)
+    prune_ratios: list[PruneRatio] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DepthFractionSchedule:
+        if len(self.fractions) != len(self.prune_ratios):
+            raise ValueError(
+                f"fractions ({len(self.fractions)} values) and prune_ratios ({len(self.prune_ratios)} values) "
+                "must have the same length"
+            )
+        for previous, current in zip(self.fractions, self.fractions[1:]):
+            if current <= previous:
+                raise ValueError(f"fractions must be strictly increasing, got {self.fractions}")
+        return self
+
+
+Schedule = Annotated[ExplicitSchedule | DepthFractionSchedule, Field(discriminator="kind")]
+
+
+class LayerLevel(_Strict):
+    """Layer level (SPEC §2.3): the schedule of stages along depth.
+
+    When disabled, the schedule collapses to its first stage: all frame-level pruning happens at
+    that one layer, removing as much as the whole schedule would (no gradual shrinkage).
+    """
+
+    enabled: bool = True
+    prune_point: Literal["after_attention", "after_mlp"] = Field(
+        "after_attention",
+        description="where a stage cuts: between the stage layer's attention and MLP, or after its MLP "
+        "(identical kept outputs; the DPP features are the post-attention residual either way)",
+    )
+    schedule: Schedule = Field(
+        default_factory=lambda: DepthFractionSchedule(
+            kind="depth_fraction", fractions=[0.25, 0.5, 0.75], prune_ratios=[0.3, 0.3, 0.57]
+        )
+    )
+
+
+class Policy(_Strict):
+    """A complete pruning policy. Load with :func:`load_policy`; compile with :func:`hieravid.compile_plan`."""
+
+    version: Literal[1]
+    kind: Literal["PruningPolicy"]
+    name: str = Field(min_length=1)
+    description: str = ""
+    keep_newlines: bool = Field(True, description="keep layout newline tokens at every stage (they are structure)")
+    segment: SegmentLevel = Field(default_factory=SegmentLevel)
+    frame: FrameLevel = Field(default_factory=FrameLevel)
+    layer: LayerLevel = Field(default_factory=LayerLevel)
+
+    @property
+    def prunes(self) -> bool:
+        """Whether this policy removes any token at all."""
+        segment_prunes = self.segment.enabled and self.segment.merge_ratio > 0
+        return segment_prunes or self.frame.enabled or self.layer.enabled
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON/YAML-serialisable mapping that :func:`policy_from_dict` reads back unchanged."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        """YAML text that :func:`load_policy` reads back into an equal policy."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_UNION_FIELDS = ("selector", "schedule")
+_UNION_TAGS = ("dpp", "topk_relevance", "binned_relevance", "uniform", "random", "explicit", "depth_fraction")
+
+
+def _format_location(location: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "<root>"
+
+
+def _describe_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid policy ({error.error_count()} problem{'s' if error.error_count() > 1 else ''})"]
+    for item in error.errors():
+        # Discriminated unions add the tag (e.g. "dpp") after the union's field; a YAML reader never wrote it.
+        location = tuple(
+            part
+            for index, part in enumerate(item["loc"])
+            if not (index > 0 and item["loc"][index - 1] in _UNION_FIELDS and part in _UNION_TAGS)
+        )
+        value = item.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (not part of the schema)"
+        lines.append(f"  - {_format_location(location)}: {message} (got {shown})")
+    return "\n".join(lines)
+
+
+def policy_from_dict(data: Any, *, source: str = "<policy>") -> Policy:
+    """Validate a mapping into a :class:`Policy`; errors name ``source``, the field path and the value."""
+    if not isinstance(data, dict):
+        kind = "empty document" if data is None else f"a {type(data).__name__}"
+        raise PolicyError(f"{source}: a policy must be a YAML mapping of keys to values, got {kind}")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as error:
+        raise PolicyError(_describe_validation_error(error, source)) from None
+
+
+def _looks_like_yaml_text(text: str) -> bool:
+    return "\n" in text or (":" in text and not text.endswith((".yaml", ".yml")))
+
+
+def load_policy(path_or_text: str | Path | Policy) -> Policy:
+    """Load a policy from a YAML file path or YAML text (``yaml.safe_load``; Python tags are refused).
+
+    A :class:`Policy` passes through unchanged. Every error is a :class:`~hieravid.errors.PolicyError`
+    whose message names the file, the field path and the offending value.
+    """
+    if isinstance(path_or_text, Policy):
+        return path_or_text
+    if isinstance(path_or_text, Path) or not _looks_like_yaml_text(str(path_or_text)):
+        path = Path(path_or_text)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise PolicyError(f"{source}: policy file not found") from None
+        except IsADirectoryError:
+            raise PolicyError(f"{source}: is a directory, expected a YAML policy file") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise PolicyError(f"{source}: cannot read policy file ({error})") from None
+    else:
+        source, text = "<policy text>", str(path_or_text)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        detail = str(error).replace("\n", " ")
+        raise PolicyError(f"{source}: not valid YAML (or uses Python tags, which are refused): {detail}") from None
+    return policy_from_dict(data, source=source)
