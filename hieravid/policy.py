@@ -6,6 +6,7 @@ A policy says *what* to prune at each of the three HieraVid levels; the planner
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -133,7 +134,7 @@ class ExplicitSchedule(_Strict):
     @classmethod
     def _strictly_increasing(cls, stages: list[Stage]) -> list[Stage]:
         layers = [stage.layer for stage in stages]
-        for previous, current in zip(layers, layers[1:]):
+        for previous, current in itertools.pairwise(layers):
             if current <= previous:
                 raise ValueError(
                     f"stage layers must be strictly increasing without duplicates, got {layers}"
