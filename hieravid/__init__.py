@@ -1,1 +1,59 @@
-"""hieravid: hierarchical video-token pruning for Video LLMs."""
+"""hieravid: hierarchical (segment → frame → layer) video-token pruning for Video LLMs.
+
+    import hieravid
+    policy = hieravid.load_policy("policies/hieravid-30.yaml")
+    plan = hieravid.compile_plan(policy, "llava-onevision-7b")   # pure, no weights
+    with hieravid.apply(model, policy):                          # hooks on a real HF model
+        model.generate(**inputs)
+
+Importing this package is lean: names are resolved lazily, and nothing here imports transformers
+model code or initialises CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    "load_policy": "hieravid.policy",
+    "policy_from_dict": "hieravid.policy",
+    "Policy": "hieravid.policy",
+    "compile_plan": "hieravid.plan",
+    "PruningPlan": "hieravid.plan",
+    "StagePlan": "hieravid.plan",
+    "ModelSpec": "hieravid.specs",
+    "load_spec": "hieravid.specs",
+    "CATALOGUE": "hieravid.specs",
+    "apply": "hieravid.runtime",
+    "PruningHandle": "hieravid.runtime",
+    "register_adapter": "hieravid.runtime",
+    "HieravidError": "hieravid.errors",
+    "PolicyError": "hieravid.errors",
+    "PlanError": "hieravid.errors",
+    "SpecError": "hieravid.errors",
+    "AdapterError": "hieravid.errors",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+if TYPE_CHECKING:
+    from hieravid.errors import AdapterError, HieravidError, PlanError, PolicyError, SpecError
+    from hieravid.plan import PruningPlan, StagePlan, compile_plan
+    from hieravid.policy import Policy, load_policy, policy_from_dict
+    from hieravid.specs import CATALOGUE, ModelSpec, load_spec
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'hieravid' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

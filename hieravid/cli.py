@@ -1,0 +1,139 @@
+"""The ``hieravid`` command line.
+
+Every subcommand exits 0 on success and 2 on bad input, printing one paragraph on stderr (a
+traceback only with ``--debug``). Subcommands that need torch/transformers import them lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from hieravid.errors import HieravidError
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from hieravid.plan import compile_plan
+
+    plan = compile_plan(args.policy, args.model, frames=args.frames)
+    print(plan.to_json() if args.json else plan)
+    return EXIT_OK
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from hieravid.policy import load_policy
+
+    failures = []
+    for path in args.policies:
+        try:
+            policy = load_policy(Path(path))
+        except HieravidError as error:
+            failures.append(str(error))
+            continue
+        print(f"{path}: ok ({policy.name})")
+    if failures:
+        raise HieravidError("\n".join(failures))
+    return EXIT_OK
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from hieravid.plan import compile_plan
+
+    plans = [compile_plan(path, args.model, frames=args.frames) for path in args.policies]
+    if args.json:
+        print(json.dumps([plan.to_dict() for plan in plans], indent=2))
+        return EXIT_OK
+    print(format_comparison(plans))
+    return EXIT_OK
+
+
+def format_comparison(plans: Sequence) -> str:
+    """A side-by-side table of plans: retention, input keep, FLOPs ratio and per-stage budgets."""
+    header = ["policy", "retention", "input keep", "FLOPs ratio", "layer-0 tokens", "stages (layer: tokens after)"]
+    rows = []
+    for plan in plans:
+        stages = ", ".join(f"{stage.layer}: {stage.video_tokens_after}" for stage in plan.stages) or "-"
+        rows.append([
+            plan.policy.name,
+            f"{plan.retention:.3f}",
+            f"{plan.input_keep_fraction:.3f}",
+            f"{plan.flops_ratio:.3f}",
+            str(plan.segment.video_tokens_after),
+            stages,
+        ])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    spec = plans[0].spec if plans else None
+    if spec is not None:
+        lines.insert(0, f"{spec.name}: {spec.frames} frames, N_v = {spec.video_tokens} video tokens, "
+                        f"{spec.num_layers} layers")
+    return "\n".join(lines)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand (also used to render ``--help``)."""
+    parser = argparse.ArgumentParser(
+        prog="hieravid",
+        description="Hierarchical video-token pruning for Video LLMs: plan, validate and compare YAML policies.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    plan = sub.add_parser("plan", help="compile a policy for a model and print the per-layer plan")
+    plan.add_argument("policy", help="policy YAML file")
+    plan.add_argument("--model", required=True, help="catalogue name (e.g. llava-onevision-7b), config.json or checkpoint folder")
+    plan.add_argument("--frames", type=_positive_int, help="frames as the LLM sees them (default: the model's)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(handler=_cmd_plan)
+
+    validate = sub.add_parser("validate", help="validate one or more policy files")
+    validate.add_argument("policies", nargs="+", help="policy YAML files")
+    validate.set_defaults(handler=_cmd_validate)
+
+    compare = sub.add_parser("compare", help="compile several policies for one model and print them side by side")
+    compare.add_argument("policies", nargs="+", help="policy YAML files")
+    compare.add_argument("--model", required=True, help="catalogue name, config.json or checkpoint folder")
+    compare.add_argument("--frames", type=_positive_int, help="frames as the LLM sees them (default: the model's)")
+    compare.add_argument("--json", action="store_true", help="print the plans as a JSON list")
+    compare.set_defaults(handler=_cmd_compare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hieravid`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except HieravidError as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"hieravid {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("hieravid: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
