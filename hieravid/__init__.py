@@ -13,7 +13,7 @@ model code or initialises CUDA.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -38,13 +38,6 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [*_EXPORTS, "__version__"]
-
-if TYPE_CHECKING:
-    from hieravid.errors import AdapterError, HieravidError, PlanError, PolicyError, SpecError
-    from hieravid.plan import PruningPlan, StagePlan, compile_plan
-    from hieravid.policy import Policy, load_policy, policy_from_dict
-    from hieravid.specs import CATALOGUE, ModelSpec, load_spec
-
 
 def __getattr__(name: str) -> Any:
     module_name = _EXPORTS.get(name)

@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="compile a policy for a model and print the per-layer plan")
     plan.add_argument("policy", help="policy YAML file")
-    plan.add_argument("--model", required=True, help="catalogue name (e.g. llava-onevision-7b), config.json or checkpoint folder")
+    plan.add_argument(
+        "--model", required=True, help="catalogue name (e.g. llava-onevision-7b), config.json or checkpoint folder"
+    )
     plan.add_argument("--frames", type=_positive_int, help="frames as the LLM sees them (default: the model's)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(handler=_cmd_plan)
