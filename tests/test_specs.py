@@ -1,0 +1,90 @@
+"""Model specs: catalogue shapes and derivation from configs on disk or in memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hieravid import CATALOGUE, SpecError, load_spec
+from hieravid.specs import spec_from_config
+
+
+def test_catalogue_shapes() -> None:
+    onevision = CATALOGUE["llava-onevision-7b"]
+    assert (onevision.num_layers, onevision.hidden_size, onevision.num_key_value_heads) == (28, 3584, 4)
+    assert onevision.video_tokens == 6273 and onevision.newline_tokens == 1
+    assert CATALOGUE["llava-video-7b"].frames == 64
+    assert CATALOGUE["llava-video-7b"].video_tokens == 64 * 196 + 1
+    qwen = CATALOGUE["qwen2-vl-7b"]
+    assert qwen.default_query_rows == 4 and qwen.newline_tokens == 0
+    assert CATALOGUE["llava-onevision-72b"].num_layers == 80
+    assert CATALOGUE["qwen2-vl-2b"].hidden_size == 1536
+
+
+def test_with_frames_and_newline_layouts() -> None:
+    spec = CATALOGUE["llava-onevision-7b"].with_frames(8)
+    assert spec.video_tokens == 8 * 196 + 1
+    import dataclasses
+
+    per_row = dataclasses.replace(spec, rows=13, cols=13, newline_layout="per_row")
+    assert per_row.video_tokens == 8 * 13 * 14
+    with pytest.raises(SpecError, match="frames"):
+        spec.with_frames(0)
+
+
+def _onevision_config() -> dict:
+    return {
+        "model_type": "llava_onevision",
+        "text_config": {
+            "model_type": "qwen2",
+            "num_hidden_layers": 4,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 1000,
+        },
+        "vision_config": {"model_type": "siglip_vision_model"},
+    }
+
+
+def test_spec_from_config_file_and_folder(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(_onevision_config()))
+    from_folder = load_spec(tmp_path, frames=8)
+    from_file = load_spec(str(tmp_path / "config.json"), frames=8)
+    assert from_folder.num_layers == from_file.num_layers == 4
+    assert from_folder.hidden_size == 64 and from_folder.frames == 8
+    assert from_folder.newline_layout == "per_video"
+
+
+def test_spec_from_transformers_config_object() -> None:
+    from transformers import Qwen2VLConfig
+
+    config = Qwen2VLConfig(text_config={"num_hidden_layers": 3, "hidden_size": 32, "intermediate_size": 64,
+                                        "num_attention_heads": 4, "num_key_value_heads": 2})
+    spec = load_spec(config)
+    assert spec.model_type == "qwen2_vl"
+    assert spec.num_layers == 3 and spec.hidden_size == 32
+    assert spec.default_query_rows == 4
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [("{not json", "cannot read model config"), ("[1, 2]", "JSON object"), ('{"hidden_size": 3}', "model_type"),
+     ('{"model_type": "qwen2"}', "dimensions")],
+)
+def test_bad_configs(tmp_path: Path, content: str, fragment: str) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    with pytest.raises(SpecError, match=fragment):
+        load_spec(path)
+
+
+def test_unknown_name_lists_catalogue() -> None:
+    with pytest.raises(SpecError, match="llava-onevision-7b"):
+        load_spec("gpt-video-9000")
+    with pytest.raises(SpecError, match="positive integer"):
+        spec_from_config({**_onevision_config(), "text_config": {**_onevision_config()["text_config"],
+                                                                 "hidden_size": 0}})
