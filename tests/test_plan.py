@@ -92,7 +92,8 @@ def test_explicit_stage_beyond_depth_is_rejected() -> None:
 
 
 def test_schedule_that_keeps_nothing_is_rejected() -> None:
-    text = HEADER + "layer: {schedule: {kind: explicit, stages: [{layer: 1, prune_ratio: 0.99}, {layer: 2, prune_ratio: 0.99}]}}\n"
+    stages = "[{layer: 1, prune_ratio: 0.99}, {layer: 2, prune_ratio: 0.99}]"
+    text = HEADER + f"layer: {{schedule: {{kind: explicit, stages: {stages}}}}}\n"
     with pytest.raises(PlanError, match="leaves no video token"):
         compile_plan(text, CATALOGUE["llava-onevision-7b"].with_frames(1))
 
