@@ -1,1 +1,81 @@
-"""Pure tensor operators of the three HieraVid levels. They know nothing about modules or models."""
+"""Pure tensor operators of the three HieraVid levels. They know nothing about modules or models.
+
+Segment level (:mod:`hieravid.ops.segment`), frame level (:mod:`~hieravid.ops.relevance`,
+:mod:`~hieravid.ops.budget`, :mod:`~hieravid.ops.dpp`, :mod:`~hieravid.ops.selectors`) and layer level
+(:mod:`~hieravid.ops.layer`). Importing this package imports neither transformers nor Triton and does
+not initialise CUDA; Triton is imported lazily on the CUDA path of the DPP selection.
+"""
+
+from hieravid.ops.budget import segment_budgets
+from hieravid.ops.dpp import (
+    DEFAULT_MAX_BLOCK,
+    DPP_EPS,
+    DppBackend,
+    dpp_select,
+    greedy_map_dpp,
+    greedy_map_dpp_order,
+    triton_available,
+)
+from hieravid.ops.layer import (
+    FrameLevelResult,
+    compose_keep,
+    frame_level,
+    layer_keep_fractions,
+    retention,
+    stage_keep_fractions,
+)
+from hieravid.ops.relevance import RelevanceSign, last_query_attention, normalize_relevance
+from hieravid.ops.segment import (
+    FIRST_FRAME_SIMILARITY,
+    MergeResult,
+    SegmentLevelResult,
+    adjacent_frame_similarity,
+    frame_redundancy,
+    merge_redundant_tokens,
+    num_merged_tokens,
+    segment_frames,
+    segment_level,
+    segment_marginal_values,
+)
+from hieravid.ops.selectors import (
+    SELECTORS,
+    Selector,
+    UnknownSelectorError,
+    register_selector,
+    select_tokens,
+)
+
+__all__ = [
+    "DEFAULT_MAX_BLOCK",
+    "DPP_EPS",
+    "FIRST_FRAME_SIMILARITY",
+    "SELECTORS",
+    "DppBackend",
+    "FrameLevelResult",
+    "MergeResult",
+    "RelevanceSign",
+    "SegmentLevelResult",
+    "Selector",
+    "UnknownSelectorError",
+    "adjacent_frame_similarity",
+    "compose_keep",
+    "dpp_select",
+    "frame_level",
+    "frame_redundancy",
+    "greedy_map_dpp",
+    "greedy_map_dpp_order",
+    "last_query_attention",
+    "layer_keep_fractions",
+    "merge_redundant_tokens",
+    "normalize_relevance",
+    "num_merged_tokens",
+    "register_selector",
+    "retention",
+    "segment_budgets",
+    "segment_frames",
+    "segment_level",
+    "segment_marginal_values",
+    "select_tokens",
+    "stage_keep_fractions",
+    "triton_available",
+]

@@ -1,0 +1,109 @@
+"""Fused Triton kernel for batched greedy DPP MAP inference (private; imported lazily on CUDA).
+
+One program per block (segment): the whole greedy loop of Chen et al. (2018) runs inside one launch.
+``d²``, the relevance fallback scores and the selection state live in registers; the Cholesky rows ``C``
+live in a global scratch buffer (``[G, T, n]`` float32, small enough to stay in L2).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _greedy_dpp_kernel(
+    K_ptr,
+    valid_ptr,
+    budget_ptr,
+    fb_ptr,
+    C_ptr,
+    order_ptr,
+    n,
+    T,
+    eps,
+    BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    g = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    inb = offs < n
+    valid = (tl.load(valid_ptr + g * n + offs, mask=inb, other=0) != 0) & inb
+    kbase = K_ptr + g * n * n
+    cbase = C_ptr + g * T * n
+    diag = tl.load(kbase + offs * (n + 1), mask=valid, other=0.0)
+    ok = valid & (diag == diag)
+    diag = tl.where(ok, diag, 0.0)
+    thr = eps * tl.maximum(tl.max(diag, 0), 0.0)
+    d2 = tl.where(ok, diag, float("-inf"))
+    fb = tl.load(fb_ptr + g * n + offs, mask=valid, other=float("-inf"))
+    fb = tl.where(valid, fb, float("-inf"))
+    budget = tl.load(budget_ptr + g)
+    steps = tl.minimum(budget, T)
+    exhausted = budget * 0
+    for t in range(0, T):
+        if t < steps:
+            dmax = tl.max(d2, 0)
+            jd = tl.argmax(d2, 0, tie_break_left=True)
+            exh = (exhausted != 0) | (dmax <= thr) | (dmax != dmax)
+            if exh:
+                j = tl.argmax(fb, 0, tie_break_left=True)
+            else:
+                j = jd
+                krow = tl.load(kbase + j * n + offs, mask=inb, other=0.0)
+                acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for t0 in range(0, t, BLOCK_T):
+                    rows = t0 + tl.arange(0, BLOCK_T)
+                    rmask = rows < t
+                    cj = tl.load(cbase + rows * n + j, mask=rmask, other=0.0)
+                    ct = tl.load(
+                        cbase + rows[:, None] * n + offs[None, :],
+                        mask=rmask[:, None] & inb[None, :],
+                        other=0.0,
+                    )
+                    acc += tl.sum(cj[:, None] * ct, 0)
+                e = (krow - acc) / tl.sqrt(dmax)
+                e = tl.where(valid & (e == e) & (tl.abs(e) < float("inf")), e, 0.0)
+                tl.store(cbase + t * n + offs, e, mask=inb)
+                tl.debug_barrier()
+                d2 = d2 - e * e
+                d2 = tl.where(d2 == d2, d2, float("-inf"))
+            pick = offs == j
+            d2 = tl.where(pick, float("-inf"), d2)
+            fb = tl.where(pick, float("-inf"), fb)
+            tl.store(order_ptr + g * T + t, j.to(tl.int64))
+            exhausted = exh.to(tl.int32)
+
+
+def greedy_dpp_triton(
+    kernel: Tensor, valid: Tensor, budgets: Tensor, fallback: Tensor, steps: int, eps: float
+) -> Tensor:
+    """Launch the fused kernel. Inputs must be prepared by :func:`hieravid.ops.dpp.greedy_map_dpp_order`:
+    ``kernel`` float32 contiguous ``[G, n, n]``, ``valid`` ``[G, n]``, ``budgets`` ``[G]`` already clamped
+    to the valid counts, ``fallback`` float32 ``[G, n]`` finite. Returns ``[G, steps]`` int64 (-1 padded).
+    """
+    G, n, _ = kernel.shape
+    order = torch.full((G, steps), -1, dtype=torch.int64, device=kernel.device)
+    if G == 0 or n == 0 or steps == 0:
+        return order
+    scratch = torch.empty((G, steps, n), dtype=torch.float32, device=kernel.device)
+    block_n = max(16, triton.next_power_of_2(n))
+    block_t = max(4, min(64, 16384 // block_n))
+    num_warps = 4 if block_n <= 256 else (8 if block_n <= 1024 else 16)
+    _greedy_dpp_kernel[(G,)](
+        kernel,
+        valid.to(torch.int8).contiguous(),
+        budgets.to(torch.int32).contiguous(),
+        fallback,
+        scratch,
+        order,
+        n,
+        steps,
+        float(eps),
+        BLOCK_N=block_n,
+        BLOCK_T=block_t,
+        num_warps=num_warps,
+    )
+    return order

@@ -1,0 +1,66 @@
+"""Per-segment token budgets of the frame level (SPEC §2.2 step 2)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hieravid.ops._util import FLOOR_GUARD
+
+__all__ = ["segment_budgets"]
+
+
+def segment_budgets(
+    counts: Tensor,
+    marginal_values: Tensor,
+    prune_ratio: float,
+    *,
+    scale: float = 0.1,
+    min_keep: float = 0.05,
+    max_keep: float = 0.95,
+    dynamic: bool = True,
+    min_tokens: int = 1,
+) -> Tensor:
+    """Number of tokens each segment keeps at one frame-level stage.
+
+    Dynamic (default): ``κ_g = clamp((1 - ρ) + scale·MV_g, min_keep, max_keep)``; static
+    (``dynamic=False``): ``κ_g = 1 - ρ`` for every segment (no clamp, so ρ = 0 keeps everything).
+    Then ``k_g = ⌊n_g·κ_g + 1e-9⌋`` (float64; the guard makes 0.57·100 give 57), raised to the floor
+    ``min(n_g, min_tokens)`` (by default every non-empty segment keeps at least one token, so no segment
+    disappears) and never above ``n_g``. Empty segments get 0. Computed on ``counts``' device without
+    synchronising.
+
+    Args:
+        counts: ``[G]`` int current token count ``n_g`` of each segment (may contain zeros).
+        marginal_values: ``[G]`` z-scored marginal values ``MV_g`` (ignored when ``dynamic`` is False).
+            NaN is treated as 0.
+        prune_ratio: ρ of this stage, in ``[0, 1)``.
+        scale: ``R``.
+        min_keep, max_keep: clamp bounds of κ, ``0 <= min_keep <= max_keep <= 1``.
+        dynamic: use marginal values (True) or the static ratio (False).
+        min_tokens: per-segment floor (0 disables it).
+
+    Returns:
+        ``[G]`` int64 budgets ``k_g`` with ``0 <= k_g <= n_g``.
+    """
+    if not 0.0 <= prune_ratio < 1.0:
+        raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
+    if not 0.0 <= min_keep <= max_keep <= 1.0:
+        raise ValueError(f"need 0 <= min_keep <= max_keep <= 1, got {min_keep}, {max_keep}")
+    if min_tokens < 0:
+        raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
+    if counts.dim() != 1:
+        raise ValueError(f"counts must be 1-D, got shape {tuple(counts.shape)}")
+    n = counts.to(torch.int64).clamp_min(0)
+    if dynamic:
+        if marginal_values.shape != counts.shape:
+            raise ValueError(
+                f"marginal_values shape {tuple(marginal_values.shape)} must match counts {tuple(counts.shape)}"
+            )
+        mv = torch.nan_to_num(marginal_values.to(device=n.device, dtype=torch.float64), nan=0.0)
+        kappa = ((1.0 - prune_ratio) + scale * mv).clamp(min_keep, max_keep)
+    else:
+        kappa = torch.full(n.shape, 1.0 - prune_ratio, dtype=torch.float64, device=n.device)
+    k = torch.floor(n.double() * kappa + FLOOR_GUARD).to(torch.int64)
+    k = torch.maximum(k, n.clamp_max(min_tokens))
+    return torch.minimum(k, n)

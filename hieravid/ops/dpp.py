@@ -1,0 +1,348 @@
+"""Frame-level DPP selection (SPEC §2.2 steps 3–4), batched over all segments of a stage.
+
+Each segment (or block of a segment, see ``max_block``) gets its own kernel
+``K = diag(r) · X Xᵀ · diag(r)`` with ``X`` the L2-normalised float32 rows of its tokens; the full
+``N × N`` kernel is never built. All blocks are packed into ``[B, n_blk]`` padded tensors and the greedy
+MAP inference of Chen et al. (NeurIPS 2018, incremental Cholesky) runs for every block at once:
+
+* on CUDA, when Triton is importable, as one fused kernel launch (one program per block);
+* otherwise as a batched PyTorch loop over greedy steps (vectorised over blocks, no host sync per
+  step), optionally replayed from a captured CUDA graph (``backend="torch_graph"``).
+
+Tie-breaking: each step picks the lowest index among equal maximal ``d²``. Numerical exhaustion: when
+the largest remaining ``d²`` of a block is ``<= eps · max(diag K)`` (or not finite), that block is
+*exhausted* for good and the rest of its budget is filled by the highest fallback score (relevance)
+among unselected valid tokens, lowest index first among ties. No NaN ever reaches a decision and no
+token is picked twice.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections import OrderedDict
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from hieravid.ops._util import NORM_EPS, mask_to_indices, sanitize_scores
+
+__all__ = [
+    "DEFAULT_MAX_BLOCK",
+    "DPP_EPS",
+    "DppBackend",
+    "dpp_select",
+    "greedy_map_dpp",
+    "greedy_map_dpp_order",
+    "triton_available",
+]
+
+#: Default cap on the number of tokens in one DPP block (larger segments are split, see :func:`dpp_select`).
+DEFAULT_MAX_BLOCK = 512
+
+#: Default relative exhaustion threshold of the greedy inference: a block is exhausted when its largest
+#: remaining ``d²`` is at most ``DPP_EPS · max(diag K)``. Chosen well above float32 round-off in ``d²``
+#: (about ``steps · 6e-8`` relative), so that float32 and exact arithmetic agree on when to stop.
+DPP_EPS = 1e-4
+
+DppBackend = Literal["auto", "triton", "torch", "torch_graph"]
+
+
+def triton_available() -> bool:
+    """Whether Triton can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in ("auto", "triton", "torch", "torch_graph"):
+        raise ValueError(f"unknown DPP backend {backend!r}; expected auto, triton, torch or torch_graph")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package")
+        if device.type != "cuda" and not interpret:
+            raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1)")
+    if backend == "torch_graph" and device.type != "cuda":
+        return "torch"
+    return backend
+
+
+def _greedy_torch(kernel: Tensor, valid: Tensor, budgets: Tensor, fallback: Tensor, steps: int, eps: float) -> Tensor:
+    """Batched greedy MAP loop in plain PyTorch (reference for the fused kernel). Returns ``[G, steps]``."""
+    G, n, _ = kernel.shape
+    device = kernel.device
+    neg_inf = float("-inf")
+    rows = torch.arange(G, device=device)
+    cols = torch.arange(n, device=device)
+    diag = torch.diagonal(kernel, dim1=1, dim2=2)
+    ok = valid & ~torch.isnan(diag)
+    diag = torch.where(ok, diag, torch.zeros_like(diag))
+    thr = eps * diag.amax(dim=1).clamp_min(0.0)
+    d2 = torch.where(ok, diag, torch.full_like(diag, neg_inf))
+    fb = torch.where(valid, fallback, torch.full_like(fallback, neg_inf))
+    C = kernel.new_zeros((G, steps, n))
+    order = torch.full((G, steps), -1, dtype=torch.int64, device=device)
+    exhausted = torch.zeros(G, dtype=torch.bool, device=device)
+    for t in range(steps):
+        active = budgets > t
+        jd = d2.argmax(dim=1)
+        dmax = d2.gather(1, jd.unsqueeze(1)).squeeze(1)
+        exh = exhausted | ~(dmax > thr)
+        jf = fb.argmax(dim=1)
+        j = torch.where(exh, jf, jd)
+        krow = kernel[rows, j]  # [G, n]
+        if t > 0:
+            cj = C[rows, :t, j]  # [G, t]
+            krow = krow - torch.bmm(cj.unsqueeze(1), C[:, :t]).squeeze(1)
+        e = krow * torch.rsqrt(torch.where(exh, torch.ones_like(dmax), dmax)).unsqueeze(1)
+        upd = (active & ~exh).unsqueeze(1) & valid & torch.isfinite(e)
+        e = torch.where(upd, e, torch.zeros_like(e))
+        C[:, t] = e
+        d2 = d2 - e * e
+        d2 = torch.where(torch.isnan(d2), torch.full_like(d2, neg_inf), d2)
+        pick = (cols.unsqueeze(0) == j.unsqueeze(1)) & active.unsqueeze(1)
+        d2 = d2.masked_fill(pick, neg_inf)
+        fb = fb.masked_fill(pick, neg_inf)
+        order[:, t] = torch.where(active, j, torch.full_like(j, -1))
+        exhausted = exh & active
+    return order
+
+
+class _GraphedGreedy:
+    """A captured CUDA graph of :func:`_greedy_torch` for one shape (static input/output buffers)."""
+
+    def __init__(self, G: int, n: int, steps: int, eps: float, device: torch.device) -> None:
+        self.kernel = torch.zeros((G, n, n), dtype=torch.float32, device=device)
+        self.valid = torch.zeros((G, n), dtype=torch.bool, device=device)
+        self.budgets = torch.zeros((G,), dtype=torch.int64, device=device)
+        self.fallback = torch.zeros((G, n), dtype=torch.float32, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            _greedy_torch(self.kernel, self.valid, self.budgets, self.fallback, steps, eps)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.order = _greedy_torch(self.kernel, self.valid, self.budgets, self.fallback, steps, eps)
+
+    def __call__(self, kernel: Tensor, valid: Tensor, budgets: Tensor, fallback: Tensor) -> Tensor:
+        self.kernel.copy_(kernel)
+        self.valid.copy_(valid)
+        self.budgets.copy_(budgets)
+        self.fallback.copy_(fallback)
+        self.graph.replay()
+        return self.order.clone()
+
+
+#: Bounded cache of captured graphs, keyed by shape; a cache only (results never depend on it).
+_GRAPH_CACHE: OrderedDict[tuple[int, int, int, float, str], _GraphedGreedy] = OrderedDict()
+_GRAPH_CACHE_SIZE = 8
+
+
+def _greedy_graph(kernel: Tensor, valid: Tensor, budgets: Tensor, fallback: Tensor, steps: int, eps: float) -> Tensor:
+    G, n, _ = kernel.shape
+    key = (G, n, steps, float(eps), str(kernel.device))
+    runner = _GRAPH_CACHE.get(key)
+    if runner is None:
+        runner = _GraphedGreedy(G, n, steps, eps, kernel.device)
+        _GRAPH_CACHE[key] = runner
+        while len(_GRAPH_CACHE) > _GRAPH_CACHE_SIZE:
+            _GRAPH_CACHE.popitem(last=False)
+    else:
+        _GRAPH_CACHE.move_to_end(key)
+    return runner(kernel, valid, budgets, fallback)
+
+
+def greedy_map_dpp_order(
+    kernel: Tensor,
+    valid: Tensor,
+    budgets: Tensor,
+    fallback_scores: Tensor,
+    *,
+    eps: float = DPP_EPS,
+    max_steps: int | None = None,
+    backend: DppBackend = "auto",
+) -> Tensor:
+    """Greedy DPP MAP inference for a batch of kernels; returns the selection order.
+
+    Per block ``g``: ``d² = diag K``; each step picks ``j = argmax d²`` over valid unselected items
+    (lowest index among ties), computes ``e = (K[j, :] - Cᵀ C[:, j]) / sqrt(d²[j])``, appends ``e`` to
+    ``C``, sets ``d² -= e²`` and removes ``j``; ``budgets[g]`` steps (clamped to the number of valid
+    items). Exhaustion (largest ``d² <= eps·max(diag K)``) switches the block to the fallback for the rest
+    of its budget (see the module docstring).
+
+    Args:
+        kernel: ``[G, n, n]`` symmetric PSD kernels (converted to float32).
+        valid: ``[G, n]`` bool, False for padding.
+        budgets: ``[G]`` int number of items to select per block.
+        fallback_scores: ``[G, n]`` scores used after exhaustion (higher first; NaN counts as lowest).
+        eps: relative exhaustion threshold.
+        max_steps: width of the returned order; must be ``>= max(budgets)`` after clamping. When omitted
+            it is read from the budgets (one host sync).
+        backend: ``"auto"`` (Triton on CUDA when importable, else PyTorch), ``"triton"``, ``"torch"``
+            or ``"torch_graph"`` (PyTorch loop captured once per shape in a CUDA graph; CUDA only).
+
+    Returns:
+        ``[G, max_steps]`` int64: the item picked at each step, ``-1`` after the block's budget.
+    """
+    if kernel.dim() != 3 or kernel.shape[1] != kernel.shape[2]:
+        raise ValueError(f"kernel must have shape [G, n, n], got {tuple(kernel.shape)}")
+    G, n, _ = kernel.shape
+    if valid.shape != (G, n) or fallback_scores.shape != (G, n) or budgets.shape != (G,):
+        raise ValueError(
+            f"valid {tuple(valid.shape)}, fallback_scores {tuple(fallback_scores.shape)} and budgets "
+            f"{tuple(budgets.shape)} must be [G, n], [G, n] and [G] for kernel {tuple(kernel.shape)}"
+        )
+    device = kernel.device
+    valid = valid.to(device=device, dtype=torch.bool)
+    b = torch.minimum(budgets.to(device=device, dtype=torch.int64).clamp_min(0), valid.sum(dim=1))
+    steps = int(b.max()) if (max_steps is None and G > 0) else int(max_steps or 0)
+    if steps < 0:
+        raise ValueError(f"max_steps must be >= 0, got {steps}")
+    kf = kernel.to(torch.float32).contiguous()
+    fb = sanitize_scores(fallback_scores.to(device)).contiguous()
+    if G == 0 or n == 0 or steps == 0:
+        return torch.full((G, steps), -1, dtype=torch.int64, device=device)
+    mode = _resolve_backend(backend, device)
+    if mode == "triton":
+        from hieravid.ops._triton_dpp import greedy_dpp_triton
+
+        return greedy_dpp_triton(kf, valid, b, fb, steps, eps)
+    if mode == "torch_graph":
+        return _greedy_graph(kf, valid, b, fb, steps, eps)
+    return _greedy_torch(kf, valid, b, fb, steps, eps)
+
+
+def _order_to_mask(order: Tensor, n: int) -> Tensor:
+    G = order.shape[0]
+    mask = torch.zeros((G, n + 1), dtype=torch.bool, device=order.device)
+    idx = torch.where(order < 0, torch.full_like(order, n), order)
+    mask.scatter_(1, idx, True)
+    return mask[:, :n]
+
+
+def greedy_map_dpp(
+    kernel: Tensor,
+    valid: Tensor,
+    budgets: Tensor,
+    fallback_scores: Tensor,
+    *,
+    eps: float = DPP_EPS,
+    max_steps: int | None = None,
+    backend: DppBackend = "auto",
+) -> Tensor:
+    """Greedy DPP MAP inference for a batch of kernels; returns the selection mask.
+
+    Same arguments and semantics as :func:`greedy_map_dpp_order`.
+
+    Returns:
+        ``[G, n]`` bool; row ``g`` has exactly ``min(budgets[g], valid[g].sum())`` True entries, all valid.
+    """
+    order = greedy_map_dpp_order(kernel, valid, budgets, fallback_scores, eps=eps, max_steps=max_steps, backend=backend)
+    return _order_to_mask(order, kernel.shape[1])
+
+
+def dpp_select(
+    features: Tensor,
+    relevance: Tensor,
+    segment_ids: Tensor,
+    budgets: Tensor,
+    *,
+    max_block: int | None = DEFAULT_MAX_BLOCK,
+    eps: float = DPP_EPS,
+    backend: DppBackend = "auto",
+) -> Tensor:
+    """Select ``budgets[g]`` tokens per segment by greedy DPP MAP inference, all segments at once.
+
+    Kernel per segment only: rows of ``features`` are L2-normalised in float32 (norm clamped at 1e-12, so
+    zero vectors give zero rows, never NaN; NaN/inf features count as 0), ``S = X Xᵀ``,
+    ``K = diag(r) S diag(r)`` with ``r = relevance`` (NaN → 0). The fallback after exhaustion is the
+    relevance.
+
+    Blocks: a segment with more than ``max_block`` tokens is split into ``ceil(n_g / max_block)``
+    contiguous (in token order within the segment) blocks of near-equal size
+    (block ``b`` of ``nb`` holds in-segment positions ``[⌊b·n_g/nb⌋, ⌊(b+1)·n_g/nb⌋)``), and the budget is
+    split proportionally with cumulative floors (block ``b`` gets ``⌊k_g·e_b/n_g⌋ - ⌊k_g·s_b/n_g⌋``,
+    which sum to ``k_g``). This bounds the worst-case cost (greedy DPP is cubic in the block size);
+    ``None`` disables splitting.
+
+    Budgets above a segment's size are clamped to it; empty segments and zero budgets select nothing.
+    One host synchronisation per call sizes the padded blocks and the output.
+
+    Args:
+        features: ``[n, D]`` hidden states of the stage's video tokens (any float dtype).
+        relevance: ``[n]`` relevance (quality) scores, e.g. from :func:`normalize_relevance`.
+        segment_ids: ``[n]`` int segment id of each token in ``[0, G)`` (need not be sorted).
+        budgets: ``[G]`` int tokens to keep per segment.
+        max_block: block size cap (default :data:`DEFAULT_MAX_BLOCK`), or None.
+        eps: relative exhaustion threshold of the greedy inference.
+        backend: greedy inference backend, see :func:`greedy_map_dpp_order`.
+
+    Returns:
+        ``[k]`` int64 ascending indices into the ``n`` tokens, ``k = Σ_g min(budgets[g], n_g)``.
+    """
+    if features.dim() != 2:
+        raise ValueError(f"features must have shape [n, D], got {tuple(features.shape)}")
+    n, D = features.shape
+    if relevance.shape != (n,) or segment_ids.shape != (n,):
+        raise ValueError(f"relevance {tuple(relevance.shape)} and segment_ids {tuple(segment_ids.shape)} must be [{n}]")
+    if budgets.dim() != 1:
+        raise ValueError(f"budgets must be 1-D, got shape {tuple(budgets.shape)}")
+    if max_block is not None and max_block < 1:
+        raise ValueError(f"max_block must be >= 1 or None, got {max_block}")
+    device = features.device
+    G = budgets.shape[0]
+    if n == 0 or G == 0:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    seg = segment_ids.to(device=device, dtype=torch.int64)
+    counts = torch.zeros(G, dtype=torch.int64, device=device).index_add_(0, seg, torch.ones_like(seg))
+    k = torch.minimum(budgets.to(device=device, dtype=torch.int64).clamp_min(0), counts)
+    mb = n if max_block is None else min(int(max_block), n)
+    nb = (counts + mb - 1) // mb  # blocks per segment, 0 when empty
+    nb_safe = nb.clamp_min(1)
+    blk_size = (counts + nb_safe - 1) // nb_safe  # largest block of each segment
+    blk_steps = torch.where(nb > 1, torch.minimum(blk_size, (k * blk_size) // counts.clamp_min(1) + 1), k)
+    stats = torch.stack([nb.sum(), blk_size.max(), blk_steps.max(), k.sum()]).cpu()  # the one host sync
+    B, n_blk, steps, total = (int(v) for v in stats)
+    if total == 0:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+
+    # Position of every token inside its segment (stable by token index), then inside its block.
+    order = torch.sort(seg, stable=True).indices
+    seg_sorted = seg[order]
+    seg_start = torch.cumsum(counts, 0) - counts
+    pos = torch.empty_like(seg)
+    pos[order] = torch.arange(n, device=device) - seg_start[seg_sorted]
+    n_tok = counts[seg]
+    nb_tok = nb[seg]
+    b_local = ((pos + 1) * nb_tok - 1) // n_tok
+    p_in_block = pos - (b_local * n_tok) // nb_tok
+    block_offset = torch.cumsum(nb, 0) - nb
+    block_id = block_offset[seg] + b_local
+
+    # Budget of every block: cumulative floors of the segment budget.
+    block_seg = torch.repeat_interleave(torch.arange(G, device=device), nb, output_size=B)
+    bl = torch.arange(B, device=device) - block_offset[block_seg]
+    ng, nbg, kg = counts[block_seg], nb[block_seg], k[block_seg]
+    start, end = (bl * ng) // nbg, ((bl + 1) * ng) // nbg
+    block_budget = (kg * end) // ng - (kg * start) // ng
+
+    # Packed, normalised features and relevance; kernels per block only.
+    x = torch.nan_to_num(features.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    r = torch.nan_to_num(relevance.to(device=device, dtype=torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    xp = torch.zeros((B, n_blk, D), dtype=torch.float32, device=device)
+    xp[block_id, p_in_block] = x
+    rp = torch.zeros((B, n_blk), dtype=torch.float32, device=device)
+    rp[block_id, p_in_block] = r
+    valid = torch.zeros((B, n_blk), dtype=torch.bool, device=device)
+    valid[block_id, p_in_block] = True
+    kernel = torch.bmm(xp, xp.transpose(1, 2))
+    kernel.mul_(rp.unsqueeze(2)).mul_(rp.unsqueeze(1))
+
+    sel_order = greedy_map_dpp_order(kernel, valid, block_budget, rp, eps=eps, max_steps=steps, backend=backend)
+    mask = _order_to_mask(sel_order, n_blk)
+    return mask_to_indices(mask[block_id, p_in_block], total)

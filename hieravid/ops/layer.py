@@ -1,0 +1,172 @@
+"""Layer level (SPEC §2.3): stage schedules and keep-index bookkeeping, plus the composite of one
+frame-level stage (relevance → budgets → selector)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hieravid.ops.budget import segment_budgets
+from hieravid.ops.relevance import RelevanceSign, normalize_relevance
+from hieravid.ops.selectors import select_tokens
+
+__all__ = [
+    "FrameLevelResult",
+    "compose_keep",
+    "frame_level",
+    "layer_keep_fractions",
+    "retention",
+    "stage_keep_fractions",
+]
+
+
+def compose_keep(previous: Tensor, local: Tensor) -> Tensor:
+    """Map a stage's local keep indices back to original positions.
+
+    Args:
+        previous: ``[n]`` ascending original positions of the tokens entering the stage.
+        local: ``[k]`` indices into ``previous`` of the tokens the stage keeps (sorted here if needed).
+
+    Returns:
+        ``[k]`` int64 ascending original positions ``previous[sorted(local)]``.
+    """
+    if previous.dim() != 1 or local.dim() != 1:
+        raise ValueError(f"previous and local must be 1-D, got {tuple(previous.shape)} and {tuple(local.shape)}")
+    local_sorted = torch.sort(local.to(torch.int64)).values
+    return previous.to(torch.int64)[local_sorted.to(previous.device)]
+
+
+def _check_ratios(prune_ratios: Sequence[float]) -> None:
+    for r in prune_ratios:
+        if not 0.0 <= float(r) < 1.0:
+            raise ValueError(f"prune ratios must be in [0, 1), got {list(prune_ratios)}")
+
+
+def stage_keep_fractions(prune_ratios: Sequence[float]) -> list[float]:
+    """Static fraction of video tokens kept after each stage: cumulative products of ``1 - ρ``.
+
+    ``[0.5, 0.3, 0.3, 0.57]`` → ``[0.5, 0.35, 0.245, 0.105]`` (SPEC §2.2 table).
+    """
+    _check_ratios(prune_ratios)
+    out: list[float] = []
+    keep = 1.0
+    for r in prune_ratios:
+        keep *= 1.0 - float(r)
+        out.append(keep)
+    return out
+
+
+def layer_keep_fractions(stage_layers: Sequence[int], prune_ratios: Sequence[float], num_layers: int) -> list[float]:
+    """Static fraction of video tokens each of ``num_layers`` layers processes.
+
+    Layer ``i`` processes the fraction kept after every stage whose layer is ``<= i`` (a stage at layer
+    ``l`` counts for layer ``l`` itself, as in the paper's cost); 1.0 before the first stage.
+
+    Args:
+        stage_layers: strictly increasing layer index of each stage, each in ``[0, num_layers)``.
+        prune_ratios: ratio of each stage, in ``[0, 1)``.
+        num_layers: model depth ``L``.
+    """
+    if len(stage_layers) != len(prune_ratios):
+        raise ValueError(f"{len(stage_layers)} stage layers but {len(prune_ratios)} prune ratios")
+    if any(b <= a for a, b in itertools.pairwise(stage_layers)):
+        raise ValueError(f"stage layers must be strictly increasing, got {list(stage_layers)}")
+    if any(not 0 <= layer < num_layers for layer in stage_layers):
+        raise ValueError(f"stage layers must be in [0, {num_layers}), got {list(stage_layers)}")
+    fractions = stage_keep_fractions(prune_ratios)
+    out: list[float] = []
+    current, s = 1.0, 0
+    for i in range(num_layers):
+        while s < len(stage_layers) and stage_layers[s] <= i:
+            current = fractions[s]
+            s += 1
+        out.append(current)
+    return out
+
+
+def retention(stage_layers: Sequence[int], prune_ratios: Sequence[float], num_layers: int) -> float:
+    """Static retention ("cost", SPEC §2.4): mean of :func:`layer_keep_fractions` over the layers."""
+    fr = layer_keep_fractions(stage_layers, prune_ratios, num_layers)
+    return sum(fr) / len(fr) if fr else 0.0
+
+
+@dataclass(frozen=True)
+class FrameLevelResult:
+    """Output of :func:`frame_level`.
+
+    Attributes:
+        local_keep: ``[k]`` ascending indices into the stage's video tokens.
+        segment_ids_kept: ``[k]`` segment id of each kept token.
+        budgets: ``[G]`` per-segment budgets used.
+    """
+
+    local_keep: Tensor
+    segment_ids_kept: Tensor
+    budgets: Tensor
+
+
+def frame_level(
+    hidden: Tensor,
+    attention: Tensor,
+    segment_ids: Tensor,
+    marginal_values: Tensor,
+    prune_ratio: float,
+    *,
+    selector: str = "dpp",
+    sign: RelevanceSign = "negative",
+    dynamic: bool = True,
+    scale: float = 0.1,
+    min_keep: float = 0.05,
+    max_keep: float = 0.95,
+    min_tokens: int = 1,
+    generator: torch.Generator | None = None,
+    max_block: int | None = None,
+    **selector_options: Any,
+) -> FrameLevelResult:
+    """One frame-level stage on the video tokens of one sample.
+
+    Relevance = :func:`normalize_relevance` of ``attention`` with ``sign``; per-segment counts (segments
+    emptied by earlier stages count 0 and get budget 0); budgets by :func:`segment_budgets`; then the
+    registered ``selector``.
+
+    Args:
+        hidden: ``[n, D]`` post-attention hidden states of the stage's video tokens.
+        attention: ``[n]`` last-query attention over those tokens.
+        segment_ids: ``[n]`` segment id of each token, in ``[0, G)``.
+        marginal_values: ``[G]`` segment marginal values.
+        prune_ratio: ρ of the stage.
+        selector: name in :data:`hieravid.ops.selectors.SELECTORS`.
+        max_block: DPP block cap; None uses the DPP default (ignored by other selectors).
+        selector_options: extra keyword options for the selector.
+
+    Returns:
+        A :class:`FrameLevelResult`.
+    """
+    n = hidden.shape[0]
+    if attention.shape != (n,) or segment_ids.shape != (n,):
+        raise ValueError(f"attention {tuple(attention.shape)} and segment_ids {tuple(segment_ids.shape)} must be [{n}]")
+    device = hidden.device
+    G = marginal_values.shape[0]
+    seg = segment_ids.to(device=device, dtype=torch.int64)
+    relevance = normalize_relevance(attention.to(device), sign)
+    counts = torch.zeros(G, dtype=torch.int64, device=device).index_add_(0, seg, torch.ones_like(seg))
+    budgets = segment_budgets(
+        counts,
+        marginal_values.to(device),
+        prune_ratio,
+        scale=scale,
+        min_keep=min_keep,
+        max_keep=max_keep,
+        dynamic=dynamic,
+        min_tokens=min_tokens,
+    )
+    options = dict(selector_options)
+    if selector == "dpp" and max_block is not None:
+        options["max_block"] = max_block
+    local = select_tokens(selector, hidden, relevance, seg, budgets, generator=generator, **options)
+    return FrameLevelResult(local_keep=local, segment_ids_kept=seg[local], budgets=budgets)

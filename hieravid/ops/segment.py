@@ -1,0 +1,333 @@
+"""Segment level of HieraVid (SPEC §2.1): temporal segmentation, segment marginal values, merging.
+
+All functions take a video as ``frames: [F, P, D]`` (``F`` frames of ``P`` tokens, hidden size ``D``) and
+flat token indices are ``f * P + p``. Everything runs on the input's device with vectorised tensor code;
+the only host synchronisation is in :func:`segment_level`, which reads the number of segments once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hieravid.ops._util import NORM_EPS, floor_product, mask_to_indices
+
+__all__ = [
+    "FIRST_FRAME_SIMILARITY",
+    "MergeResult",
+    "SegmentLevelResult",
+    "adjacent_frame_similarity",
+    "frame_redundancy",
+    "merge_redundant_tokens",
+    "num_merged_tokens",
+    "segment_frames",
+    "segment_level",
+    "segment_marginal_values",
+]
+
+#: Similarity reported for frame 0, which has no predecessor: the lowest cosine, i.e. "not similar".
+FIRST_FRAME_SIMILARITY = -1.0
+
+
+def _check_frames(frames: Tensor) -> None:
+    if frames.dim() != 3:
+        raise ValueError(f"frames must have shape [F, P, D], got {tuple(frames.shape)}")
+    if frames.shape[0] == 0 or frames.shape[1] == 0:
+        raise ValueError(f"frames must hold at least one frame and one token per frame, got {tuple(frames.shape)}")
+
+
+def adjacent_frame_similarity(frames: Tensor) -> Tensor:
+    """Cosine similarity of each token with the same-position token of the previous frame.
+
+    Args:
+        frames: ``[F, P, D]`` video tokens (any float dtype).
+
+    Returns:
+        ``[F, P]`` float32. Row ``f >= 1`` holds ``cos(x[f, p], x[f-1, p])`` computed in float32 with
+        norms clamped at ``1e-12`` (a zero vector has similarity 0 with everything, never NaN), clamped
+        to ``[-1, 1]``. Row 0 holds :data:`FIRST_FRAME_SIMILARITY` (-1, "not similar"); the merge
+        operator never selects frame-0 tokens regardless of this value.
+    """
+    _check_frames(frames)
+    x = frames.float()
+    sim = torch.full(frames.shape[:2], FIRST_FRAME_SIMILARITY, dtype=torch.float32, device=frames.device)
+    if frames.shape[0] > 1:
+        norms = torch.linalg.vector_norm(x, dim=-1).clamp_min(NORM_EPS)
+        dots = torch.einsum("fpd,fpd->fp", x[1:], x[:-1])
+        sim[1:] = (dots / (norms[1:] * norms[:-1])).clamp(-1.0, 1.0)
+    return sim
+
+
+def frame_redundancy(similarity: Tensor, tau: float) -> Tensor:
+    """Per-frame redundancy ``c[f]``: the fraction of positions whose similarity exceeds ``tau``.
+
+    Args:
+        similarity: ``[F, P]`` from :func:`adjacent_frame_similarity`.
+        tau: similarity threshold τ (strict ``>``).
+
+    Returns:
+        ``[F]`` float32 in ``[0, 1]``; frame 0 is always 0.
+    """
+    if similarity.dim() != 2:
+        raise ValueError(f"similarity must have shape [F, P], got {tuple(similarity.shape)}")
+    c = (similarity > tau).float().mean(dim=1)
+    c[:1] = 0.0
+    return c
+
+
+def segment_frames(redundancy: Tensor, beta: float) -> Tensor:
+    """Temporal segmentation: segment id of each frame.
+
+    Frame 0 opens segment 0; frame ``f`` opens a new segment when ``redundancy[f] < beta`` and joins the
+    current segment otherwise. Vectorised with a cumulative sum.
+
+    Args:
+        redundancy: ``[F]`` from :func:`frame_redundancy`.
+        beta: segment threshold β.
+
+    Returns:
+        ``[F]`` int64, non-decreasing, starting at 0 with no gaps.
+    """
+    if redundancy.dim() != 1:
+        raise ValueError(f"redundancy must have shape [F], got {tuple(redundancy.shape)}")
+    opens = redundancy < beta
+    opens[:1] = True
+    return torch.cumsum(opens.to(torch.int64), 0) - 1
+
+
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    na = torch.linalg.vector_norm(a, dim=-1).clamp_min(NORM_EPS)
+    nb = torch.linalg.vector_norm(b, dim=-1).clamp_min(NORM_EPS)
+    return ((a * b).sum(-1) / (na * nb)).clamp(-1.0, 1.0)
+
+
+def segment_marginal_values(
+    frames: Tensor,
+    segment_ids: Tensor,
+    weight: float = 0.5,
+    *,
+    num_segments: int | None = None,
+) -> Tensor:
+    """Segment marginal values (SPEC §2.1 step 4), z-scored across segments.
+
+    ``g_i`` is the mean embedding of segment ``i`` (over all its frames' tokens, float32).
+    ``a1 = cos(g_i, mean(g_0..g_{i-1}))`` (0 for ``i = 0``), ``a2 = cos(g_i, mean(g_{i+1}..g_{G-1}))``
+    (0 for the last segment), ``MV_i = λ·a1 + (1-λ)·(1-a2)``, then ``(MV - mean) / (std + 1e-8)`` with the
+    population standard deviation. A single segment gives ``[0.]``. Prefix/suffix means come from
+    cumulative sums: no loop over segments.
+
+    Args:
+        frames: ``[F, P, D]`` video tokens.
+        segment_ids: ``[F]`` non-decreasing frame segment ids starting at 0 (as from :func:`segment_frames`).
+        weight: λ.
+        num_segments: ``G``; when omitted it is read from ``segment_ids[-1] + 1`` (one host sync).
+
+    Returns:
+        ``[G]`` float32.
+    """
+    _check_frames(frames)
+    if segment_ids.shape != frames.shape[:1]:
+        raise ValueError(f"segment_ids must have shape [F]={frames.shape[0]}, got {tuple(segment_ids.shape)}")
+    G = int(segment_ids[-1]) + 1 if num_segments is None else int(num_segments)
+    device = frames.device
+    if G <= 1:
+        return torch.zeros(max(G, 0), dtype=torch.float32, device=device)
+    P = frames.shape[1]
+    frame_sums = frames.sum(dim=1, dtype=torch.float32)  # [F, D]
+    csum = torch.cat([frame_sums.new_zeros(1, frame_sums.shape[1]), torch.cumsum(frame_sums, 0)])
+    seg = torch.arange(G, device=device)
+    ids = segment_ids.to(torch.int64).contiguous()
+    start = torch.searchsorted(ids, seg, right=False)
+    end = torch.searchsorted(ids, seg, right=True)
+    count = ((end - start) * P).clamp_min(1).unsqueeze(1).float()
+    g = (csum[end] - csum[start]) / count  # [G, D]
+
+    gcs = torch.cumsum(g, 0)  # gcs[i] = g_0 + ... + g_i
+    idx = seg.unsqueeze(1).float()
+    prev_mean = torch.zeros_like(g)
+    prev_mean[1:] = gcs[:-1] / idx[1:]
+    next_mean = torch.zeros_like(g)
+    next_mean[:-1] = (gcs[-1:] - gcs[:-1]) / (G - 1 - idx[:-1])
+    a1 = _cosine(g, prev_mean)
+    a1[0] = 0.0
+    a2 = _cosine(g, next_mean)
+    a2[-1] = 0.0
+    mv = weight * a1 + (1.0 - weight) * (1.0 - a2)
+    mean = mv.mean()
+    std = ((mv - mean) ** 2).mean().sqrt()
+    return (mv - mean) / (std + 1e-8)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """Output of :func:`merge_redundant_tokens`.
+
+    Attributes:
+        kept_index: ``[K]`` int64 ascending flat indices ``f * P + p`` of the tokens that remain.
+        features: ``[K, D]`` merged features of the kept tokens, in the input dtype. A token that
+            absorbed nothing keeps its exact input value.
+        merge_target: ``[F * P]`` int64; for each token the flat index of the kept token it merged into
+            (itself when kept).
+        segment_ids: ``[K]`` segment id of each kept token when frame segment ids were passed, else None.
+    """
+
+    kept_index: Tensor
+    features: Tensor
+    merge_target: Tensor
+    segment_ids: Tensor | None = None
+
+
+def num_merged_tokens(num_frames: int, tokens_per_frame: int, ratio: float) -> int:
+    """Number of tokens :func:`merge_redundant_tokens` absorbs: ``min(⌊ratio·F·P⌋, (F-1)·P)``."""
+    return min(floor_product(num_frames * tokens_per_frame, ratio), (num_frames - 1) * tokens_per_frame)
+
+
+def merge_redundant_tokens(
+    frames: Tensor,
+    similarity: Tensor,
+    ratio: float,
+    *,
+    frame_segment_ids: Tensor | None = None,
+) -> MergeResult:
+    """Chain merging of the most redundant tokens (SPEC §2.1 step 5).
+
+    The ``m = min(⌊ratio·F·P⌋, (F-1)·P)`` pairs with the highest similarity among frames ``>= 1`` are
+    selected (ties broken by lower flat index: a stable descending sort). Along each position's frame
+    chain, every maximal run of selected tokens is averaged into the unselected token just before it
+    (the anchor): ``anchor ← mean(anchor, run)`` with equal weights. Frame-0 tokens are never selected,
+    so every run has an anchor. Exactly ``m`` tokens are absorbed, so ``K = F·P - m`` is known from the
+    shapes and nothing synchronises with the device.
+
+    The anchor of each token comes from a cumulative max over "index of the last unselected frame"; the
+    sum over a run comes from a float32 cumulative sum along the frame axis (deterministic, no atomics).
+
+    Args:
+        frames: ``[F, P, D]`` video tokens.
+        similarity: ``[F, P]`` from :func:`adjacent_frame_similarity` (row 0 is ignored).
+        ratio: ρ0 in ``[0, 1)``; 0 merges nothing.
+        frame_segment_ids: optional ``[F]`` frame segment ids; kept tokens' ids are returned if given.
+
+    Returns:
+        A :class:`MergeResult`.
+    """
+    _check_frames(frames)
+    if similarity.shape != frames.shape[:2]:
+        raise ValueError(f"similarity must have shape {tuple(frames.shape[:2])}, got {tuple(similarity.shape)}")
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"merge ratio must be in [0, 1), got {ratio}")
+    F, P, D = frames.shape
+    N = F * P
+    device = frames.device
+    m = num_merged_tokens(F, P, ratio)
+    flat = torch.arange(N, device=device)
+    if m == 0:
+        seg = None if frame_segment_ids is None else frame_segment_ids.repeat_interleave(P)
+        return MergeResult(flat, frames.reshape(N, D), flat.clone(), seg)
+
+    # Selection: stable descending sort of the (F-1)*P candidate pairs (frames >= 1).
+    cand = similarity[1:].reshape(-1).float()
+    cand = torch.nan_to_num(cand, nan=-2.0)
+    order = torch.sort(cand, descending=True, stable=True).indices[:m]
+    selected = torch.zeros(N, dtype=torch.bool, device=device)
+    selected[order + P] = True
+    selected = selected.view(F, P)
+
+    # Anchor frame of each token: last unselected frame at or before it (frame 0 is never selected).
+    fidx = torch.arange(F, device=device).unsqueeze(1).expand(F, P)
+    anchor_f = torch.cummax(torch.where(selected, torch.zeros_like(fidx), fidx), dim=0).values
+    merge_target = (anchor_f * P + torch.arange(P, device=device)).reshape(N)
+
+    # Last frame of each anchor's group: (next unselected frame after it) - 1.
+    nxt = torch.where(selected, torch.full_like(fidx, F), fidx)  # unselected -> own index
+    nxt_after = torch.full_like(fidx, F)
+    nxt_after[:-1] = torch.flip(torch.cummin(torch.flip(nxt[1:], [0]), dim=0).values, [0])
+    end_f = nxt_after - 1  # [F, P], meaningful for unselected tokens
+
+    keep = ~selected.reshape(N)
+    K = N - m
+    kept_index = mask_to_indices(keep, K)
+    kf = kept_index // P
+    kp = kept_index % P
+    kend = end_f.reshape(N)[kept_index]
+    size = (kend - kf + 1).unsqueeze(1)  # tokens in the group, anchor included
+
+    x = frames.reshape(N, D)
+    x_kept = x[kept_index]
+    csum = torch.cumsum(frames.float(), dim=0)  # [F, P, D]
+    upper = csum[kend, kp]
+    lower = torch.where((kf > 0).unsqueeze(1), csum[(kf - 1).clamp_min(0), kp], torch.zeros_like(upper))
+    mean = (upper - lower) / size.float()
+    features = torch.where(size > 1, mean.to(frames.dtype), x_kept)
+    seg = None if frame_segment_ids is None else frame_segment_ids[kf]
+    return MergeResult(kept_index, features, merge_target, seg)
+
+
+@dataclass(frozen=True)
+class SegmentLevelResult:
+    """Output of :func:`segment_level`.
+
+    Attributes:
+        kept_index: ``[K]`` ascending flat indices ``f * P + p`` of the kept video tokens.
+        features: ``[K, D]`` kept (merged) features, input dtype.
+        merge_target: ``[F * P]`` flat index each token merged into (itself when kept).
+        frame_segment_ids: ``[F]`` segment id of each frame.
+        token_segment_ids: ``[K]`` segment id of each kept token.
+        marginal_values: ``[G]`` z-scored segment marginal values.
+        num_segments: ``G``.
+        similarity: ``[F, P]`` adjacent-frame similarity (row 0 is the sentinel -1).
+        redundancy: ``[F]`` per-frame redundancy.
+    """
+
+    kept_index: Tensor
+    features: Tensor
+    merge_target: Tensor
+    frame_segment_ids: Tensor
+    token_segment_ids: Tensor
+    marginal_values: Tensor
+    num_segments: int
+    similarity: Tensor
+    redundancy: Tensor
+
+
+def segment_level(
+    frames: Tensor,
+    *,
+    similarity_threshold: float = 0.6,
+    segment_threshold: float = 0.4,
+    merge_ratio: float = 0.5,
+    marginal_value_weight: float = 0.5,
+    merge: bool = True,
+) -> SegmentLevelResult:
+    """The whole segment level (SPEC §2.1) on one video.
+
+    Similarity → redundancy (τ = ``similarity_threshold``) → segmentation (β = ``segment_threshold``) →
+    marginal values (λ = ``marginal_value_weight``) → merging of the top ``merge_ratio`` fraction (skipped
+    when ``merge`` is False or the ratio is 0). One host synchronisation reads the number of segments.
+
+    Args:
+        frames: ``[F, P, D]`` video tokens (LLM input embeddings, newline tokens excluded).
+
+    Returns:
+        A :class:`SegmentLevelResult`.
+    """
+    _check_frames(frames)
+    sim = adjacent_frame_similarity(frames)
+    red = frame_redundancy(sim, similarity_threshold)
+    frame_seg = segment_frames(red, segment_threshold)
+    G = int(frame_seg[-1]) + 1
+    mv = segment_marginal_values(frames, frame_seg, marginal_value_weight, num_segments=G)
+    merged = merge_redundant_tokens(frames, sim, merge_ratio if merge else 0.0, frame_segment_ids=frame_seg)
+    assert merged.segment_ids is not None
+    return SegmentLevelResult(
+        kept_index=merged.kept_index,
+        features=merged.features,
+        merge_target=merged.merge_target,
+        frame_segment_ids=frame_seg,
+        token_segment_ids=merged.segment_ids,
+        marginal_values=mv,
+        num_segments=G,
+        similarity=sim,
+        redundancy=red,
+    )
