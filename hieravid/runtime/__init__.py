@@ -1,1 +1,43 @@
-"""Runtime: applies a PruningPlan to a model through instance-local hooks."""
+"""Runtime: applies a :class:`~hieravid.plan.PruningPlan` to a model through instance-local hooks.
+
+    from hieravid.runtime import apply
+    with apply(model, "policies/hieravid-30.yaml") as handle:
+        model.generate(**inputs)
+        print(handle.last_request.summary())
+
+Names are resolved lazily: importing this package imports neither transformers nor model code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "apply": "hieravid.runtime.handle",
+    "PruningHandle": "hieravid.runtime.handle",
+    "find_handle": "hieravid.runtime.handle",
+    "RequestStats": "hieravid.runtime.state",
+    "StageStats": "hieravid.runtime.state",
+    "register_adapter": "hieravid.runtime.registry",
+    "unregister_adapter": "hieravid.runtime.registry",
+    "get_adapter": "hieravid.runtime.registry",
+    "supported_model_types": "hieravid.runtime.registry",
+    "AdapterRegistry": "hieravid.runtime.registry",
+    "ENTRY_POINT_GROUP": "hieravid.runtime.registry",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'hieravid.runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,302 @@
+"""The adapter base class: everything model-specific the runtime needs, and nothing else.
+
+An adapter answers four questions about one architecture:
+
+1. *Where are the modules?* The multimodal module (the one that receives ``input_ids`` and the
+   pixel inputs and calls the language model), the language model (the decoder stack that receives
+   ``inputs_embeds``, ``attention_mask``, ``position_ids``, ``past_key_values``) and its decoder layers
+   with their attention, query/key projections, post-attention norm and MLP.
+2. *Where is the video?* From the multimodal call (``input_ids`` and the pixel inputs' shapes or grids)
+   and the embeddings the language model actually receives, one :class:`VideoLayout` per sample: a
+   ``[F, P]`` map of frame tokens into the sequence and the positions of layout newline tokens.
+3. *What positions would the model use?* When a caller passes no ``position_ids``, the positions the
+   language model would compute itself (so that pruning can gather them, never renumber them).
+4. *What are the query and key of a stage layer?* From the outputs of the query/key projections and the
+   layer's rotary embeddings, the post-RoPE query rows of the last prompt tokens and all keys, exactly as
+   the attention module computes them (used for the cheap last-query relevance score).
+
+The runtime (:mod:`hieravid.runtime`) owns hooks, per-request state, masks and the KV cache; an adapter
+never installs hooks and keeps no state besides a reference to its model.
+
+Third-party adapters subclass :class:`Adapter`, set :attr:`Adapter.model_types`, and are registered
+with :func:`hieravid.runtime.register_adapter` or through the ``hieravid.adapters`` entry-point group
+(see ``CONTRIBUTING.md``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from hieravid.errors import AdapterError
+
+__all__ = ["Adapter", "MultimodalCall", "VideoLayout"]
+
+
+@dataclass(frozen=True)
+class VideoLayout:
+    """Where one sample's video sits in the sequence the language model receives.
+
+    Attributes:
+        frame_index: ``[F, P]`` int64 sequence positions of the video's content tokens, frame-major,
+            raster order (row by row) inside a frame. ``frame_index[f, p]`` is token ``p`` of frame ``f``.
+        newline_index: ``[n]`` int64 sequence positions of layout newline tokens (structure, not content).
+        rows: token rows per frame.
+        cols: token columns per frame (``rows * cols == P``).
+        newline_layout: ``"none"``, ``"per_row"``, ``"per_frame"``, ``"per_video"`` or a ``+``-joined
+            combination (e.g. ``"per_row+per_video"``), as observed in the sequence.
+    """
+
+    frame_index: Tensor
+    newline_index: Tensor
+    rows: int
+    cols: int
+    newline_layout: str = "none"
+
+    @property
+    def frames(self) -> int:
+        """Frames as the language model sees them (Qwen2-VL: temporal patches)."""
+        return int(self.frame_index.shape[0])
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return int(self.frame_index.shape[1])
+
+    @property
+    def content_tokens(self) -> int:
+        return self.frames * self.tokens_per_frame
+
+    @property
+    def video_tokens(self) -> int:
+        """N_v: content tokens plus newline tokens."""
+        return self.content_tokens + int(self.newline_index.numel())
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """``[start, end)`` of the sequence positions the video occupies."""
+        positions = torch.cat([self.frame_index.flatten(), self.newline_index.flatten()])
+        return int(positions.min()), int(positions.max()) + 1
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-Python summary (for traces and ``last_request``)."""
+        return {
+            "frames": self.frames,
+            "rows": self.rows,
+            "cols": self.cols,
+            "newline_layout": self.newline_layout,
+            "content_tokens": self.content_tokens,
+            "newline_tokens": int(self.newline_index.numel()),
+            "video_tokens": self.video_tokens,
+            "span": self.span,
+        }
+
+
+@dataclass
+class MultimodalCall:
+    """What the multimodal module was called with (recorded by a forward pre-hook, read by the adapter).
+
+    Attributes:
+        input_ids: ``[B, S]`` token ids, or None when the caller passed ``inputs_embeds``.
+        video_mask: ``[B, S]`` bool, True at video placeholder positions (from ``input_ids`` and the
+            configured video token id, or from the placeholder embedding when ids are absent).
+        kwargs: the call's keyword arguments (pixel inputs, grids, masks, ...), by reference.
+    """
+
+    input_ids: Tensor | None
+    video_mask: Tensor | None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Adapter:
+    """Base class of per-architecture adapters (see the module docstring for the contract).
+
+    Subclasses must set :attr:`model_types` and implement :meth:`locate_videos`; most architectures
+    built like transformers' Llama/Qwen2 families need nothing else.
+    """
+
+    #: ``config.model_type`` values this adapter handles.
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: Query rows averaged for relevance when a policy leaves ``relevance.query_rows`` unset.
+    default_query_rows: ClassVar[int] = 1
+    #: Dimensions (before the sequence axis) of the position ids the language model takes:
+    #: 0 for ``[B, S]`` 1-D RoPE, 3 for Qwen2-VL's ``[3, B, S]`` M-RoPE.
+    position_rows: ClassVar[int] = 0
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    # ------------------------------------------------------------------ modules
+    @property
+    def config(self) -> Any:
+        """The top-level model config."""
+        return self.model.config
+
+    def multimodal_module(self) -> nn.Module:
+        """The module that receives ``input_ids`` plus pixel inputs and calls the language model."""
+        inner = getattr(self.model, "model", None)
+        if inner is not None and hasattr(inner, "language_model"):
+            return inner
+        if hasattr(self.model, "language_model"):
+            return self.model
+        raise AdapterError(f"{type(self.model).__name__}: cannot find the multimodal module (no .language_model)")
+
+    def language_model(self) -> nn.Module:
+        """The decoder stack the runtime prunes inside."""
+        return self.multimodal_module().language_model
+
+    def text_config(self) -> Any:
+        """The language model's config (shared by its layers)."""
+        return self.language_model().config
+
+    def decoder_layers(self) -> Sequence[nn.Module]:
+        layers = getattr(self.language_model(), "layers", None)
+        if layers is None:
+            raise AdapterError(f"{type(self.language_model()).__name__}: no .layers decoder list")
+        return layers
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def query_key_projections(self, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """The modules whose outputs are the (pre-RoPE) queries and keys of ``layer``'s attention."""
+        attention = self.attention(layer)
+        return attention.q_proj, attention.k_proj
+
+    def post_attention_norm(self, layer: nn.Module) -> nn.Module:
+        """The norm whose input is the post-attention residual stream (residual + attention output)."""
+        return layer.post_attention_layernorm
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        return layer.mlp
+
+    def validate(self) -> None:
+        """Raise :class:`~hieravid.errors.AdapterError` if the model cannot be pruned by this adapter."""
+        layers = self.decoder_layers()
+        if len(layers) == 0:
+            raise AdapterError(f"{type(self.model).__name__}: the language model has no decoder layers")
+        for name in ("self_attn", "mlp", "post_attention_layernorm"):
+            if not hasattr(layers[0], name):
+                raise AdapterError(
+                    f"{type(self.model).__name__}: decoder layers have no .{name}; override the adapter's accessors"
+                )
+        layer_types = getattr(self.text_config(), "layer_types", None) or ()
+        unsupported = sorted(set(layer_types) - {"full_attention"})
+        if unsupported:
+            raise AdapterError(
+                f"{type(self.model).__name__}: layer types {unsupported} are not supported (hieravid rebuilds full "
+                "causal masks in pruned coordinates; sliding-window layers would see a different window)"
+            )
+
+    # ------------------------------------------------------------------ video
+    def video_token_id(self) -> int:
+        token_id = getattr(self.config, "video_token_id", None)
+        if token_id is None:
+            token_id = getattr(self.config, "video_token_index", None)
+        if token_id is None:
+            raise AdapterError(f"{type(self.model).__name__}: config has no video_token_id")
+        return int(token_id)
+
+    def video_mask(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor | None:
+        """``[B, S]`` bool mask of video placeholder positions in the multimodal call's inputs."""
+        token_id = self.video_token_id()
+        if input_ids is not None:
+            return input_ids == token_id
+        if inputs_embeds is None:
+            return None
+        embedding = self.multimodal_module().get_input_embeddings()
+        placeholder = embedding(torch.full((), token_id, dtype=torch.long, device=inputs_embeds.device))
+        return (inputs_embeds == placeholder.to(inputs_embeds.dtype)).all(-1)
+
+    def locate_videos(self, call: MultimodalCall, inputs_embeds: Tensor) -> list[VideoLayout | None]:
+        """One :class:`VideoLayout` per sample (None for a sample without video).
+
+        Args:
+            call: the recorded multimodal call of this forward.
+            inputs_embeds: ``[B, S, D]`` the embeddings the language model receives (video features
+                already scattered in), in the same coordinates as ``call.video_mask``.
+        """
+        raise NotImplementedError
+
+    @staticmethod
+    def video_spans(video_mask_row: Tensor) -> list[tuple[int, int]]:
+        """Maximal runs ``[start, end)`` of True in a 1-D mask."""
+        positions = torch.nonzero(video_mask_row, as_tuple=False).flatten()
+        if positions.numel() == 0:
+            return []
+        breaks = torch.nonzero(positions[1:] != positions[:-1] + 1, as_tuple=False).flatten()
+        starts = [0, *(breaks + 1).tolist()]
+        ends = [*(breaks + 1).tolist(), positions.numel()]
+        values = positions.tolist()
+        return [(values[s], values[e - 1] + 1) for s, e in zip(starts, ends)]
+
+    # ------------------------------------------------------------------ positions
+    def default_position_ids(self, inputs_embeds: Tensor, past_length: int) -> Tensor:
+        """The positions the language model computes itself when called without ``position_ids``."""
+        batch, length = inputs_embeds.shape[:2]
+        positions = torch.arange(length, device=inputs_embeds.device) + past_length
+        if self.position_rows:
+            return positions.view(1, 1, -1).expand(self.position_rows, batch, -1)
+        return positions.unsqueeze(0)
+
+    def prepare_continuation_call(
+        self, kwargs: dict[str, Any], *, total_length: int, new_length: int, batch: int, device: torch.device
+    ) -> None:
+        """Adjust a multimodal call that continues a pruned cache (decode step or later turn), in place.
+
+        The model must not derive positions from the (pruned) cache length. The default does nothing:
+        the runtime gives the language model explicit positions. Adapters whose multimodal module
+        computes positions itself (Qwen2-VL's rope deltas) override this.
+        """
+
+    # ------------------------------------------------------------------ relevance
+    def rotary_function(self, layer: nn.Module) -> Any:
+        """The function the attention module applies RoPE with (its modeling module's ``apply_rotary_pos_emb``)."""
+        attention = self.attention(layer)
+        module = sys.modules[type(attention).__module__]
+        function = getattr(module, "apply_rotary_pos_emb", None)
+        if function is None:
+            raise AdapterError(
+                f"{type(attention).__name__}: no apply_rotary_pos_emb in {module.__name__}; override rotary_function"
+            )
+        return function
+
+    def stage_query_key(
+        self,
+        layer: nn.Module,
+        query_states: Tensor,
+        key_states: Tensor,
+        position_embeddings: tuple[Tensor, Tensor],
+        query_rows: int,
+    ) -> tuple[Tensor, Tensor]:
+        """Post-RoPE queries of the last ``query_rows`` rows and keys of all rows, as attention uses them.
+
+        Args:
+            layer: the stage decoder layer.
+            query_states: ``[B, S, Hq*d]`` output of the query projection (this forward).
+            key_states: ``[B, S, Hkv*d]`` output of the key projection.
+            position_embeddings: ``(cos, sin)`` the layer received, ``[B or 1, S, d]``.
+            query_rows: number of trailing rows to return queries for.
+
+        Returns:
+            ``query [B, Hq, query_rows, d]`` and ``key [B, Hkv, S, d]``.
+        """
+        attention = self.attention(layer)
+        head_dim = int(attention.head_dim)
+        batch, length = key_states.shape[:2]
+        query = query_states[:, -query_rows:].reshape(batch, query_rows, -1, head_dim).transpose(1, 2)
+        key = key_states.reshape(batch, length, -1, head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        rotate = self.rotary_function(layer)
+        query, _ = rotate(query, query, cos[:, -query_rows:], sin[:, -query_rows:])
+        key, _ = rotate(key, key, cos, sin)
+        return query, key
+
+    def attention_scaling(self, layer: nn.Module) -> float:
+        attention = self.attention(layer)
+        scaling = getattr(attention, "scaling", None)
+        return float(scaling) if scaling is not None else float(attention.head_dim) ** -0.5

@@ -1,0 +1,120 @@
+"""Adapter for ``LlavaOnevisionForConditionalGeneration`` (LLaVA-OneVision and LLaVA-Video checkpoints).
+
+Video layout entering the language model (SPEC §3), read from what the model actually built:
+
+* transformers' OneVision path: ``F`` frames of pooled ``rows × cols`` tokens, then ONE newline token
+  (the model's ``image_newline`` vector) after the whole video;
+* the original LLaVA-NeXT / LLaVA-Video inference layout: a newline after every row of every frame
+  (optionally with a trailing newline), as produced by models that build per-row newlines.
+
+The frame count comes from ``pixel_values_videos`` (``[B, F, C, H, W]``); newline tokens are the video
+positions whose embedding equals the model's ``image_newline``; the remaining positions are content,
+frame-major. Rows and columns come from the per-row newlines when present, otherwise from the vision
+config's pooled grid (``ceil(image_size / patch_size / 2)`` per side, the model's ``apply_pooling``).
+Nothing is hard-coded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from hieravid.errors import AdapterError
+
+from .base import Adapter, MultimodalCall, VideoLayout
+
+__all__ = ["LlavaOnevisionAdapter"]
+
+
+class LlavaOnevisionAdapter(Adapter):
+    """LLaVA-OneVision / LLaVA-Video (``model_type == "llava_onevision"``)."""
+
+    model_types = ("llava_onevision",)
+    default_query_rows = 1
+    position_rows = 0
+
+    def pooled_grid(self) -> tuple[int, int]:
+        """Rows and columns of a pooled frame according to the vision config (the model's ``apply_pooling``)."""
+        vision = self.config.vision_config
+        side = int(vision.image_size) // int(vision.patch_size)
+        return math.ceil(side / 2), math.ceil(side / 2)
+
+    def newline_embedding(self, like: Tensor) -> Tensor | None:
+        newline = getattr(self.multimodal_module(), "image_newline", None)
+        if newline is None:
+            return None
+        return newline.detach().to(device=like.device, dtype=like.dtype)
+
+    def locate_videos(self, call: MultimodalCall, inputs_embeds: Tensor) -> list[VideoLayout | None]:
+        batch = inputs_embeds.shape[0]
+        pixel_values_videos = call.kwargs.get("pixel_values_videos")
+        if call.video_mask is None or pixel_values_videos is None:
+            return [None] * batch
+        if pixel_values_videos.dim() != 5:
+            raise AdapterError(
+                f"pixel_values_videos must be [batch, frames, channels, height, width], got "
+                f"{tuple(pixel_values_videos.shape)}"
+            )
+        frames = int(pixel_values_videos.shape[1])
+        newline = self.newline_embedding(inputs_embeds)
+        layouts: list[VideoLayout | None] = []
+        for sample in range(batch):
+            spans = self.video_spans(call.video_mask[sample])
+            if not spans:
+                layouts.append(None)
+                continue
+            if len(spans) > 1:
+                raise NotImplementedError(
+                    f"sample {sample} holds {len(spans)} videos; hieravid prunes one video per sample"
+                )
+            start, end = spans[0]
+            positions = torch.arange(start, end, device=inputs_embeds.device)
+            if newline is not None:
+                is_newline = (inputs_embeds[sample, start:end] == newline).all(-1)
+            else:
+                is_newline = torch.zeros(end - start, dtype=torch.bool, device=inputs_embeds.device)
+            content = positions[~is_newline]
+            newlines = positions[is_newline]
+            if content.numel() == 0 or content.numel() % frames:
+                raise AdapterError(
+                    f"sample {sample}: {content.numel()} video content tokens do not split into {frames} frames "
+                    f"(pixel_values_videos {tuple(pixel_values_videos.shape)})"
+                )
+            per_frame = content.numel() // frames
+            layouts.append(self._layout(content.view(frames, per_frame), newlines))
+        return layouts
+
+    def _layout(self, frame_index: Tensor, newlines: Tensor) -> VideoLayout:
+        frames, per_frame = frame_index.shape
+        rows, cols = self.pooled_grid()
+        if rows * cols != per_frame:
+            rows, cols = 1, per_frame
+        if newlines.numel() == 0:
+            return VideoLayout(frame_index, newlines, rows, cols, "none")
+        # Content tokens preceding each newline tell where it sits in the frame grid.
+        before = torch.searchsorted(frame_index.flatten().contiguous(), newlines.contiguous())
+
+        def grid(counts: Tensor) -> tuple[str, int] | None:
+            n = counts.numel()
+            if n == 0 or n % frames or per_frame % (n // frames):
+                return None
+            per = n // frames
+            step = per_frame // per
+            if not torch.equal(counts, torch.arange(1, n + 1, device=counts.device) * step):
+                return None
+            return ("per_frame" if per == 1 else "per_row"), per
+
+        found = grid(before)
+        layout = "irregular"
+        if found is not None:
+            layout = found[0]
+        elif int(before[-1]) == frames * per_frame:
+            if before.numel() == 1:
+                layout = "per_video"
+            elif (found := grid(before[:-1])) is not None:
+                layout = f"{found[0]}+per_video"
+        if found is not None and found[0] == "per_row":
+            rows, cols = found[1], per_frame // found[1]
+        return VideoLayout(frame_index, newlines, rows, cols, layout)

@@ -1,0 +1,84 @@
+"""Adapters for ``Qwen2VLForConditionalGeneration`` and ``Qwen2_5_VLForConditionalGeneration``.
+
+Video layout (SPEC §3): each video occupies ``t · (h/m) · (w/m)`` consecutive placeholder tokens
+(``video_grid_thw = [t, h, w]`` per video, ``m`` the vision config's ``spatial_merge_size``), temporal
+patch by temporal patch, raster order inside a patch; no newline tokens. Positions are 3-D M-RoPE
+``[3, B, S]`` (or ``[4, B, S]`` with text positions first, as ``generate`` passes them), computed by the
+model itself (``get_rope_index`` / ``compute_3d_position_ids``); the runtime gathers them and never
+recomputes them.
+
+During decoding the model derives positions from ``rope_deltas`` and either the 2-D attention mask or
+the cache length. The cache length is wrong after pruning, so a continuation call that carries neither
+``position_ids`` nor ``attention_mask`` gets an all-ones 2-D mask of the original length (equivalent to
+no mask) and the model's own cumsum path yields the original positions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hieravid.errors import AdapterError
+
+from .base import Adapter, MultimodalCall, VideoLayout
+
+__all__ = ["Qwen2VLAdapter", "Qwen2_5_VLAdapter"]
+
+
+class Qwen2VLAdapter(Adapter):
+    """Qwen2-VL (``model_type == "qwen2_vl"``)."""
+
+    model_types = ("qwen2_vl",)
+    default_query_rows = 4
+    position_rows = 3
+
+    def spatial_merge_size(self) -> int:
+        return int(self.config.vision_config.spatial_merge_size)
+
+    def locate_videos(self, call: MultimodalCall, inputs_embeds: Tensor) -> list[VideoLayout | None]:
+        batch = inputs_embeds.shape[0]
+        grid_thw = call.kwargs.get("video_grid_thw")
+        if call.video_mask is None or grid_thw is None:
+            return [None] * batch
+        merge = self.spatial_merge_size()
+        grids = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
+        next_grid = 0
+        layouts: list[VideoLayout | None] = []
+        for sample in range(batch):
+            spans = self.video_spans(call.video_mask[sample])
+            if not spans:
+                layouts.append(None)
+                continue
+            if len(spans) > 1:
+                raise NotImplementedError(
+                    f"sample {sample} holds {len(spans)} videos; hieravid prunes one video per sample"
+                )
+            if next_grid >= len(grids):
+                raise AdapterError(f"video_grid_thw has {len(grids)} rows but sample {sample} holds another video")
+            frames, height, width = grids[next_grid]
+            next_grid += 1
+            rows, cols = height // merge, width // merge
+            start, end = spans[0]
+            if end - start != frames * rows * cols:
+                raise AdapterError(
+                    f"sample {sample}: {end - start} video tokens but video_grid_thw {grids[next_grid - 1]} with "
+                    f"spatial_merge_size {merge} gives {frames}×{rows}×{cols}"
+                )
+            frame_index = torch.arange(start, end, device=inputs_embeds.device).view(frames, rows * cols)
+            empty = torch.empty(0, dtype=torch.long, device=inputs_embeds.device)
+            layouts.append(VideoLayout(frame_index, empty, rows, cols, "none"))
+        return layouts
+
+    def prepare_continuation_call(
+        self, kwargs: dict[str, Any], *, total_length: int, new_length: int, batch: int, device: torch.device
+    ) -> None:
+        if kwargs.get("position_ids") is None and kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = torch.ones(batch, total_length + new_length, dtype=torch.long, device=device)
+
+
+class Qwen2_5_VLAdapter(Qwen2VLAdapter):
+    """Qwen2.5-VL (``model_type == "qwen2_5_vl"``): the Qwen2-VL layout and positions."""
+
+    model_types = ("qwen2_5_vl",)

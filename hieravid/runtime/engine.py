@@ -1,0 +1,630 @@
+"""The pruning engine: instance-local hooks that run a :class:`~hieravid.plan.PruningPlan` inside a model.
+
+Coordinates. The multimodal module builds the *original* sequence (``S`` rows). The segment level
+(a forward pre-hook on the language model) gathers the rows entering layer 0: text, newlines and the
+kept (merged) video tokens, with their original position ids and an explicit 2-D mask — *stage-0
+coordinates*. Each frame-level stage at layer ``l`` selects rows of the current coordinates; layers
+after ``l`` run in the new coordinates: a forward pre-hook on each of them swaps in that stage's 4-D
+mask (built with ``create_causal_mask(..., layer_idx=first layer of the stage)`` from the 2-D mask in
+stage coordinates), the gathered RoPE ``(cos, sin)`` and neutral ``position_ids=None`` (gaps in
+position ids would look like packed sequences to flash attention). Each layer's KV cache therefore
+holds exactly the rows that layer saw.
+
+Batches. Samples are pruned on their own content; a coordinate system has the length of its longest
+sample and shorter samples hold padding slots (copies of a real row, 2-D mask 0) inserted after their
+last video row, so no real query ever attends to them and they never become an all-masked first row.
+
+Stage layer (prefill only). Forward hooks on the query/key projections keep their outputs; a forward
+pre-hook on ``post_attention_layernorm`` (whose input is the post-attention residual stream) computes
+the last-query relevance from those projections and the layer's RoPE (adapter), runs the frame level
+per sample and records the selection. With ``after_attention`` the MLP runs on the kept rows only (a
+pre-hook gathers its input, a forward hook scatters its output back to full length with zeros) and a
+forward hook on the layer gathers its output; with ``after_mlp`` only the layer's output is gathered.
+No layer ever runs twice.
+
+Decode and continuation calls are never pruned: the 2-D mask (original coordinates, as ``generate``
+grows it) is translated into each stage's coordinates and the masks rebuilt against each stage's
+first cache layer; positions are the caller's (``generate`` extends the original ones) or continue from
+the original length.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from hieravid.errors import AdapterError
+from hieravid.runtime.state import CONTENT, NEWLINE, PAD, TEXT, Coords, Request, RequestStats, StageStats
+
+if TYPE_CHECKING:
+    from hieravid.adapters.base import Adapter, MultimodalCall, VideoLayout
+    from hieravid.plan import PruningPlan, StagePlan
+
+__all__ = ["Pruner"]
+
+
+def _gather_rows(tensor: Tensor, index: Tensor) -> Tensor:
+    """``tensor[b, index[b, k]]`` for a ``[B or 1, S, ...]`` tensor and ``[B, K]`` index."""
+    batch = index.shape[0]
+    if tensor.shape[0] != batch:
+        tensor = tensor.expand(batch, *tensor.shape[1:])
+    expanded = index.view(*index.shape, *([1] * (tensor.dim() - 2))).expand(*index.shape, *tensor.shape[2:])
+    return tensor.gather(1, expanded)
+
+
+def _gather_positions(position_ids: Tensor, index: Tensor) -> Tensor:
+    """Gather position ids (``[B, S]``, ``[1, S]``, ``[R, B, S]``) along the sequence with ``[B, K]`` index."""
+    batch = index.shape[0]
+    if position_ids.dim() == 2:
+        return position_ids.expand(batch, -1).gather(1, index)
+    if position_ids.dim() == 3:
+        rows = position_ids.shape[0]
+        return position_ids.expand(rows, batch, -1).gather(2, index.unsqueeze(0).expand(rows, -1, -1))
+    raise AdapterError(f"position_ids of shape {tuple(position_ids.shape)} are not supported")
+
+
+def _pack(rows: list[Tensor], insert_at: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Pack per-sample ascending row lists into ``[B, K]`` with padding slots inserted at ``insert_at``.
+
+    A padding slot copies the row just before it and is marked invalid.
+    """
+    length = max(int(r.numel()) for r in rows)
+    index = torch.empty(len(rows), length, dtype=torch.long, device=device)
+    valid = torch.ones(len(rows), length, dtype=torch.bool, device=device)
+    for sample, (r, at) in enumerate(zip(rows, insert_at)):
+        pad = length - int(r.numel())
+        if pad == 0:
+            index[sample] = r
+            continue
+        at = max(1, min(at, int(r.numel())))
+        index[sample] = torch.cat([r[:at], r[at - 1 : at].expand(pad), r[at:]])
+        valid[sample, at : at + pad] = False
+    return index, valid
+
+
+def _to_list(tensor: Tensor) -> list[int]:
+    return [int(v) for v in tensor.tolist()]
+
+
+class Pruner:
+    """Owns the hooks and per-request state of one :class:`~hieravid.runtime.PruningHandle`."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, plan: PruningPlan) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.plan = plan
+        self.multimodal = adapter.multimodal_module()
+        self.language_model = adapter.language_model()
+        self.layers = list(adapter.decoder_layers())
+        self.stages: tuple[StagePlan, ...] = plan.stages
+        self.stage_layers = [stage.layer for stage in plan.stages]
+        # stage_of[i]: coordinate system layer i's attention runs in (number of stages before layer i).
+        self.stage_of = [sum(1 for layer in self.stage_layers if layer < i) for i in range(len(self.layers))]
+        self.request: Request | None = None
+        self.pending_call: MultimodalCall | None = None
+        self.last_stats: RequestStats | None = None
+        self.warned_no_video = False
+        self._lm_signature = inspect.signature(self.language_model.forward)
+
+    # ================================================================== installation
+    def install(self, register: Any) -> None:
+        """Register every hook through ``register(module, kind, fn, **options)`` (the handle tracks them)."""
+        register(self.multimodal, "forward_pre", self._multimodal_pre_hook, with_kwargs=True)
+        register(self.multimodal, "forward", self._multimodal_hook, always_call=True)
+        register(self.language_model, "forward_pre", self._lm_pre_hook, with_kwargs=True)
+        register(self.language_model, "forward", self._lm_hook, with_kwargs=True, always_call=True)
+        for index, layer in enumerate(self.layers):
+            register(layer, "forward_pre", functools.partial(self._layer_pre_hook, index), with_kwargs=True)
+        for stage_index, stage in enumerate(self.stages):
+            layer = self.layers[stage.layer]
+            q_proj, k_proj = self.adapter.query_key_projections(layer)
+            register(q_proj, "forward", functools.partial(self._projection_hook, stage.layer, "query"))
+            register(k_proj, "forward", functools.partial(self._projection_hook, stage.layer, "key"))
+            register(
+                self.adapter.post_attention_norm(layer),
+                "forward_pre",
+                functools.partial(self._select_hook, stage_index),
+            )
+            if stage.prune_point == "after_attention":
+                mlp = self.adapter.mlp(layer)
+                register(mlp, "forward_pre", functools.partial(self._mlp_pre_hook, stage.layer))
+                register(mlp, "forward", functools.partial(self._mlp_hook, stage.layer))
+            register(layer, "forward", functools.partial(self._layer_hook, stage_index))
+
+    # ================================================================== multimodal module
+    def _multimodal_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        from hieravid.adapters.base import MultimodalCall
+
+        changed = False
+        if args:
+            bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+            kwargs = dict(bound.arguments)
+            kwargs.update(kwargs.pop("kwargs", {}) if isinstance(kwargs.get("kwargs"), dict) else {})
+            args, changed = (), True
+        input_ids = kwargs.get("input_ids")
+        inputs_embeds = kwargs.get("inputs_embeds")
+        past = kwargs.get("past_key_values")
+        request = self.request
+        if request is not None and request.pruned and past is not None and request.holds_cache(past):
+            reference = inputs_embeds if inputs_embeds is not None else input_ids
+            if reference is not None:
+                before = kwargs.get("attention_mask")
+                self.adapter.prepare_continuation_call(
+                    kwargs,
+                    total_length=request.total_length,
+                    new_length=int(reference.shape[1]),
+                    batch=int(reference.shape[0]),
+                    device=reference.device,
+                )
+                changed = changed or kwargs.get("attention_mask") is not before
+        self.pending_call = MultimodalCall(
+            input_ids=input_ids,
+            video_mask=self.adapter.video_mask(input_ids, inputs_embeds),
+            kwargs=kwargs,
+        )
+        return (args, kwargs) if changed else None
+
+    def _multimodal_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.pending_call = None
+
+    # ================================================================== language model
+    def _lm_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        if args:
+            kwargs = dict(self._lm_signature.bind_partial(*args, **kwargs).arguments)
+            extra = kwargs.pop("kwargs", None)
+            if isinstance(extra, dict):
+                kwargs.update(extra)
+            args = ()
+            result: tuple | None = (args, kwargs)
+        else:
+            result = None
+        inputs_embeds = kwargs.get("inputs_embeds")
+        reference = inputs_embeds if inputs_embeds is not None else kwargs.get("input_ids")
+        if reference is None:
+            return result
+        past = kwargs.get("past_key_values")
+        past_length = int(past.get_seq_length()) if past is not None else 0
+        call, self.pending_call = self.pending_call, None
+        if past_length == 0:
+            return self._new_request(kwargs, inputs_embeds, call, int(reference.shape[0])) or result
+        request = self.request
+        if request is not None and request.holds_cache(past):
+            return self._continue(request, kwargs, reference) or result
+        # A cache this handle did not fill: run unpruned, but refuse caches pruned by another request.
+        lengths = {layer.get_seq_length() for layer in getattr(past, "layers", [])}
+        if len(lengths) > 1:
+            raise AdapterError(
+                "past_key_values holds layers of different lengths (a pruned prompt) that this handle did not "
+                "produce; continue a pruned request with the cache object its prefill returned"
+            )
+        self.request = Request(batch=int(reference.shape[0]), original_length=past_length,
+                               total_length=past_length, phase="continuation")
+        return result
+
+    def _lm_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        request = self.request
+        if request is None:
+            return
+        phase, request.phase = request.phase, "idle"
+        request.stage_inputs.clear()
+        request.capture = request.pending = None
+        if output is None:  # the forward raised: forget the request so that nothing stale is reused
+            self.request = None
+            return
+        reference = kwargs.get("inputs_embeds")
+        if reference is None:
+            reference = kwargs.get("input_ids")
+        new_length = int(reference.shape[1]) if reference is not None else 0
+        cache = getattr(output, "past_key_values", None)
+        if phase == "prefill":
+            request.total_length = request.original_length
+            if cache is not None:
+                request.cache = weakref.ref(cache)
+            if request.pruned:
+                self.last_stats = self._finish_stats(request)
+        elif phase == "continuation":
+            request.total_length += new_length
+            if cache is not None and request.cache is None:
+                request.cache = weakref.ref(cache)
+
+    # ------------------------------------------------------------------ new prefill
+    def _new_request(
+        self, kwargs: dict, inputs_embeds: Tensor | None, call: MultimodalCall | None, batch: int
+    ) -> tuple | None:
+        length = int((inputs_embeds if inputs_embeds is not None else kwargs["input_ids"]).shape[1])
+        request = self.request = Request(batch=batch, original_length=length, total_length=0, phase="prefill")
+        layouts: list[VideoLayout | None] = [None] * batch
+        if call is not None and inputs_embeds is not None:
+            layouts = self.adapter.locate_videos(call, inputs_embeds)
+        if all(layout is None for layout in layouts):
+            if not self.warned_no_video:
+                self.warned_no_video = True
+                warnings.warn(
+                    "hieravid: this prompt holds no video tokens; it runs unpruned (warned once per handle)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            self.last_stats = RequestStats(pruned=False, reason="no video", batch_size=batch, prompt_length=length)
+            return None
+        if not self.plan.prunes:
+            self.last_stats = RequestStats(
+                pruned=False, reason="plan prunes nothing", batch_size=batch, prompt_length=length,
+                videos=tuple(layout.describe() if layout is not None else None for layout in layouts),
+            )
+            return None
+        assert inputs_embeds is not None
+        return self._segment_level(request, kwargs, inputs_embeds, layouts)
+
+    def _segment_level(
+        self, request: Request, kwargs: dict, inputs_embeds: Tensor, layouts: list[VideoLayout | None]
+    ) -> tuple:
+        from hieravid.ops.segment import segment_level
+
+        batch, length = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, dict) or (isinstance(mask, Tensor) and mask.dim() != 2):
+            raise NotImplementedError(
+                "hieravid needs a 2-D attention mask (or none) at prefill; prepared 4-D masks (static/compiled "
+                "caches) are not supported"
+            )
+        mask2d = torch.ones(batch, length, dtype=torch.bool, device=device) if mask is None else mask.bool()
+        if not bool(mask2d[:, -1].all()):
+            raise NotImplementedError("right-padded batches are not supported; pad on the left (generate's default)")
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = self.adapter.default_position_ids(inputs_embeds, 0)
+
+        segment = self.plan.segment
+        query_rows = max((stage.query_rows for stage in self.stages), default=1)
+        rows: list[Tensor] = []
+        inserts: list[int] = []
+        kinds: list[Tensor] = []
+        segs: list[Tensor] = []
+        merged: list[tuple[Tensor, Tensor] | None] = []
+        stats: dict[str, list[Any]] = {"videos": [], "num_segments": [], "frame_segment_ids": [],
+                                       "marginal_values": [], "input_kept_positions": [], "layouts": []}
+        for sample, layout in enumerate(layouts):
+            kind = torch.full((length,), TEXT, dtype=torch.int8, device=device)
+            seg = torch.full((length,), -1, dtype=torch.long, device=device)
+            keep = torch.ones(length, dtype=torch.bool, device=device)
+            if layout is None:
+                request.marginal_values.append(torch.zeros(1, device=device))
+                for key in stats:
+                    stats[key].append(0 if key == "num_segments" else None)
+                merged.append(None)
+            else:
+                content = layout.frame_index.flatten()
+                frames = inputs_embeds[sample][layout.frame_index]
+                result = segment_level(
+                    frames,
+                    similarity_threshold=segment.similarity_threshold,
+                    segment_threshold=segment.segment_threshold,
+                    merge_ratio=segment.merge_ratio,
+                    marginal_value_weight=segment.marginal_value_weight,
+                    merge=segment.enabled,
+                )
+                if segment.enabled:
+                    frame_segments, token_segments = result.frame_segment_ids, result.token_segment_ids
+                    marginal = result.marginal_values
+                    kept_content = content[result.kept_index]
+                    merged.append((kept_content, result.features))
+                else:  # SegmentPlan.enabled False: one segment, no merging
+                    frame_segments = torch.zeros(layout.frames, dtype=torch.long, device=device)
+                    token_segments = torch.zeros(content.numel(), dtype=torch.long, device=device)
+                    marginal = torch.zeros(1, device=device)
+                    kept_content = content
+                    merged.append(None)
+                request.marginal_values.append(marginal.to(device))
+                keep[content] = False
+                keep[kept_content] = True
+                kind[kept_content] = CONTENT
+                kind[layout.newline_index] = NEWLINE
+                seg[kept_content] = token_segments.to(device)
+                video_positions = torch.cat([kept_content, layout.newline_index]).sort().values
+                stats["videos"].append(layout.describe())
+                stats["num_segments"].append(int(marginal.numel()) if segment.enabled else 1)
+                stats["frame_segment_ids"].append(frame_segments)
+                stats["marginal_values"].append(marginal)
+                stats["input_kept_positions"].append(video_positions)
+                stats["layouts"].append(layout)
+            sample_rows = torch.nonzero(keep, as_tuple=False).flatten()
+            sample_kinds = kind[sample_rows]
+            video_rows = torch.nonzero(sample_kinds != TEXT, as_tuple=False).flatten()
+            last_video = int(video_rows[-1]) + 1 if video_rows.numel() else int(sample_rows.numel())
+            inserts.append(min(last_video, int(sample_rows.numel()) - query_rows))
+            rows.append(sample_rows)
+            kinds.append(kind)
+            segs.append(seg)
+
+        index, valid = _pack(rows, inserts, device)
+        kind_all = torch.stack(kinds).gather(1, index)
+        kind_all[~valid] = PAD
+        seg_all = torch.stack(segs).gather(1, index)
+        seg_all[~valid] = -1
+        positions0 = torch.arange(index.shape[1], device=device).unsqueeze(0).expand(batch, -1)
+        coords = Coords(src=index, idx0=positions0.contiguous(), orig=index, valid=valid, kind=kind_all, seg=seg_all)
+        request.coords = [coords]
+        request.mask2d = mask2d
+        request.pruned = True
+        request.stats = stats
+        request.stats["stages"] = []
+
+        if not segment.enabled:
+            # Nothing changes before the first stage: leave the language model's inputs untouched.
+            return None
+        embeds = _gather_rows(inputs_embeds, index)
+        for sample, item in enumerate(merged):
+            if item is None:
+                continue
+            kept_content, features = item
+            target = torch.searchsorted(index[sample].contiguous(), kept_content.contiguous())
+            # Padding slots copy the previous row; searchsorted returns the first occurrence (the real row).
+            embeds[sample, target] = features.to(embeds.dtype)
+        mask_dtype = mask.dtype if isinstance(mask, Tensor) else torch.long
+        kwargs["inputs_embeds"] = embeds
+        kwargs["attention_mask"] = request.translate_mask(0).to(mask_dtype)
+        kwargs["position_ids"] = _gather_positions(position_ids, index)
+        return ((), kwargs)
+
+    # ------------------------------------------------------------------ continuation
+    def _continue(self, request: Request, kwargs: dict, reference: Tensor) -> tuple | None:
+        request.phase = "continuation"
+        if not request.pruned:
+            return None
+        batch, new_length = int(reference.shape[0]), int(reference.shape[1])
+        if batch != request.batch:
+            raise AdapterError(f"a continuation of a pruned batch of {request.batch} got {batch} samples")
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, dict) or (isinstance(mask, Tensor) and mask.dim() != 2):
+            raise NotImplementedError(
+                "hieravid needs a 2-D attention mask (or none) when decoding a pruned cache; prepared 4-D masks "
+                "(static/compiled caches) are not supported"
+            )
+        expected = request.total_length + new_length
+        if mask is None:
+            mask2d = torch.ones(batch, expected, dtype=torch.bool, device=reference.device)
+        else:
+            if mask.shape[1] != expected:
+                raise AdapterError(
+                    f"attention_mask covers {mask.shape[1]} positions, but the pruned request has seen "
+                    f"{request.total_length} original positions and this call adds {new_length} (expected "
+                    f"{expected}); pass the mask in original coordinates, as generate() does"
+                )
+            mask2d = mask.bool()
+        request.mask2d = mask2d
+        if kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = self.adapter.default_position_ids(reference, request.total_length).to(
+                reference.device
+            )
+        mask_dtype = mask.dtype if isinstance(mask, Tensor) else torch.long
+        kwargs["attention_mask"] = request.translate_mask(0).to(mask_dtype)
+        return ((), kwargs)
+
+    # ================================================================== decoder layers
+    def _layer_pre_hook(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        request = self.request
+        if request is None or not request.pruned or request.phase == "idle":
+            return None
+        stage = self.stage_of[index]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if request.phase == "prefill":
+            if stage > 0:
+                mask, embeddings = self._stage_inputs(request, stage, index, hidden, kwargs)
+                kwargs["attention_mask"] = mask
+                kwargs["position_embeddings"] = embeddings
+            if stage > 0 or self.plan.segment.enabled:
+                kwargs["position_ids"] = None
+            if stage < len(self.stages) and self.stages[stage].layer == index:
+                request.capture = {"layer": index, "stage": stage, "position_embeddings": kwargs["position_embeddings"]}
+            return args, kwargs
+        # continuation: never prune; masks in each stage's coordinates
+        if stage == 0:
+            return None
+        kwargs["attention_mask"] = self._stage_mask(request, stage, index, hidden, kwargs)
+        return args, kwargs
+
+    def _first_layer(self, stage: int) -> int:
+        return self.stage_layers[stage - 1] + 1
+
+    def _stage_mask(self, request: Request, stage: int, index: int, hidden: Tensor, kwargs: dict) -> Any:
+        cached = request.stage_inputs.get(stage)
+        if cached is not None:
+            return cached[0]
+        from transformers.masking_utils import create_causal_mask
+
+        mask = create_causal_mask(
+            config=self.adapter.text_config(),
+            inputs_embeds=hidden,
+            attention_mask=request.translate_mask(stage),
+            past_key_values=kwargs.get("past_key_values"),
+            position_ids=None,
+            layer_idx=self._first_layer(stage),
+        )
+        request.stage_inputs[stage] = (mask, None)
+        return mask
+
+    def _stage_inputs(self, request: Request, stage: int, index: int, hidden: Tensor, kwargs: dict) -> tuple:
+        cached = request.stage_inputs.get(stage)
+        if cached is not None and cached[1] is not None:
+            return cached
+        mask = self._stage_mask(request, stage, index, hidden, kwargs)
+        cos, sin = kwargs["position_embeddings"]
+        index0 = request.coords[stage].idx0
+        embeddings = (_gather_rows(cos, index0), _gather_rows(sin, index0))
+        request.stage_inputs[stage] = (mask, embeddings)
+        return mask, embeddings
+
+    def _projection_hook(self, layer: int, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
+        capture = self.request.capture if self.request is not None else None
+        if capture is not None and capture["layer"] == layer:
+            capture[name] = output
+
+    def _select_hook(self, stage_index: int, module: nn.Module, args: tuple) -> None:
+        request = self.request
+        if request is None or request.capture is None or request.capture["stage"] != stage_index:
+            return
+        capture, request.capture = request.capture, None
+        stage = self.stages[stage_index]
+        layer = self.layers[stage.layer]
+        hidden = args[0]
+        coords = request.coords[stage_index]
+        key_mask = request.translate_mask(stage_index)
+        query, key = self.adapter.stage_query_key(
+            layer, capture["query"], capture["key"], capture["position_embeddings"], stage.query_rows
+        )
+        from hieravid.ops.relevance import last_query_attention
+
+        attention = last_query_attention(
+            query, key, scaling=self.adapter.attention_scaling(layer), key_padding_mask=key_mask
+        )
+        selection, new_coords, stage_stats = self._frame_level(stage_index, stage, coords, hidden, attention)
+        request.coords.append(new_coords)
+        request.stats["stages"].append(stage_stats)
+        request.pending = {"layer": stage.layer, "selection": selection, "valid": new_coords.valid,
+                           "length": coords.length}
+
+    def _frame_level(
+        self, stage_index: int, stage: StagePlan, coords: Coords, hidden: Tensor, attention: Tensor
+    ) -> tuple[Tensor, Coords, StageStats]:
+        from hieravid.ops.layer import frame_level
+
+        request = self.request
+        assert request is not None
+        device = hidden.device
+        options = dict(stage.selector_options)
+        seed = options.pop("seed", None)
+        max_block = options.pop("max_block", "unset")
+        drop_newlines = not self.plan.keep_newlines
+        rows: list[Tensor] = []
+        inserts: list[int] = []
+        before, after, budgets, kept_positions = [], [], [], []
+        for sample in range(coords.src.shape[0]):
+            kind = coords.kind[sample]
+            candidates = torch.nonzero(kind == CONTENT, as_tuple=False).flatten()
+            keep = (kind == TEXT) | ((kind == NEWLINE) & (not drop_newlines))
+            before.append(int(((kind == CONTENT) | (kind == NEWLINE)).sum()))
+            if candidates.numel():
+                segment_ids = coords.seg[sample, candidates]
+                marginal = request.marginal_values[sample]
+                if not stage.per_segment:
+                    segment_ids = torch.zeros_like(segment_ids)
+                    marginal = torch.zeros(1, device=device)
+                generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+                block = candidates.numel() if max_block is None else (None if max_block == "unset" else max_block)
+                result = frame_level(
+                    hidden[sample, candidates],
+                    attention[sample, candidates],
+                    segment_ids,
+                    marginal,
+                    stage.prune_ratio,
+                    selector=stage.selector,
+                    sign=stage.relevance_sign,
+                    dynamic=stage.dynamic_budget,
+                    scale=stage.budget_scale,
+                    min_keep=stage.min_keep,
+                    max_keep=stage.max_keep,
+                    generator=generator,
+                    max_block=block,
+                    **options,
+                )
+                keep[candidates[result.local_keep]] = True
+                budgets.append(tuple(_to_list(result.budgets)))
+            else:
+                budgets.append(())
+            sample_rows = torch.nonzero(keep, as_tuple=False).flatten()
+            sample_kinds = kind[sample_rows]
+            video_rows = torch.nonzero(sample_kinds != TEXT, as_tuple=False).flatten()
+            last_video = int(video_rows[-1]) + 1 if video_rows.numel() else int(sample_rows.numel())
+            inserts.append(min(last_video, int(sample_rows.numel()) - stage.query_rows))
+            rows.append(sample_rows)
+            kept_kinds = sample_kinds
+            after.append(int(((kept_kinds == CONTENT) | (kept_kinds == NEWLINE)).sum()))
+            video_orig = coords.orig[sample, sample_rows][kept_kinds != TEXT]
+            kept_positions.append(video_orig)
+        selection, valid = _pack(rows, inserts, device)
+        kind_all = coords.kind.gather(1, selection)
+        kind_all[~valid] = PAD
+        seg_all = coords.seg.gather(1, selection)
+        seg_all[~valid] = -1
+        new_coords = Coords(
+            src=selection,
+            idx0=coords.idx0.gather(1, selection),
+            orig=coords.orig.gather(1, selection),
+            valid=coords.valid.gather(1, selection) & valid,
+            kind=kind_all,
+            seg=seg_all,
+        )
+        stats = StageStats(
+            layer=stage.layer,
+            prune_point=stage.prune_point,
+            video_tokens_before=tuple(before),
+            video_tokens_after=tuple(after),
+            budgets=tuple(budgets),
+            kept_positions=tuple(kept_positions),
+            sequence_length=int(selection.shape[1]),
+        )
+        return selection, new_coords, stats
+
+    def _mlp_pre_hook(self, layer: int, module: nn.Module, args: tuple) -> tuple | None:
+        pending = self.request.pending if self.request is not None else None
+        if pending is None or pending["layer"] != layer:
+            return None
+        return (_gather_rows(args[0], pending["selection"]), *args[1:])
+
+    def _mlp_hook(self, layer: int, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        pending = self.request.pending if self.request is not None else None
+        if pending is None or pending["layer"] != layer:
+            return None
+        batch, _, width = output.shape
+        length = pending["length"]
+        # Padding slots write into a dummy row so that each real row is written exactly once.
+        target = torch.where(pending["valid"], pending["selection"], torch.full_like(pending["selection"], length))
+        full = output.new_zeros(batch, length + 1, width)
+        full.scatter_(1, target.unsqueeze(-1).expand(-1, -1, width), output)
+        return full[:, :length]
+
+    def _layer_hook(self, stage_index: int, module: nn.Module, args: tuple, output: Any) -> Any:
+        request = self.request
+        if request is None or request.pending is None or request.pending["layer"] != self.stages[stage_index].layer:
+            return None
+        pending, request.pending = request.pending, None
+        if isinstance(output, tuple):
+            return (_gather_rows(output[0], pending["selection"]), *output[1:])
+        return _gather_rows(output, pending["selection"])
+
+    # ================================================================== statistics
+    def _finish_stats(self, request: Request) -> RequestStats:
+        stats = request.stats
+        layer_tokens: list[tuple[int, ...]] = []
+        layer_lengths: list[int] = []
+        for index in range(len(self.layers)):
+            coords = request.coords[min(self.stage_of[index], len(request.coords) - 1)]
+            layer_tokens.append(coords.video_counts())
+            layer_lengths.append(coords.length)
+        positions = tuple(
+            torch.where(coords.valid, coords.orig, torch.full_like(coords.orig, -1)) for coords in request.coords
+        )
+        return RequestStats(
+            pruned=True,
+            reason="pruned",
+            batch_size=request.batch,
+            prompt_length=request.original_length,
+            videos=tuple(stats["videos"]),
+            num_segments=tuple(stats["num_segments"]),
+            frame_segment_ids=tuple(stats["frame_segment_ids"]),
+            marginal_values=tuple(stats["marginal_values"]),
+            input_kept_positions=tuple(stats["input_kept_positions"]),
+            stages=tuple(stats["stages"]),
+            layer_video_tokens=tuple(layer_tokens),
+            layer_sequence_lengths=tuple(layer_lengths),
+            output_positions=positions[-1],
+            stage_positions=positions,
+            layouts=tuple(stats["layouts"]),
+        )

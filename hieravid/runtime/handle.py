@@ -1,0 +1,199 @@
+"""``apply``: install a pruning plan on a model; :class:`PruningHandle`: inspect and remove it."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from hieravid.errors import AdapterError, PlanError
+from hieravid.runtime.engine import Pruner
+from hieravid.runtime.registry import get_adapter
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
+    from hieravid.adapters.base import Adapter
+    from hieravid.plan import PruningPlan
+    from hieravid.policy import Policy
+    from hieravid.runtime.state import RequestStats
+
+__all__ = ["PruningHandle", "apply", "find_handle"]
+
+
+class PruningHandle:
+    """A plan installed on a model. Use :meth:`remove` (or a ``with`` block) to restore the model exactly.
+
+    Attributes:
+        model: the model the plan is installed on.
+        plan: the :class:`~hieravid.plan.PruningPlan` being run.
+        adapter: the adapter instance handling the architecture.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter, plan: PruningPlan) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.plan = plan
+        self._pruner = Pruner(model, adapter, plan)
+        self._pruner.handle = self  # type: ignore[attr-defined]
+        self._hooks: list[RemovableHandle] = []
+        self._active = False
+
+    # -------------------------------------------------------------- lifecycle
+    def _install(self) -> None:
+        try:
+            self._pruner.install(self._register)
+        except BaseException:
+            self._remove_hooks()
+            raise
+        self._active = True
+
+    def _register(self, module: nn.Module, kind: str, fn: Any, **options: Any) -> None:
+        if kind == "forward_pre":
+            hook = module.register_forward_pre_hook(fn, **options)
+        elif kind == "forward":
+            hook = module.register_forward_hook(fn, **options)
+        else:  # pragma: no cover - engine bug
+            raise ValueError(f"unknown hook kind {kind!r}")
+        self._hooks.append(hook)
+
+    def _remove_hooks(self) -> None:
+        hooks, self._hooks = self._hooks, []
+        errors: list[BaseException] = []
+        for hook in reversed(hooks):
+            try:
+                hook.remove()
+            except BaseException as error:  # pragma: no cover - torch's remove() does not raise
+                errors.append(error)
+        self._pruner.request = None
+        self._pruner.pending_call = None
+        if errors:  # pragma: no cover
+            raise errors[0]
+
+    def remove(self) -> None:
+        """Remove every hook; the model is exactly as before :func:`apply`. Idempotent."""
+        self._remove_hooks()
+        self._active = False
+
+    @property
+    def active(self) -> bool:
+        """Whether the plan is still installed."""
+        return self._active
+
+    def __enter__(self) -> PruningHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+    # -------------------------------------------------------------- inspection
+    @property
+    def last_request(self) -> RequestStats | None:
+        """Statistics of the latest prefill (realised kept counts per stage, segments, layouts, ...)."""
+        return self._pruner.last_stats
+
+    @property
+    def num_hooks(self) -> int:
+        return len(self._hooks)
+
+    def __repr__(self) -> str:
+        state = "active" if self._active else "removed"
+        return (
+            f"<PruningHandle {state}: policy {self.plan.policy.name!r} on {type(self.model).__name__} via "
+            f"{type(self.adapter).__name__}, {len(self._hooks)} hooks>"
+        )
+
+
+def _hook_owner(fn: Any) -> Pruner | None:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    owner = getattr(fn, "__self__", None)
+    return owner if isinstance(owner, Pruner) else None
+
+
+def find_handle(model: nn.Module) -> PruningHandle | None:
+    """The active :class:`PruningHandle` installed on ``model``, if any (found through its hooks)."""
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for fn in hooks.values():
+                owner = _hook_owner(fn)
+                if owner is not None:
+                    return getattr(owner, "handle", None)
+    return None
+
+
+def _model_type(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if not model_type:
+        raise AdapterError(f"{type(model).__name__} has no config.model_type; hieravid needs a transformers model")
+    return str(model_type)
+
+
+def _resolve_plan(policy_or_plan: Any, model: nn.Module, adapter: Adapter, model_type: str) -> PruningPlan:
+    from hieravid.plan import PruningPlan, compile_plan
+
+    if isinstance(policy_or_plan, PruningPlan):
+        plan = policy_or_plan
+    else:
+        plan = compile_plan(policy_or_plan, model)
+    layers = len(adapter.decoder_layers())
+    if plan.spec.num_layers != layers:
+        raise PlanError(
+            f"plan {plan.policy.name!r} was compiled for {plan.spec.name} ({plan.spec.num_layers} layers), but this "
+            f"{type(model).__name__} has {layers} decoder layers; compile the policy for this model"
+        )
+    if plan.spec.model_type != model_type:
+        raise PlanError(
+            f"plan {plan.policy.name!r} was compiled for model_type {plan.spec.model_type!r}, not {model_type!r}"
+        )
+    return plan
+
+
+def apply(
+    model: nn.Module,
+    policy_or_plan: Policy | PruningPlan | str | Path,
+    *,
+    replace: bool = False,
+) -> PruningHandle:
+    """Install a pruning policy (or a compiled plan) on a transformers model.
+
+    Args:
+        model: e.g. ``LlavaOnevisionForConditionalGeneration`` or ``Qwen2VLForConditionalGeneration``
+            (any model type with a registered adapter).
+        policy_or_plan: a :class:`~hieravid.policy.Policy`, a YAML path or text, or a
+            :class:`~hieravid.plan.PruningPlan` (compiled for this model's depth and type).
+        replace: replace a plan already installed on ``model`` instead of raising.
+
+    Returns:
+        A :class:`PruningHandle`; ``handle.remove()`` (or leaving a ``with`` block) restores the model.
+
+    Raises:
+        AdapterError: unsupported model type (the message lists the supported ones), a plan already
+            installed and ``replace`` False, or a model the adapter cannot handle.
+        PolicyError / PlanError: invalid policy, or a plan infeasible for this model — raised before any
+            hook is installed. A failure leaves the model exactly as it was.
+    """
+    model_type = _model_type(model)
+    adapter_class = get_adapter(model_type)
+    existing = find_handle(model)
+    if existing is not None and not replace:
+        raise AdapterError(
+            f"{type(model).__name__} already has a hieravid plan ({existing.plan.policy.name!r}); call "
+            "handle.remove() first or pass replace=True"
+        )
+    adapter = adapter_class(model)
+    adapter.validate()
+    plan = _resolve_plan(policy_or_plan, model, adapter, model_type)
+    handle = PruningHandle(model, adapter, plan)
+    if existing is not None:
+        existing.remove()
+    try:
+        handle._install()
+    except BaseException:
+        if existing is not None:  # put the replaced plan back: a failed apply changes nothing
+            existing._install()
+        raise
+    return handle

@@ -1,0 +1,184 @@
+"""Reference computations for the conformance suite: the *unpatched* model run on the pruned sequence.
+
+For one sample, the reference takes the original language-model inputs (captured from an unpatched
+run), keeps the rows a pruned request kept (from ``handle.last_request``), and runs the model's own
+decoder layers one by one on a plain contiguous sequence — no padding, no cache, a fresh causal mask,
+RoPE computed by the model's rotary embedding from the gathered *original* position ids — gathering the
+kept rows after each stage layer (the MLP is token-wise, so cutting after it equals cutting before it).
+The merged segment-level features are recomputed from the original embeddings with the operator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LMInputs:
+    """What the language model received in an unpatched call (per batch)."""
+
+    inputs_embeds: Tensor
+    position_ids: Tensor | None
+    attention_mask: Tensor | None
+
+
+def capture_lm_inputs(handle_adapter: Any, model: torch.nn.Module, inputs: dict, *, generate: bool = False) -> LMInputs:
+    """Run the (unpatched) model once and record the first language-model call's inputs."""
+    language_model = handle_adapter.language_model()
+    captured: list[dict] = []
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if not captured:
+            captured.append(dict(kwargs))
+
+    removable = language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            if generate:
+                model.generate(**inputs, max_new_tokens=1, do_sample=False)
+            else:
+                model(**inputs)
+    finally:
+        removable.remove()
+    kwargs = captured[0]
+    mask = kwargs.get("attention_mask")
+    return LMInputs(kwargs["inputs_embeds"].detach().clone(),
+                    None if kwargs.get("position_ids") is None else kwargs["position_ids"].clone(),
+                    None if mask is None else mask.clone())
+
+
+def sample_positions(lm_inputs: LMInputs, sample: int, qwen: bool) -> Tensor:
+    """Original position ids of one sample: ``[S]`` (1-D RoPE) or ``[3, S]`` (M-RoPE)."""
+    length = lm_inputs.inputs_embeds.shape[1]
+    pos = lm_inputs.position_ids
+    if pos is None:
+        base = torch.arange(length)
+        return base.expand(3, -1).clone() if qwen else base
+    if pos.dim() == 2:
+        row = pos[0] if pos.shape[0] == 1 else pos[sample]
+        return row.expand(3, -1).clone() if qwen else row
+    rows = pos[1:] if pos.shape[0] == 4 else pos
+    return rows[:, 0 if rows.shape[1] == 1 else sample]
+
+
+@dataclass
+class ReferenceResult:
+    layer_outputs: list[Tensor]
+    """Per decoder layer, ``[K_i, D]`` output rows (after the stage cut for stage layers)."""
+    layer_positions: list[Tensor]
+    """Per decoder layer, original positions of the output rows (prompt length + j for appended tokens)."""
+    logits: Tensor
+    """``[K_last, V]``."""
+    input_embeds: Tensor
+    input_positions: Tensor
+
+
+def reference_run(
+    model: torch.nn.Module,
+    adapter: Any,
+    plan: Any,
+    stats: Any,
+    lm_inputs: LMInputs,
+    sample: int,
+    *,
+    qwen: bool,
+    extra_ids: Tensor | None = None,
+) -> ReferenceResult:
+    """The unpatched model on sample ``sample``'s pruned sequence (plus ``extra_ids`` appended tokens)."""
+    from transformers.masking_utils import create_causal_mask
+
+    from hieravid.ops.segment import segment_level
+
+    language_model = adapter.language_model()
+    layers = list(adapter.decoder_layers())
+    embeds = lm_inputs.inputs_embeds[sample]
+    length = embeds.shape[0]
+    mask = torch.ones(length, dtype=torch.bool) if lm_inputs.attention_mask is None else lm_inputs.attention_mask[
+        sample].bool()
+    positions = sample_positions(lm_inputs, sample, qwen)
+    layout = stats.layouts[sample]
+
+    real = torch.nonzero(mask).flatten()
+    video = torch.zeros(length, dtype=torch.bool)
+    rows_embeds = embeds.clone()
+    if layout is not None:
+        video[layout.frame_index.flatten()] = True
+        video[layout.newline_index] = True
+        kept_video = stats.input_kept_positions[sample]
+        if plan.segment.enabled:
+            seg = plan.segment
+            result = segment_level(
+                embeds[layout.frame_index], similarity_threshold=seg.similarity_threshold,
+                segment_threshold=seg.segment_threshold, merge_ratio=seg.merge_ratio,
+                marginal_value_weight=seg.marginal_value_weight,
+            )
+            rows_embeds[layout.frame_index.flatten()[result.kept_index]] = result.features.to(embeds.dtype)
+    else:
+        kept_video = torch.zeros(0, dtype=torch.long)
+    keep = torch.zeros(length, dtype=torch.bool)
+    keep[real] = True
+    keep[video] = False
+    keep[kept_video] = True
+    orig = torch.nonzero(keep).flatten()
+    hidden = rows_embeds[orig]
+    pos = positions[..., orig]
+    if extra_ids is not None and extra_ids.numel():
+        extra = language_model.get_input_embeddings()(extra_ids)
+        count = extra_ids.numel()
+        hidden = torch.cat([hidden, extra.to(hidden.dtype)])
+        step = torch.arange(1, count + 1)
+        last = positions[..., -1:]
+        pos = torch.cat([pos, last + step if not qwen else last + step.unsqueeze(0)], dim=-1)
+        orig = torch.cat([orig, length + torch.arange(count)])
+    input_embeds, input_positions = hidden.clone(), orig.clone()
+
+    stage_at = {stage.layer: index for index, stage in enumerate(plan.stages)}
+    outputs: list[Tensor] = []
+    out_positions: list[Tensor] = []
+    with torch.no_grad():
+        for index, layer in enumerate(layers):
+            batch_hidden = hidden.unsqueeze(0)
+            rope_pos = pos.unsqueeze(0) if not qwen else pos.unsqueeze(1)
+            cos, sin = language_model.rotary_emb(batch_hidden, rope_pos)
+            causal = create_causal_mask(
+                config=language_model.config, inputs_embeds=batch_hidden, attention_mask=None,
+                past_key_values=None, position_ids=None,
+            )
+            out = layer(batch_hidden, attention_mask=causal, position_embeddings=(cos, sin), position_ids=None,
+                        past_key_values=None, use_cache=False)
+            out = out[0] if isinstance(out, tuple) else out
+            hidden = out[0]
+            if index in stage_at:
+                stage_stats = stats.stages[stage_at[index]]
+                kept = stage_stats.kept_positions[sample]
+                is_video = torch.zeros(orig.shape[0], dtype=torch.bool)
+                in_range = orig < length
+                is_video[in_range] = video[orig[in_range]]
+                take = ~is_video | torch.isin(orig, kept)
+                hidden, pos, orig = hidden[take], pos[..., take], orig[take]
+            outputs.append(hidden.clone())
+            out_positions.append(orig.clone())
+        logits = model.lm_head(language_model.norm(hidden.unsqueeze(0)))[0]
+    return ReferenceResult(outputs, out_positions, logits, input_embeds, input_positions)
+
+
+def capture_layer_outputs(adapter: Any) -> tuple[list[Tensor], list[Any]]:
+    """Forward hooks (registered after ``apply``, so they see pruned outputs) recording each layer's output."""
+    outputs: list[Tensor] = []
+    removables = []
+    for layer in adapter.decoder_layers():
+
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            outputs.append((output[0] if isinstance(output, tuple) else output).detach().clone())
+
+        removables.append(layer.register_forward_hook(hook))
+    return outputs, removables
+
+
+def stage_of_output(plan: Any, layer: int) -> int:
+    """Coordinate system of a layer's *output*: number of stages at or before it."""
+    return sum(1 for stage in plan.stages if stage.layer <= layer)

@@ -1,0 +1,284 @@
+"""Shared fixtures: tiny random-weight VideoLLMs built from configs of the real transformers classes.
+
+Every tiny model has an 8-layer Qwen2-shaped language model (hidden 64, 4 query heads, 2 KV heads, so
+grouped-query attention is exercised) and a 1-layer vision tower. Videos have 8 frames (LLaVA) or 8
+temporal patches (Qwen2-VL) of 4×4 tokens, built from three "scenes" plus noise so that the segment
+level finds several segments and merges real redundancy.
+
+Models are built once per (architecture, attention implementation) and shared; the ``tiny`` fixture
+removes any hieravid handle a test leaves behind.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+ARCHITECTURES = ("llava_onevision", "llava_video_per_row", "qwen2_vl", "qwen2_5_vl")
+ATTENTION = ("sdpa", "eager")
+
+VIDEO_TOKEN, IMAGE_TOKEN, VISION_START, VISION_END = 251, 250, 252, 253
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = 0, 1, 2
+TEXT_CONFIG: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=4096,
+    bos_token_id=BOS_TOKEN,
+    eos_token_id=EOS_TOKEN,
+    pad_token_id=PAD_TOKEN,
+)
+
+
+def _llava_config() -> Any:
+    from transformers import LlavaOnevisionConfig
+
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=32, patch_size=4)
+    return LlavaOnevisionConfig(
+        text_config=dict(model_type="qwen2", **TEXT_CONFIG),
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        tie_word_embeddings=False,
+    )
+
+
+def _qwen_text(model_type: str) -> dict[str, Any]:
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    return dict(model_type=model_type, rope_parameters=rope, **TEXT_CONFIG)
+
+
+def _qwen2_vl_config() -> Any:
+    from transformers import Qwen2VLConfig
+
+    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=2,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    return Qwen2VLConfig(
+        text_config=_qwen_text("qwen2_vl_text"), vision_config=vision, image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+        tie_word_embeddings=False,
+    )
+
+
+def _qwen2_5_vl_config() -> Any:
+    from transformers import Qwen2_5_VLConfig
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=2,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=8,
+                  fullatt_block_indexes=[1])
+    return Qwen2_5_VLConfig(
+        text_config=_qwen_text("qwen2_5_vl_text"), vision_config=vision, image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+        tie_word_embeddings=False,
+    )
+
+
+def _per_row_classes() -> tuple[type, type]:
+    """A LLaVA-OneVision model that lays video out as original LLaVA-NeXT/LLaVA-Video inference does:
+    a newline after every row of every frame (transformers then appends its own trailing newline)."""
+    from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
+
+    class PerRowLlavaVideoModel(LlavaOnevisionModel):
+        def get_video_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> Any:
+            output = super().get_video_features(pixel_values, **kwargs)
+            features = output.pooler_output
+            batch, frames = pixel_values.shape[:2]
+            side = math.ceil(self.config.vision_config.image_size // self.config.vision_config.patch_size / 2)
+            grid = features.view(batch, frames, side, side, -1)
+            newline = self.image_newline.to(grid.dtype).view(1, 1, 1, 1, -1).expand(batch, frames, side, 1, -1)
+            output.pooler_output = torch.cat([grid, newline], dim=3).reshape(batch, frames * side * (side + 1), -1)
+            return output
+
+    class PerRowLlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
+        def __init__(self, config: Any) -> None:
+            super().__init__(config)
+            self.model = PerRowLlavaVideoModel(config)
+            self.post_init()
+
+    return PerRowLlavaVideoModel, PerRowLlavaVideoForConditionalGeneration
+
+
+_PER_ROW: tuple[type, type] | None = None
+
+
+def model_class(architecture: str) -> type:
+    global _PER_ROW
+    import transformers
+
+    if architecture == "llava_video_per_row":
+        if _PER_ROW is None:
+            _PER_ROW = _per_row_classes()
+        return _PER_ROW[1]
+    return {
+        "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
+        "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+        "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+    }[architecture]
+
+
+def model_config(architecture: str) -> Any:
+    if architecture in ("llava_onevision", "llava_video_per_row"):
+        return _llava_config()
+    return {"qwen2_vl": _qwen2_vl_config, "qwen2_5_vl": _qwen2_5_vl_config}[architecture]()
+
+
+def build_model(architecture: str, attention: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = model_class(architecture)._from_config(model_config(architecture), attn_implementation=attention)
+    return model.eval()
+
+
+@dataclass
+class TinyCase:
+    """A tiny model and input builders for one architecture and attention implementation."""
+
+    architecture: str
+    attention: str
+    model: torch.nn.Module
+    rows: int = 4
+    cols: int = 4
+    frames: int = 8
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_qwen(self) -> bool:
+        return self.architecture.startswith("qwen")
+
+    @property
+    def newline_layout(self) -> str:
+        return {"llava_onevision": "per_video", "llava_video_per_row": "per_row+per_video"}.get(
+            self.architecture, "none"
+        )
+
+    def video_tokens(self, frames: int | None = None) -> int:
+        frames = frames or self.frames
+        if self.architecture == "llava_onevision":
+            return frames * self.rows * self.cols + 1
+        if self.architecture == "llava_video_per_row":
+            return frames * self.rows * (self.cols + 1) + 1
+        return frames * self.rows * self.cols
+
+    def spec(self, frames: int | None = None, text_tokens: int = 13) -> Any:
+        """A ModelSpec with this tiny model's dimensions and video geometry (for compile_plan)."""
+        from hieravid.specs import ModelSpec
+
+        layout = {"llava_onevision": "per_video", "llava_video_per_row": "per_row"}.get(self.architecture, "none")
+        return ModelSpec(
+            name=f"tiny-{self.architecture}", model_type=self.model.config.model_type, num_layers=8, hidden_size=64,
+            intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+            frames=frames or self.frames, rows=self.rows, cols=self.cols, newline_layout=layout,
+            text_tokens=text_tokens, default_query_rows=4 if self.is_qwen else 1,
+        )
+
+    def _pixels(self, generator: torch.Generator, frames: int, scenes: int = 3) -> torch.Tensor:
+        """``frames`` frames drawn from ``scenes`` scenes with small noise (LLaVA layout [F, 3, 32, 32]
+        or Qwen patches [F, rows*2*cols*2, 3*2*2*2] per temporal patch)."""
+        shape = (3, 32, 32) if not self.is_qwen else (self.rows * 2 * self.cols * 2, 3 * 2 * 2 * 2)
+        bases = torch.randn(scenes, *shape, generator=generator)
+        which = [min(scenes - 1, f * scenes // frames) for f in range(frames)]
+        return torch.stack([bases[w] + 0.15 * torch.randn(*shape, generator=generator) for w in which])
+
+    def inputs(
+        self,
+        batch: int = 1,
+        seed: int = 0,
+        pads: tuple[int, ...] | None = None,
+        frames: tuple[int, ...] | None = None,
+        video: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Left-padded model inputs: ``pads[b]`` padding tokens before sample ``b``; Qwen samples may have
+        different temporal lengths (``frames[b]``)."""
+        generator = torch.Generator().manual_seed(seed)
+        pads = pads or (0,) * batch
+        frames = frames or (self.frames,) * batch
+        if not self.is_qwen and len(set(frames)) > 1:
+            raise ValueError("LLaVA batches share one frame count")
+        sequences: list[torch.Tensor] = []
+        types: list[torch.Tensor] = []
+        pixels: list[torch.Tensor] = []
+        for sample in range(batch):
+            head = torch.randint(3, 200, (5,), generator=generator)
+            tail = torch.randint(3, 200, (6,), generator=generator)
+            if not video:
+                ids = torch.cat([head, tail])
+                kind = torch.zeros_like(ids)
+            elif self.is_qwen:
+                count = self.video_tokens(frames[sample])
+                ids = torch.cat([head, torch.tensor([VISION_START]), torch.full((count,), VIDEO_TOKEN),
+                                 torch.tensor([VISION_END]), tail])
+                kind = (ids == VIDEO_TOKEN).long() * 2
+                pixels.append(self._pixels(generator, frames[sample]).reshape(-1, 3 * 2 * 2 * 2))
+            else:
+                count = self.video_tokens(frames[sample])
+                ids = torch.cat([head, torch.full((count,), VIDEO_TOKEN), tail])
+                kind = torch.zeros_like(ids)
+                pixels.append(self._pixels(generator, frames[sample]))
+            sequences.append(ids)
+            types.append(kind)
+        length = max(len(s) + p for s, p in zip(sequences, pads))
+        input_ids = torch.full((batch, length), PAD_TOKEN, dtype=torch.long)
+        attention_mask = torch.zeros(batch, length, dtype=torch.long)
+        token_types = torch.zeros(batch, length, dtype=torch.long)
+        for sample, (ids, kind) in enumerate(zip(sequences, types)):
+            input_ids[sample, length - len(ids):] = ids
+            attention_mask[sample, length - len(ids):] = 1
+            token_types[sample, length - len(ids):] = kind
+        out: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.is_qwen:
+            out["mm_token_type_ids"] = token_types
+            if video:
+                out["pixel_values_videos"] = torch.cat(pixels)
+                out["video_grid_thw"] = torch.tensor([[f, self.rows * 2, self.cols * 2] for f in frames])
+        elif video:
+            out["pixel_values_videos"] = torch.stack(pixels)
+        return out
+
+
+_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
+
+
+def tiny_case(architecture: str, attention: str = "sdpa") -> TinyCase:
+    key = (architecture, attention)
+    if key not in _MODELS:
+        _MODELS[key] = build_model(architecture, attention)
+    return TinyCase(architecture, attention, _MODELS[key])
+
+
+def _cleanup(model: torch.nn.Module) -> None:
+    from hieravid.runtime import find_handle
+
+    while (handle := find_handle(model)) is not None:
+        handle.remove()
+
+
+@pytest.fixture(params=[(a, i) for a in ARCHITECTURES for i in ATTENTION], ids=lambda p: f"{p[0]}-{p[1]}")
+def tiny(request: pytest.FixtureRequest) -> Any:
+    """Every architecture × attention implementation."""
+    case = tiny_case(*request.param)
+    yield case
+    _cleanup(case.model)
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def tiny_sdpa(request: pytest.FixtureRequest) -> Any:
+    """Every architecture with SDPA attention."""
+    case = tiny_case(request.param, "sdpa")
+    yield case
+    _cleanup(case.model)
+
+
+@pytest.fixture
+def tiny_llava() -> Any:
+    case = tiny_case("llava_onevision", "sdpa")
+    yield case
+    _cleanup(case.model)
