@@ -7,8 +7,8 @@ Conventions (documented in README): a decoder layer has two token-wise halves, a
 the video tokens a layer "processes" are the mean of the counts entering its attention and its MLP.
 A stage at layer ``l`` with ``prune_point: after_attention`` (the paper's) cuts between layer ``l``'s
 attention and MLP, so that layer counts half before and half after the cut; with ``after_mlp`` the
-cut follows the MLP and layer ``l`` counts wholly before it. FLOPs follow the same split. Newline tokens are structure: never
-merged, kept at every stage when ``keep_newlines`` is set, and counted in N_v.
+cut follows the MLP and layer ``l`` counts wholly before it. FLOPs follow the same split.
+Newline tokens are structure: never merged, kept at every stage when ``keep_newlines`` is set, and counted in N_v.
 """
 
 from __future__ import annotations
@@ -19,19 +19,23 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hieravid.errors import PlanError
-from hieravid.policy import (
-    DepthFractionSchedule,
-    Policy,
-    load_policy,
-)
+from hieravid.policy import DepthFractionSchedule, Policy, SegmentLevel, load_policy
 from hieravid.specs import ModelSpec, load_spec
 
 
 @dataclass(frozen=True)
 class SegmentPlan:
-    """Resolved segment level (before layer 0). ``enabled=False`` means one segment and no merging."""
+    """Resolved segment (input) level, before layer 0. ``enabled=False`` means one segment and no merging.
+
+    ``kind`` is ``"hieravid"`` (segmentation + merging, SPEC §2.1) or a peer method's input operator
+    (``evs``, ``dycoke``, ...) whose parameters are in ``options``; peers leave the video one segment.
+    """
 
     enabled: bool
+    kind: str
+    prune_ratio: float
+    """Static fraction of frame tokens removed (merged or dropped) at this level."""
+    options: dict[str, Any]
     similarity_threshold: float
     segment_threshold: float
     merge_ratio: float
@@ -129,7 +133,10 @@ class PruningPlan:
             f"= N_v {spec.video_tokens} tokens; text {spec.text_tokens} tokens; {spec.num_layers} layers",
         ]
         seg = self.segment
-        if seg.enabled:
+        if seg.enabled and seg.kind != "hieravid":
+            options = ", ".join(f"{key}={value}" for key, value in seg.options.items())
+            lines.append(f"  input level: {seg.kind} ({options}) → {seg.video_tokens_after} tokens")
+        elif seg.enabled:
             lines.append(
                 f"  segment level: τ={seg.similarity_threshold} β={seg.segment_threshold} "
                 f"merge ρ0={seg.merge_ratio} λ={seg.marginal_value_weight} → {seg.video_tokens_after} tokens"
@@ -216,14 +223,19 @@ def compile_plan(policy: Policy | str, model_or_spec: Any, *, frames: int | None
     notes: list[str] = []
 
     seg = policy.segment
-    if seg.enabled:
-        content -= math.floor(seg.merge_ratio * spec.frame_tokens)
+    hieravid_segments = isinstance(seg, SegmentLevel)
+    input_ratio = seg.static_prune_ratio if seg.enabled else 0.0
+    content -= math.floor(input_ratio * spec.frame_tokens)
+    defaults = SegmentLevel()
     segment_plan = SegmentPlan(
         enabled=seg.enabled,
-        similarity_threshold=seg.similarity_threshold,
-        segment_threshold=seg.segment_threshold,
-        merge_ratio=seg.merge_ratio if seg.enabled else 0.0,
-        marginal_value_weight=seg.marginal_value_weight,
+        kind=seg.kind,
+        prune_ratio=input_ratio,
+        options=seg.model_dump(exclude={"enabled", "kind"}),
+        similarity_threshold=seg.similarity_threshold if hieravid_segments else defaults.similarity_threshold,
+        segment_threshold=seg.segment_threshold if hieravid_segments else defaults.segment_threshold,
+        merge_ratio=input_ratio if hieravid_segments else 0.0,
+        marginal_value_weight=seg.marginal_value_weight if hieravid_segments else defaults.marginal_value_weight,
         video_tokens_after=content + spec.newline_tokens,
     )
 
@@ -257,7 +269,7 @@ def compile_plan(policy: Policy | str, model_or_spec: Any, *, frames: int | None
                 per_segment=frame.enabled,
                 relevance_sign=frame.relevance.sign,
                 query_rows=query_rows,
-                dynamic_budget=frame.enabled and frame.dynamic_budget.enabled and seg.enabled,
+                dynamic_budget=frame.enabled and frame.dynamic_budget.enabled and seg.enabled and hieravid_segments,
                 budget_scale=frame.dynamic_budget.scale,
                 min_keep=frame.dynamic_budget.min_keep,
                 max_keep=frame.dynamic_budget.max_keep,

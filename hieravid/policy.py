@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from hieravid.errors import PolicyError
 
@@ -33,10 +42,90 @@ class SegmentLevel(_Strict):
 
     enabled: bool = True
     kind: Literal["hieravid"] = "hieravid"
-    similarity_threshold: UnitFraction = Field(0.6, description="τ: same-position cosine above which a token is redundant")
+    similarity_threshold: UnitFraction = Field(
+        0.6, description="τ: same-position cosine above which a token is redundant"
+    )
     segment_threshold: UnitFraction = Field(0.4, description="β: a frame less redundant than this opens a new segment")
     merge_ratio: PruneRatio = Field(0.5, description="ρ0: fraction of video tokens merged into anchors")
     marginal_value_weight: UnitFraction = Field(0.5, description="λ: weight of novelty vs. the past in MV")
+
+    @property
+    def static_prune_ratio(self) -> float:
+        """Fraction of frame tokens this level removes (for the planner's static estimate)."""
+        return self.merge_ratio
+
+
+class _InputPruner(_Strict):
+    """Base of the peer methods' input-level operators: each removes ``prune_ratio`` of the frame tokens
+    before layer 0 and leaves the whole video as one segment for the frame level."""
+
+    enabled: bool = True
+    prune_ratio: PruneRatio = Field(0.5, description="fraction of frame tokens removed before layer 0")
+
+    @property
+    def static_prune_ratio(self) -> float:
+        return self.prune_ratio
+
+
+class EvsInput(_InputPruner):
+    """EVS (vLLM): drop the tokens least different from the previous frame's same-position token."""
+
+    kind: Literal["evs"]
+
+
+class DycokeInput(_InputPruner):
+    """DyCoke's temporal token merging: within windows of frames, drop tokens too similar to the
+    same-position token of the window's neighbouring frames."""
+
+    kind: Literal["dycoke"]
+    window: int = Field(4, ge=2, le=64, description="frames per window")
+
+
+class VidCom2Input(_InputPruner):
+    """VidCom2: per-frame budgets by frame uniqueness; keep each frame's most unique tokens."""
+
+    kind: Literal["vidcom2"]
+    temperature: float = Field(0.01, gt=0.0, description="softmax temperature of the frame-uniqueness budgets")
+
+
+class FrameFusionInput(_InputPruner):
+    """FrameFusion's merging stage: merge tokens whose same-position similarity to the previous frame
+    exceeds a threshold, at most ``prune_ratio`` of the tokens."""
+
+    kind: Literal["framefusion"]
+    similarity_threshold: UnitFraction = 0.6
+
+
+class UniformInput(_InputPruner):
+    """Keep evenly spaced tokens of every frame (baseline)."""
+
+    kind: Literal["uniform"]
+
+
+class RandomInput(_InputPruner):
+    """Keep random tokens (seeded, deterministic; baseline)."""
+
+    kind: Literal["random"]
+    seed: int = 0
+
+
+def _input_level_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("kind", "hieravid"))
+    return str(getattr(value, "kind", "hieravid"))
+
+
+InputLevel = Annotated[
+    Annotated[SegmentLevel, Tag("hieravid")]
+    | Annotated[EvsInput, Tag("evs")]
+    | Annotated[DycokeInput, Tag("dycoke")]
+    | Annotated[VidCom2Input, Tag("vidcom2")]
+    | Annotated[FrameFusionInput, Tag("framefusion")]
+    | Annotated[UniformInput, Tag("uniform")]
+    | Annotated[RandomInput, Tag("random")],
+    Discriminator(_input_level_kind),
+]
+"""The segment (input) level: HieraVid's by default (``kind`` may be omitted), or a peer method's."""
 
 
 class DppSelector(_Strict):
@@ -193,14 +282,14 @@ class Policy(_Strict):
     name: str = Field(min_length=1)
     description: str = ""
     keep_newlines: bool = Field(True, description="keep layout newline tokens at every stage (they are structure)")
-    segment: SegmentLevel = Field(default_factory=SegmentLevel)
+    segment: InputLevel = Field(default_factory=SegmentLevel)
     frame: FrameLevel = Field(default_factory=FrameLevel)
     layer: LayerLevel = Field(default_factory=LayerLevel)
 
     @property
     def prunes(self) -> bool:
         """Whether this policy removes any token at all."""
-        segment_prunes = self.segment.enabled and self.segment.merge_ratio > 0
+        segment_prunes = self.segment.enabled and self.segment.static_prune_ratio > 0
         return segment_prunes or self.frame.enabled or self.layer.enabled
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,8 +301,11 @@ class Policy(_Strict):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-_UNION_FIELDS = ("selector", "schedule")
-_UNION_TAGS = ("dpp", "topk_relevance", "binned_relevance", "uniform", "random", "explicit", "depth_fraction")
+_UNION_FIELDS = ("selector", "schedule", "segment")
+_UNION_TAGS = (
+    "dpp", "topk_relevance", "binned_relevance", "uniform", "random", "explicit", "depth_fraction",
+    "hieravid", "evs", "dycoke", "vidcom2", "framefusion",
+)
 
 
 def _format_location(location: tuple[int | str, ...]) -> str:
