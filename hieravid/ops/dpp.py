@@ -258,9 +258,10 @@ def dpp_select(
     """Select ``budgets[g]`` tokens per segment by greedy DPP MAP inference, all segments at once.
 
     Kernel per segment only: rows of ``features`` are L2-normalised in float32 (norm clamped at 1e-12, so
-    zero vectors give zero rows, never NaN; NaN/inf features count as 0), ``S = X Xᵀ``,
-    ``K = diag(r) S diag(r)`` with ``r = relevance`` (NaN → 0). The fallback after exhaustion is the
-    relevance.
+    zero vectors give zero rows, never NaN; NaN/inf features count as 0), ``S = X Xᵀ`` with its diagonal set
+    to exactly 1 (0 for zero rows) so that equal relevances give exactly equal initial ``d²`` and the
+    documented lowest-index tie-break applies, ``K = diag(r) S diag(r)`` with ``r = relevance``
+    (NaN → 0). The fallback after exhaustion is the relevance.
 
     Blocks: a segment with more than ``max_block`` tokens is split into ``ceil(n_g / max_block)``
     contiguous (in token order within the segment) blocks of near-equal size
@@ -332,7 +333,9 @@ def dpp_select(
 
     # Packed, normalised features and relevance; kernels per block only.
     x = torch.nan_to_num(features.float(), nan=0.0, posinf=0.0, neginf=0.0)
-    x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    x = x / norms.clamp_min(NORM_EPS)
+    unit = (norms.squeeze(1) > 0).float()  # exact diagonal of S: 1, or 0 for a zero row
     r = torch.nan_to_num(relevance.to(device=device, dtype=torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
     xp = torch.zeros((B, n_blk, D), dtype=torch.float32, device=device)
     xp[block_id, p_in_block] = x
@@ -340,7 +343,10 @@ def dpp_select(
     rp[block_id, p_in_block] = r
     valid = torch.zeros((B, n_blk), dtype=torch.bool, device=device)
     valid[block_id, p_in_block] = True
+    diag = torch.zeros((B, n_blk), dtype=torch.float32, device=device)
+    diag[block_id, p_in_block] = unit
     kernel = torch.bmm(xp, xp.transpose(1, 2))
+    kernel.diagonal(dim1=1, dim2=2).copy_(diag)
     kernel.mul_(rp.unsqueeze(2)).mul_(rp.unsqueeze(1))
 
     sel_order = greedy_map_dpp_order(kernel, valid, block_budget, rp, eps=eps, max_steps=steps, backend=backend)

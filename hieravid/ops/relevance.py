@@ -11,6 +11,8 @@ __all__ = ["RelevanceSign", "last_query_attention", "normalize_relevance"]
 
 RelevanceSign = Literal["negative", "positive"]
 
+_MIN_RANGE = 1e-12
+
 
 def last_query_attention(
     query: Tensor,
@@ -66,9 +68,10 @@ def normalize_relevance(attention: Tensor, sign: RelevanceSign = "negative") -> 
     """Min–max normalisation of attention into a relevance (quality) score, along the last dimension.
 
     ``negative`` (the HieraVid authors' choice, default): ``v = -a``; ``positive`` (ablation): ``v = a``.
-    Then ``r = (v - min(v) + 1e-6) / (max(v) - min(v))``. When ``max(v) == min(v)`` (constant input, or a
-    single token) the range is undefined and every entry is set to 1.0 (all tokens equally relevant).
-    NaN entries are treated as the smallest attention. Computed in float32.
+    Then ``r = (v - min(v) + 1e-6) / (max(v) - min(v))``. When ``max(v) - min(v) <= 1e-12`` (constant
+    input, a single token, or a range so small that ``r`` would be dominated by the ``1e-6`` offset and its
+    square could overflow float32 in the DPP kernel) every entry is set to 1.0 (all tokens equally
+    relevant). NaN entries are treated as the smallest attention. Computed in float32.
 
     Args:
         attention: ``[..., n]`` attention probabilities.
@@ -87,6 +90,6 @@ def normalize_relevance(attention: Tensor, sign: RelevanceSign = "negative") -> 
     vmin = v.amin(dim=-1, keepdim=True)
     vmax = v.amax(dim=-1, keepdim=True)
     rng = vmax - vmin
-    ok = rng > 0
+    ok = rng > _MIN_RANGE
     r = (v - vmin + 1e-6) / torch.where(ok, rng, torch.ones_like(rng))
     return torch.where(ok, r, torch.ones_like(r))

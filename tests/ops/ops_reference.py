@@ -153,9 +153,12 @@ def ref_dpp_select(features, relevance, seg_ids, budgets, max_block=None, eps=1e
             kb = kg * e // n - kg * s // n
             idx = members[s:e]
             xb = x[idx]
+            nonzero = (xb.norm(dim=1) > 0).double()
             xb = xb / xb.norm(dim=1, keepdim=True).clamp_min(1e-12)
             rb = r[idx]
-            K = rb[:, None] * (xb @ xb.T) * rb[None, :]
+            S = (xb[:, None, :] * xb[None, :, :]).sum(-1)  # identical rows give bit-identical entries
+            S.diagonal().copy_(nonzero)  # cos(x, x) = 1 exactly (0 for a zero vector)
+            K = rb[:, None] * S * rb[None, :]
             picks = ref_greedy(K, kb, [float(v) for v in rb], eps)
             out.extend(idx[p] for p in picks)
     return sorted(out)
