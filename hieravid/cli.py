@@ -56,6 +56,24 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from hieravid.run import run_command
+
+    return run_command(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from hieravid.demo import demo_command
+
+    return demo_command(args)
+
+
+def _cmd_viz(args: argparse.Namespace) -> int:
+    from hieravid.viz import viz_command
+
+    return viz_command(args)
+
+
 def format_comparison(plans: Sequence) -> str:
     """A side-by-side table of plans: retention, input keep, FLOPs ratio and per-stage budgets."""
     header = ["policy", "retention", "input keep", "FLOPs ratio", "layer-0 tokens", "stages (layer: tokens after)"]
@@ -118,6 +136,43 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--frames", type=_positive_int, help="frames as the LLM sees them (default: the model's)")
     compare.add_argument("--json", action="store_true", help="print the plans as a JSON list")
     compare.set_defaults(handler=_cmd_compare)
+
+    run = sub.add_parser("run", help="answer a question about a video with a real checkpoint, pruned by a policy")
+    run.add_argument("--model", required=True,
+                     help="checkpoint folder or Hugging Face id (local cache only unless --download)")
+    run.add_argument("--video", required=True, help="video file (any format FFmpeg/PyAV decodes)")
+    run.add_argument("--question", required=True, help="the question about the video")
+    run.add_argument("--policy", required=True, help="policy YAML file (e.g. policies/hieravid-30.yaml)")
+    run.add_argument("--frames", type=_positive_int, default=32, help="frames sampled uniformly (default: 32)")
+    run.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
+    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                     help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    run.add_argument("--max-new-tokens", type=_positive_int, default=64, help="answer length limit (default: 64)")
+    run.add_argument("--compare-unpruned", action="store_true", help="also run unpruned: answers and speedup")
+    run.add_argument("--trace", metavar="FILE.safetensors", help="save what each level decided (see hieravid viz)")
+    run.add_argument("--warmup", type=int, default=1, choices=[0, 1, 2, 3],
+                     help="unmeasured warm-up generations before timing (default: 1)")
+    run.add_argument("--download", action="store_true", help="allow fetching the model from the Hugging Face Hub")
+    run.set_defaults(handler=_cmd_run)
+
+    demo = sub.add_parser("demo",
+                          help="HieraVid end to end on a tiny random model and a synthetic video (CPU, offline)")
+    demo.add_argument("--out", default="hieravid-demo",
+                      help="output folder: trace, picture, video (default: hieravid-demo)")
+    demo.add_argument("--frames", type=_positive_int, default=32, help="frames of the synthetic video (default: 32)")
+    demo.add_argument("--policy", default=None, help="policy YAML file (default: hieravid-30)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights and textures (default: 0)")
+    demo.add_argument("--export", metavar="DIR",
+                      help="instead, write the tiny model as a checkpoint folder plus the video")
+    demo.set_defaults(handler=_cmd_demo)
+
+    viz = sub.add_parser("viz",
+                         help="draw a trace: kept/merged/pruned tokens per stage and the segment timeline")
+    viz.add_argument("trace", help="trace file written by --trace or hieravid demo")
+    viz.add_argument("-o", "--output", required=True, help="image to write (.png, .svg or .pdf)")
+    viz.add_argument("--request", type=int, default=0, help="request index in the trace (default: 0)")
+    viz.add_argument("--max-frames", type=_positive_int, default=16, help="frames drawn at most (default: 16)")
+    viz.set_defaults(handler=_cmd_viz)
     return parser
 
 
