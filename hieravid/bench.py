@@ -1,0 +1,492 @@
+"""End-to-end benchmark: LLM prefill, time to first token, decode, memory — next to the FLOPs ideal.
+
+Models are built from configs with random weights: timing depends only on shapes, so a
+full-size 7B-shaped model times like the real checkpoint. ``size="tiny"`` builds small models of
+the same classes so the whole path also runs (slowly, meaninglessly for speed) on a CPU.
+
+Measurements (median of ``runs`` after ``warmup``, batch 1):
+
+- ``llm_prefill_ms``: the language model's prefill (CUDA events around the LM call);
+- ``ttft_ms``: one full forward of the prompt (vision tower + projector + LLM + LM head);
+- ``decode_ms_per_token``: (time of generate(1 + N tokens) − time of generate(1 token)) / N;
+- ``peak_memory_bytes``: peak allocated during generate; ``kv_cache_bytes`` after prefill;
+- ``pruning_overhead_ms``: GPU time of hieravid's own work, by level (from the profiler ranges the
+  runtime emits);
+- ``ideal_llm_prefill_ms`` = unpruned LLM prefill × the plan's FLOPs ratio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH_MODELS = ("llava-onevision-7b", "llava-video-7b", "qwen2-vl-7b")
+DEFAULT_FRAMES = {"llava-onevision-7b": 32, "llava-video-7b": 64, "qwen2-vl-7b": 32}
+"""Frames sampled from the video (Qwen2-VL packs two sampled frames into one temporal patch)."""
+
+_VIDEO_TOKEN, _IMAGE_TOKEN, _VISION_START, _VISION_END = 151656, 151655, 151652, 151653
+_QWEN2_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                      num_key_value_heads=4, vocab_size=152064, max_position_embeddings=131072)
+_TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=152064, max_position_embeddings=131072)
+_PROMPT_HEAD, _PROMPT_TAIL = 14, 40
+"""Text tokens around the video: a chat template's system turn before, the question after."""
+
+
+@dataclass
+class SyntheticCase:
+    """A random-weight model and one prompt's inputs."""
+
+    name: str
+    model: Any
+    inputs: dict[str, Any]
+    sampled_frames: int
+    llm_frames: int
+
+    def spec(self) -> Any:
+        """The ModelSpec matching this model and prompt exactly (for ``compile_plan``)."""
+        from hieravid.specs import load_spec
+
+        spec = load_spec(self.model, frames=self.llm_frames)
+        rows, cols = self._grid()
+        return dataclasses.replace(spec, name=self.name, rows=rows, cols=cols, text_tokens=_PROMPT_HEAD + _PROMPT_TAIL)
+
+    def _grid(self) -> tuple[int, int]:
+        config = self.model.config
+        if config.model_type == "qwen2_vl":
+            _, height, width = (int(v) for v in self.inputs["video_grid_thw"][0])
+            merge = config.vision_config.spatial_merge_size
+            return height // merge, width // merge
+        side = -(-(config.vision_config.image_size // config.vision_config.patch_size) // 2)
+        return side, side
+
+
+def _onevision_config(size: str) -> Any:
+    from transformers import LlavaOnevisionConfig
+
+    if size == "full":
+        vision = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                      num_hidden_layers=26, num_attention_heads=16, image_size=384, patch_size=14)
+        text = _QWEN2_7B_TEXT
+    else:
+        vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, image_size=56, patch_size=4)
+        text = _TINY_TEXT
+    return LlavaOnevisionConfig(
+        text_config=dict(model_type="qwen2", **text), vision_config=vision, image_token_id=_IMAGE_TOKEN,
+        video_token_id=_VIDEO_TOKEN, vision_feature_layer=-1, vision_feature_select_strategy="full",
+        tie_word_embeddings=False,
+    )
+
+
+def _qwen2_vl_config(size: str) -> Any:
+    from transformers import Qwen2VLConfig
+
+    if size == "full":
+        vision = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        text = _QWEN2_7B_TEXT
+        rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
+    else:
+        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        text = _TINY_TEXT
+        rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}
+    return Qwen2VLConfig(
+        text_config=dict(model_type="qwen2_vl_text", rope_parameters=rope, **text), vision_config=vision,
+        image_token_id=_IMAGE_TOKEN, video_token_id=_VIDEO_TOKEN, vision_start_token_id=_VISION_START,
+        vision_end_token_id=_VISION_END, tie_word_embeddings=False,
+    )
+
+
+def build_case(name: str, *, frames: int | None = None, size: str = "full", device: str = "cuda",
+               dtype: str = "bfloat16", attention: str = "sdpa", seed: int = 0) -> SyntheticCase:
+    """Build a random-weight model shaped like catalogue model ``name`` and a prompt with a video."""
+    import torch
+    import transformers
+
+    if name not in BENCH_MODELS:
+        raise ValueError(f"unknown benchmark model {name!r}; choose one of {', '.join(BENCH_MODELS)}")
+    frames = frames or DEFAULT_FRAMES[name]
+    torch_dtype = getattr(torch, dtype)
+    torch.manual_seed(seed)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    qwen = name.startswith("qwen")
+    config = _qwen2_vl_config(size) if qwen else _onevision_config(size)
+    model_class = (transformers.Qwen2VLForConditionalGeneration if qwen
+                   else transformers.LlavaOnevisionForConditionalGeneration)
+    with torch.device(device):
+        model = model_class._from_config(config, attn_implementation=attention, dtype=torch_dtype)
+    model.eval()
+    head = torch.randint(1000, 100000, (_PROMPT_HEAD,), generator=generator)
+    tail = torch.randint(1000, 100000, (_PROMPT_TAIL,), generator=generator)
+    if qwen:
+        if frames % 2:
+            raise ValueError(f"Qwen2-VL packs frames in pairs; pass an even frame count, got {frames}")
+        side = 32 if size == "full" else 8  # 448×448 pixels / 14-pixel patches (full)
+        grid = torch.tensor([[frames // 2, side, side]])
+        count = frames // 2 * side * side // 4
+        ids = torch.cat([head, torch.tensor([_VISION_START]), torch.full((count,), _VIDEO_TOKEN),
+                         torch.tensor([_VISION_END]), tail])
+        patches = torch.randn(frames // 2 * side * side, 3 * 2 * 14 * 14, generator=generator)
+        inputs = {"pixel_values_videos": patches.to(device, torch_dtype), "video_grid_thw": grid.to(device),
+                  "mm_token_type_ids": ((ids == _VIDEO_TOKEN).long() * 2)[None].to(device)}
+        llm_frames = frames // 2
+    else:
+        image = config.vision_config.image_size
+        side = -(-(image // config.vision_config.patch_size) // 2)
+        count = frames * side * side + 1
+        ids = torch.cat([head, torch.full((count,), _VIDEO_TOKEN), tail])
+        # Smoothly varying frames in a few scenes, so the segment level sees realistic redundancy.
+        scenes = torch.randn(4, 3, image, image, generator=generator)
+        which = torch.arange(frames) * 4 // frames
+        pixels = scenes[which] + 0.1 * torch.randn(frames, 3, image, image, generator=generator)
+        inputs = {"pixel_values_videos": pixels[None].to(device, torch_dtype)}
+        llm_frames = frames
+    inputs["input_ids"] = ids[None].to(device)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    return SyntheticCase(name=name, model=model, inputs=inputs, sampled_frames=frames, llm_frames=llm_frames)
+
+
+class _Timer:
+    """Device-side timing: CUDA events on a GPU, a synchronising wall clock on a CPU."""
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.cuda = device.startswith("cuda") and torch.cuda.is_available()
+
+    def sync(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def mark(self) -> Any:
+        import torch
+
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def elapsed_ms(self, start: Any, end: Any) -> float:
+        if self.cuda:
+            return float(start.elapsed_time(end))
+        return (end - start) * 1000.0
+
+    def time(self, fn: Callable[[], Any]) -> float:
+        self.sync()
+        start = self.mark()
+        fn()
+        end = self.mark()
+        self.sync()
+        return self.elapsed_ms(start, end)
+
+
+@contextlib.contextmanager
+def _llm_timer(case: SyntheticCase, timer: _Timer, sink: list[float]) -> Iterator[None]:
+    """Record the language model's forward time (prefill calls only: more than one query token)."""
+    language_model = case.model.model.language_model
+    starts: list[Any] = []
+
+    def before(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        starts.append(timer.mark())
+
+    def after(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        start = starts.pop()
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is not None and embeds.shape[1] > 1:
+            end = timer.mark()
+            timer.sync()
+            sink.append(timer.elapsed_ms(start, end))
+
+    handles = [language_model.register_forward_pre_hook(before, with_kwargs=True),
+               language_model.register_forward_hook(after, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _kv_cache_bytes(cache: Any) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if tensor is not None and hasattr(tensor, "numel"):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@dataclass
+class PolicyResult:
+    """Numbers for one (model, policy) pair; times in milliseconds."""
+
+    policy: str
+    llm_prefill_ms: float
+    ttft_ms: float
+    decode_ms_per_token: float | None
+    peak_memory_bytes: int | None
+    kv_cache_bytes: int
+    retention: float
+    flops_ratio: float
+    realised_video_tokens: list[int] = field(default_factory=list)
+    pruning_overhead_ms: dict[str, float] = field(default_factory=dict)
+    ideal_llm_prefill_ms: float | None = None
+    prefill_vs_ideal: float | None = None
+    ttft_speedup: float | None = None
+    decode_speedup: float | None = None
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def _pruning_overhead(case: SyntheticCase, run: Callable[[], Any], timer: _Timer) -> dict[str, float]:
+    """GPU (or CPU) time inside the runtime's ``hieravid/…`` profiler ranges, per range name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if timer.cuda else [])
+    with profile(activities=activities) as profiler:
+        run()
+        timer.sync()
+    totals: dict[str, float] = {}
+    for event in profiler.key_averages():
+        if event.key.startswith("hieravid/"):
+            device_time = getattr(event, "device_time_total", 0.0) if timer.cuda else event.cpu_time_total
+            totals[event.key] = totals.get(event.key, 0.0) + device_time / 1000.0
+    return totals
+
+
+def bench_policy(case: SyntheticCase, policy: str | None, *, runs: int = 5, warmup: int = 2,
+                 decode_tokens: int = 64, device: str = "cuda") -> tuple[PolicyResult, Any]:
+    """Measure one policy (``None`` = unpruned) on a built case. Returns the result and the plan."""
+    import torch
+
+    from hieravid.plan import compile_plan
+    from hieravid.runtime import apply
+
+    timer = _Timer(device)
+    plan = compile_plan(policy or _NONE_POLICY, case.spec())
+    model, inputs = case.model, case.inputs
+    handle = apply(model, plan) if policy is not None else contextlib.nullcontext()
+    llm_times: list[float] = []
+    with handle, torch.inference_mode():
+
+        def forward() -> Any:
+            return model(**inputs, use_cache=True, logits_to_keep=1)
+
+        def generate(tokens: int) -> Any:
+            return model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+
+        for _ in range(warmup):
+            forward()
+        with _llm_timer(case, timer, llm_times):
+            ttfts = [timer.time(forward) for _ in range(runs)]
+        output = forward()
+        kv_bytes = _kv_cache_bytes(output.past_key_values)
+        stats = getattr(handle, "last_request", None)
+        realised = [counts[0] for counts in stats.layer_video_tokens] if stats is not None else []
+        del output
+        decode = None
+        peak = None
+        if decode_tokens > 0:
+            generate(2)
+            short = [timer.time(lambda: generate(1)) for _ in range(max(1, runs // 2))]
+            long = [timer.time(lambda: generate(1 + decode_tokens)) for _ in range(max(1, runs // 2))]
+            decode = (_median(long) - _median(short)) / decode_tokens
+            if timer.cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                generate(1 + decode_tokens)
+                peak = int(torch.cuda.max_memory_allocated())
+        overhead = _pruning_overhead(case, forward, timer) if policy is not None else {}
+    result = PolicyResult(
+        policy=plan.policy.name, llm_prefill_ms=_median(llm_times), ttft_ms=_median(ttfts),
+        decode_ms_per_token=decode, peak_memory_bytes=peak, kv_cache_bytes=kv_bytes, retention=plan.retention,
+        flops_ratio=plan.flops_ratio, realised_video_tokens=realised, pruning_overhead_ms=overhead,
+    )
+    return result, plan
+
+
+_NONE_POLICY = "version: 1\nkind: PruningPolicy\nname: unpruned\nsegment: {enabled: false}\n" \
+               "frame: {enabled: false}\nlayer: {enabled: false}\n"
+
+
+def _environment(device: str) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": gpu,
+        "device": device,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run_benchmark(models: Sequence[str], policies: Sequence[str], *, frames: int | None = None, size: str = "full",
+                  device: str = "cuda", dtype: str = "bfloat16", runs: int = 5, warmup: int = 2,
+                  decode_tokens: int = 64, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Benchmark the unpruned model and each policy on each model; returns a JSON-ready report."""
+    import gc
+
+    import torch
+
+    report: dict[str, Any] = {"environment": _environment(device), "settings": {
+        "size": size, "dtype": dtype, "runs": runs, "warmup": warmup, "decode_tokens": decode_tokens,
+        "batch": 1, "attention": "sdpa"}, "models": []}
+    for name in models:
+        case = build_case(name, frames=frames, size=size, device=device, dtype=dtype)
+        log(f"{name}: {case.sampled_frames} frames, {case.inputs['input_ids'].shape[1]} prompt tokens")
+        baseline, _ = bench_policy(case, None, runs=runs, warmup=warmup, decode_tokens=decode_tokens, device=device)
+        entries = [baseline]
+        for policy in policies:
+            result, plan = bench_policy(case, policy, runs=runs, warmup=warmup, decode_tokens=decode_tokens,
+                                        device=device)
+            result.ideal_llm_prefill_ms = baseline.llm_prefill_ms * plan.flops_ratio
+            result.prefill_vs_ideal = result.llm_prefill_ms / result.ideal_llm_prefill_ms
+            result.ttft_speedup = baseline.ttft_ms / result.ttft_ms
+            if result.decode_ms_per_token and baseline.decode_ms_per_token:
+                result.decode_speedup = baseline.decode_ms_per_token / result.decode_ms_per_token
+            entries.append(result)
+            log(f"  {result.policy}: prefill {result.llm_prefill_ms:.1f} ms (ideal {result.ideal_llm_prefill_ms:.1f})"
+                f", TTFT {result.ttft_ms:.1f} ms")
+        report["models"].append({
+            "model": name, "frames": case.sampled_frames, "llm_frames": case.llm_frames,
+            "prompt_tokens": int(case.inputs["input_ids"].shape[1]), "spec": case.spec().to_dict(),
+            "results": [dataclasses.asdict(entry) for entry in entries],
+        })
+        del case
+        gc.collect()
+        if device.startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return report
+
+
+def run_frames_sweep(name: str, frames_list: Sequence[int], policy: str, *, size: str = "full",
+                     device: str = "cuda", dtype: str = "bfloat16", runs: int = 5, warmup: int = 2,
+                     log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """LLM prefill time of the unpruned model and ``policy`` for each frame count."""
+    import gc
+
+    rows = []
+    for frames in frames_list:
+        case = build_case(name, frames=frames, size=size, device=device, dtype=dtype)
+        unpruned, _ = bench_policy(case, None, runs=runs, warmup=warmup, decode_tokens=0, device=device)
+        pruned, plan = bench_policy(case, policy, runs=runs, warmup=warmup, decode_tokens=0, device=device)
+        rows.append({"frames": frames, "video_tokens": case.spec().video_tokens,
+                     "unpruned_prefill_ms": unpruned.llm_prefill_ms, "pruned_prefill_ms": pruned.llm_prefill_ms,
+                     "ideal_prefill_ms": unpruned.llm_prefill_ms * plan.flops_ratio, "flops_ratio": plan.flops_ratio})
+        log(f"  {frames} frames: unpruned {unpruned.llm_prefill_ms:.1f} ms, {plan.policy.name} "
+            f"{pruned.llm_prefill_ms:.1f} ms (ideal {rows[-1]['ideal_prefill_ms']:.1f})")
+        del case
+        gc.collect()
+    return rows
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Save the frames sweep as a PNG (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames = [row["frames"] for row in rows]
+    figure, axis = plt.subplots(figsize=(7, 4.5), dpi=120)
+    axis.plot(frames, [row["unpruned_prefill_ms"] for row in rows], "o-", label="unpruned")
+    axis.plot(frames, [row["pruned_prefill_ms"] for row in rows], "o-", label="hieravid-30")
+    axis.plot(frames, [row["ideal_prefill_ms"] for row in rows], "--", color="grey", label="FLOPs ideal")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(frames, [str(f) for f in frames])
+    axis.set_xlabel("frames")
+    axis.set_ylabel("LLM prefill (ms)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A readable table of a benchmark report."""
+    env = report["environment"]
+    lines = [f"hieravid bench — {env.get('gpu') or env['device']}, torch {env['torch']}, "
+             f"transformers {env['transformers']}, {env['date']}"]
+    header = ("policy", "retention", "FLOPs", "prefill ms", "ideal ms", "vs ideal", "TTFT ms", "TTFT ×",
+              "decode ms/tok", "peak GiB", "KV MiB", "overhead ms")
+    for entry in report["models"]:
+        lines.append("")
+        lines.append(f"{entry['model']}: {entry['frames']} frames, {entry['prompt_tokens']} prompt tokens")
+        rows = [header]
+        for result in entry["results"]:
+            def fmt(value: Any, spec: str) -> str:
+                return "-" if value is None else format(value, spec)
+
+            overhead = sum(result["pruning_overhead_ms"].values()) if result["pruning_overhead_ms"] else None
+            rows.append((
+                result["policy"], fmt(result["retention"], ".3f"), fmt(result["flops_ratio"], ".3f"),
+                fmt(result["llm_prefill_ms"], ".1f"), fmt(result["ideal_llm_prefill_ms"], ".1f"),
+                fmt(result["prefill_vs_ideal"], ".2f"), fmt(result["ttft_ms"], ".1f"),
+                fmt(result["ttft_speedup"], ".2f"), fmt(result["decode_ms_per_token"], ".2f"),
+                fmt(None if result["peak_memory_bytes"] is None else result["peak_memory_bytes"] / 2**30, ".2f"),
+                fmt(result["kv_cache_bytes"] / 2**20, ".1f"), fmt(overhead, ".2f"),
+            ))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        for index, row in enumerate(rows):
+            lines.append("  ".join(cell.rjust(width) if i else cell.ljust(width)
+                                   for i, (cell, width) in enumerate(zip(row, widths))))
+            if index == 0:
+                lines.append("  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def profile_prefill(case: SyntheticCase, policy: str, *, device: str = "cuda", top: int = 15) -> dict[str, Any]:
+    """Profile one pruned prefill: the operators that take the most device time, and hieravid's ranges."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from hieravid.runtime import apply
+
+    timer = _Timer(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if timer.cuda else [])
+    with apply(case.model, policy), torch.inference_mode():
+        for _ in range(2):
+            case.model(**case.inputs, use_cache=True, logits_to_keep=1)
+        timer.sync()
+        with profile(activities=activities) as profiler:
+            case.model(**case.inputs, use_cache=True, logits_to_keep=1)
+            timer.sync()
+    key = "self_device_time_total" if timer.cuda else "self_cpu_time_total"
+    events = sorted(profiler.key_averages(), key=lambda event: getattr(event, key, 0.0), reverse=True)
+    total = sum(getattr(event, key, 0.0) for event in events) / 1000.0
+    rows = [{"name": event.key, "ms": getattr(event, key, 0.0) / 1000.0, "calls": event.count}
+            for event in events[:top]]
+    ranges = {event.key: (getattr(event, "device_time_total", 0.0) if timer.cuda else event.cpu_time_total) / 1000.0
+              for event in profiler.key_averages() if event.key.startswith("hieravid/")}
+    syncs = sum(event.count for event in profiler.key_averages()
+                if event.key in ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize",
+                                 "cudaDeviceSynchronize"))
+    return {"policy": policy, "total_self_ms": total, "top_ops": rows, "hieravid_ranges_ms": ranges,
+            "host_syncs": syncs}
