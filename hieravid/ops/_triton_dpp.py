@@ -53,17 +53,26 @@ def _greedy_dpp_kernel(
             else:
                 j = jd
                 krow = tl.load(kbase + j * n + offs, mask=inb, other=0.0)
-                acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-                for t0 in range(0, t, BLOCK_T):
-                    rows = t0 + tl.arange(0, BLOCK_T)
-                    rmask = rows < t
-                    cj = tl.load(cbase + rows * n + j, mask=rmask, other=0.0)
-                    ct = tl.load(
-                        cbase + rows[:, None] * n + offs[None, :],
-                        mask=rmask[:, None] & inb[None, :],
+                # acc = C[:t, j]ᵀ C[:t, :], chunk by chunk, the next chunk's loads issued before the
+                # current chunk is used (manual double buffering), one cross-warp reduction per step.
+                rows = tl.arange(0, BLOCK_T)
+                rmask = rows < t
+                ct = tl.load(cbase + rows[:, None] * n + offs[None, :], mask=rmask[:, None] & inb[None, :], other=0.0)
+                cj = tl.load(cbase + rows * n + j, mask=rmask, other=0.0)
+                acc2 = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+                for t0 in range(BLOCK_T, t + BLOCK_T, BLOCK_T):
+                    rows_n = t0 + tl.arange(0, BLOCK_T)
+                    rmask_n = rows_n < t
+                    ct_n = tl.load(
+                        cbase + rows_n[:, None] * n + offs[None, :],
+                        mask=rmask_n[:, None] & inb[None, :],
                         other=0.0,
                     )
-                    acc += tl.sum(cj[:, None] * ct, 0)
+                    cj_n = tl.load(cbase + rows_n * n + j, mask=rmask_n, other=0.0)
+                    acc2 += cj[:, None] * ct
+                    ct = ct_n
+                    cj = cj_n
+                acc = tl.sum(acc2, 0)
                 e = (krow - acc) / tl.sqrt(dmax)
                 e = tl.where(valid & (e == e) & (tl.abs(e) < float("inf")), e, 0.0)
                 tl.store(cbase + t * n + offs, e, mask=inb)
@@ -77,8 +86,28 @@ def _greedy_dpp_kernel(
             exhausted = exh.to(tl.int32)
 
 
+def launch_config(n: int, *, num_warps: int | None = None, tile_per_thread: int | None = None) -> tuple[int, int, int]:
+    """``(BLOCK_N, BLOCK_T, num_warps)`` for blocks of ``n`` items: about ``tile_per_thread`` elements of
+    each ``C`` chunk per thread (32 with 8 warps, 16 with 16 warps, where registers are scarcer)."""
+    block_n = max(16, triton.next_power_of_2(n))
+    if num_warps is None:
+        num_warps = 4 if block_n <= 64 else (8 if block_n <= 1024 else 16)
+    if tile_per_thread is None:
+        tile_per_thread = 16 if num_warps >= 16 else 32
+    block_t = max(2, min(64, tile_per_thread * 32 * num_warps // block_n))
+    return block_n, triton.next_power_of_2(block_t), num_warps
+
+
 def greedy_dpp_triton(
-    kernel: Tensor, valid: Tensor, budgets: Tensor, fallback: Tensor, steps: int, eps: float
+    kernel: Tensor,
+    valid: Tensor,
+    budgets: Tensor,
+    fallback: Tensor,
+    steps: int,
+    eps: float,
+    *,
+    num_warps: int | None = None,
+    tile_per_thread: int | None = None,
 ) -> Tensor:
     """Launch the fused kernel. Inputs must be prepared by :func:`hieravid.ops.dpp.greedy_map_dpp_order`:
     ``kernel`` float32 contiguous ``[G, n, n]``, ``valid`` ``[G, n]``, ``budgets`` ``[G]`` already clamped
@@ -89,9 +118,7 @@ def greedy_dpp_triton(
     if G == 0 or n == 0 or steps == 0:
         return order
     scratch = torch.empty((G, steps, n), dtype=torch.float32, device=kernel.device)
-    block_n = max(16, triton.next_power_of_2(n))
-    block_t = max(4, min(64, 16384 // block_n))
-    num_warps = 4 if block_n <= 256 else (8 if block_n <= 1024 else 16)
+    block_n, block_t, num_warps = launch_config(n, num_warps=num_warps, tile_per_thread=tile_per_thread)
     _greedy_dpp_kernel[(G,)](
         kernel,
         valid.to(torch.int8).contiguous(),
