@@ -491,8 +491,8 @@ def build_trace(
         reason = getattr(stats, "reason", "no request seen")
         raise TraceError(f"no pruned video request to trace ({reason})")
     video = stats.videos[sample]
-    layouts = getattr(stats, "layouts", None)
-    if layouts is not None and layouts[sample] is not None:
+    layouts = getattr(stats, "layouts", None) or ()
+    if len(layouts) > sample and layouts[sample] is not None:
         content = layouts[sample].frame_index.flatten().cpu()
     else:
         content = torch.tensor(_content_positions(video), dtype=torch.int64)

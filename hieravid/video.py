@@ -85,10 +85,8 @@ def _open(path: str | Path) -> tuple[Any, Any]:
 
 
 def _count_frames(container: Any, stream: Any) -> int:
-    """Frames of ``stream`` by demuxing packets (no decoding), then rewind."""
-    count = sum(1 for packet in container.demux(stream) if packet.size)
-    container.seek(0, stream=stream)
-    return count
+    """Frames of ``stream`` by demuxing packets (no decoding); the container is spent afterwards."""
+    return sum(1 for packet in container.demux(stream) if packet.size)
 
 
 def probe_video(path: str | Path) -> VideoInfo:

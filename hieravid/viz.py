@@ -2,10 +2,11 @@
 segment timeline.
 
 One row per level (after the segment level's merging, then after each in-LLM stage), one column per
-frame. A token left clear is still in the sequence; a washed-out (white) token was merged into the
-same position of an earlier frame (segment level); a dark token was pruned by a stage. The timeline below colours frames by segment,
-marks each segment's marginal value and plots the frame redundancy ``c[f]``; the last panel shows the
-video tokens entering each decoder layer. Needs matplotlib (``pip install "hieravid[viz]"``).
+frame. A token left clear is still in the sequence; a washed-out (white) token was merged into
+the same position of an earlier frame (segment level); a dark token was pruned by a stage. The
+timeline below colours frames by segment and marks each segment's marginal value (and the frame
+redundancy ``c[f]`` when traced); the last panel shows the video tokens entering each decoder layer.
+Needs matplotlib (``pip install "hieravid[viz]"``).
 """
 
 from __future__ import annotations
