@@ -7,10 +7,10 @@ patch by temporal patch, raster order inside a patch; no newline tokens. Positio
 model itself (``get_rope_index`` / ``compute_3d_position_ids``); the runtime gathers them and never
 recomputes them.
 
-During decoding the model derives positions from ``rope_deltas`` and either the 2-D attention mask or
-the cache length. The cache length is wrong after pruning, so a continuation call that carries neither
-``position_ids`` nor ``attention_mask`` gets an all-ones 2-D mask of the original length (equivalent to
-no mask) and the model's own cumsum path yields the original positions.
+During decoding ``generate`` passes positions extended from the original ones. A manual continuation
+call without ``position_ids`` would make the model derive them from the (pruned) cache length; such a
+call gets explicit positions from the model's own rule (text position + its stored ``rope_deltas``)
+with the original length.
 """
 
 from __future__ import annotations
@@ -74,8 +74,25 @@ class Qwen2VLAdapter(Adapter):
     def prepare_continuation_call(
         self, kwargs: dict[str, Any], *, total_length: int, new_length: int, batch: int, device: torch.device
     ) -> None:
-        if kwargs.get("position_ids") is None and kwargs.get("attention_mask") is None:
-            kwargs["attention_mask"] = torch.ones(batch, total_length + new_length, dtype=torch.long, device=device)
+        """Give a continuation call explicit M-RoPE positions when the caller passed none.
+
+        Without ``position_ids`` the model derives decode positions from ``rope_deltas`` and either the
+        cache length (shortened by pruning) or the cumsum of the full 2-D mask (not sliced to the new
+        tokens). This applies the model's own rule — text positions plus its stored ``rope_deltas`` —
+        with the original length: ``position = (mask cumsum - 1 or total_length + i) + rope_delta``.
+        """
+        if kwargs.get("position_ids") is not None:
+            return
+        deltas = getattr(self.multimodal_module(), "rope_deltas", None)
+        if deltas is None:
+            return
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2:
+            positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -new_length:]
+        else:
+            positions = torch.arange(total_length, total_length + new_length, device=device).expand(batch, -1)
+        deltas = deltas.to(device).repeat_interleave(batch // deltas.shape[0], dim=0)
+        kwargs["position_ids"] = (positions + deltas).unsqueeze(0).expand(3, -1, -1)
 
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):

@@ -11,6 +11,7 @@ removes any hieravid handle a test leaves behind.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -261,24 +262,34 @@ def _cleanup(model: torch.nn.Module) -> None:
         handle.remove()
 
 
+@contextlib.contextmanager
+def _tiny_session(architecture: str, attention: str) -> Any:
+    # Tiny matrices: intra-op threads only add contention (10-40x slower on a loaded 2-core runner).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    case = tiny_case(architecture, attention)
+    try:
+        yield case
+    finally:
+        _cleanup(case.model)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=[(a, i) for a in ARCHITECTURES for i in ATTENTION], ids=lambda p: f"{p[0]}-{p[1]}")
 def tiny(request: pytest.FixtureRequest) -> Any:
     """Every architecture × attention implementation."""
-    case = tiny_case(*request.param)
-    yield case
-    _cleanup(case.model)
+    with _tiny_session(*request.param) as case:
+        yield case
 
 
 @pytest.fixture(params=ARCHITECTURES)
 def tiny_sdpa(request: pytest.FixtureRequest) -> Any:
     """Every architecture with SDPA attention."""
-    case = tiny_case(request.param, "sdpa")
-    yield case
-    _cleanup(case.model)
+    with _tiny_session(request.param, "sdpa") as case:
+        yield case
 
 
 @pytest.fixture
 def tiny_llava() -> Any:
-    case = tiny_case("llava_onevision", "sdpa")
-    yield case
-    _cleanup(case.model)
+    with _tiny_session("llava_onevision", "sdpa") as case:
+        yield case

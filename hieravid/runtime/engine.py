@@ -154,7 +154,7 @@ class Pruner:
         if request is not None and request.pruned and past is not None and request.holds_cache(past):
             reference = inputs_embeds if inputs_embeds is not None else input_ids
             if reference is not None:
-                before = kwargs.get("attention_mask")
+                before = (kwargs.get("attention_mask"), kwargs.get("position_ids"))
                 self.adapter.prepare_continuation_call(
                     kwargs,
                     total_length=request.total_length,
@@ -162,7 +162,8 @@ class Pruner:
                     batch=int(reference.shape[0]),
                     device=reference.device,
                 )
-                changed = changed or kwargs.get("attention_mask") is not before
+                after = (kwargs.get("attention_mask"), kwargs.get("position_ids"))
+                changed = changed or any(a is not b for a, b in zip(after, before))
         self.pending_call = MultimodalCall(
             input_ids=input_ids,
             video_mask=self.adapter.video_mask(input_ids, inputs_embeds),
@@ -464,7 +465,8 @@ class Pruner:
     def _projection_hook(self, layer: int, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
         capture = self.request.capture if self.request is not None else None
         if capture is not None and capture["layer"] == layer:
-            capture[name] = output
+            # Only the last query rows are needed: do not keep the whole query projection alive.
+            capture[name] = output[:, -self.stages[capture["stage"]].query_rows :] if name == "query" else output
 
     def _select_hook(self, stage_index: int, module: nn.Module, args: tuple) -> None:
         request = self.request

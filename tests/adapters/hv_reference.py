@@ -87,8 +87,13 @@ def reference_run(
     *,
     qwen: bool,
     extra_ids: Tensor | None = None,
+    extra_positions: Tensor | None = None,
 ) -> ReferenceResult:
-    """The unpatched model on sample ``sample``'s pruned sequence (plus ``extra_ids`` appended tokens)."""
+    """The unpatched model on sample ``sample``'s pruned sequence (plus ``extra_ids`` appended tokens).
+
+    Appended tokens get ``extra_positions`` (``[n]`` or ``[3, n]``) or, by default, positions continuing
+    from the prompt's last one (+1 per token on every M-RoPE row, as ``generate`` extends them).
+    """
     from transformers.masking_utils import create_causal_mask
 
     from hieravid.ops.segment import segment_level
@@ -130,9 +135,11 @@ def reference_run(
         extra = language_model.get_input_embeddings()(extra_ids)
         count = extra_ids.numel()
         hidden = torch.cat([hidden, extra.to(hidden.dtype)])
-        step = torch.arange(1, count + 1)
-        last = positions[..., -1:]
-        pos = torch.cat([pos, last + step if not qwen else last + step.unsqueeze(0)], dim=-1)
+        if extra_positions is None:
+            step = torch.arange(1, count + 1)
+            last = positions[..., -1:]
+            extra_positions = last + step if not qwen else last + step.unsqueeze(0)
+        pos = torch.cat([pos, extra_positions.to(pos.dtype)], dim=-1)
         orig = torch.cat([orig, length + torch.arange(count)])
     input_embeds, input_positions = hidden.clone(), orig.clone()
 
@@ -182,3 +189,18 @@ def capture_layer_outputs(adapter: Any) -> tuple[list[Tensor], list[Any]]:
 def stage_of_output(plan: Any, layer: int) -> int:
     """Coordinate system of a layer's *output*: number of stages at or before it."""
     return sum(1 for stage in plan.stages if stage.layer <= layer)
+
+
+def continuation_positions(calls: list[Tensor | None], sample: int, qwen: bool) -> Tensor:
+    """Concatenate the position ids the language model received in continuation calls (per sample)."""
+    pieces = []
+    for pos in calls:
+        assert pos is not None, "continuation calls in these tests always carry position ids"
+        if not qwen:
+            pieces.append(pos[0 if pos.shape[0] == 1 else sample])
+            continue
+        if pos.dim() == 2:
+            pos = pos.unsqueeze(0)
+        rows = pos[1:] if pos.shape[0] == 4 else pos.expand(3, -1, -1)
+        pieces.append(rows[:, 0 if rows.shape[1] == 1 else sample])
+    return torch.cat(pieces, dim=-1)

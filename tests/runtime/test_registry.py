@@ -1,0 +1,172 @@
+"""Adapter registry: built-ins, explicit registration, third-party discovery through entry points."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from hieravid.errors import AdapterError
+from hieravid.runtime import registry as registry_module
+from hieravid.runtime.registry import ENTRY_POINT_GROUP, AdapterRegistry
+
+THIRD_PARTY = '''
+from hieravid.adapters.llava_onevision import LlavaOnevisionAdapter
+
+
+class TinyThirdPartyAdapter(LlavaOnevisionAdapter):
+    """An adapter shipped by another package (here: reuses the LLaVA logic for a renamed model type)."""
+
+    model_types = ("tiny_third_party",)
+    default_query_rows = 2
+
+
+NOT_AN_ADAPTER = object()
+'''
+
+
+@pytest.fixture
+def third_party(tmp_path, monkeypatch):
+    """A module on sys.path plus a faked entry-point table pointing at it, as an installed package would."""
+    (tmp_path / "tiny_third_party_pkg.py").write_text(textwrap.dedent(THIRD_PARTY))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    calls: list[dict] = []
+    points = [
+        importlib.metadata.EntryPoint("tiny_third_party", "tiny_third_party_pkg:TinyThirdPartyAdapter",
+                                      ENTRY_POINT_GROUP),
+        importlib.metadata.EntryPoint("broken_type", "tiny_third_party_pkg:NOT_AN_ADAPTER", ENTRY_POINT_GROUP),
+        importlib.metadata.EntryPoint("missing_type", "no_such_module_xyz:Adapter", ENTRY_POINT_GROUP),
+    ]
+
+    def fake_entry_points(**selection):
+        calls.append(selection)
+        return [point for point in points if point.group == selection.get("group")]
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", fake_entry_points)
+    yield calls
+    sys.modules.pop("tiny_third_party_pkg", None)
+
+
+def test_builtins_resolve_lazily_to_adapter_classes():
+    registry = AdapterRegistry()
+    from hieravid.adapters.base import Adapter
+
+    for model_type in ("llava_onevision", "qwen2_vl", "qwen2_5_vl"):
+        adapter = registry.get(model_type)
+        assert issubclass(adapter, Adapter) and model_type in adapter.model_types
+    assert registry.get("qwen2_vl").default_query_rows == 4
+
+
+def test_unknown_model_type_lists_supported_ones():
+    with pytest.raises(AdapterError) as error:
+        AdapterRegistry().get("llama")
+    message = str(error.value)
+    assert "'llama'" in message
+    for model_type in ("llava_onevision", "qwen2_vl", "qwen2_5_vl"):
+        assert model_type in message
+
+
+def test_entry_point_adapter_is_discovered_lazily(third_party):
+    registry = AdapterRegistry()
+    assert third_party == []  # nothing read at construction
+    adapter = registry.get("tiny_third_party")
+    assert adapter.__name__ == "TinyThirdPartyAdapter"
+    assert third_party == [{"group": ENTRY_POINT_GROUP}]
+    registry.get("tiny_third_party")
+    assert len(third_party) == 1  # discovery is cached
+    assert "tiny_third_party" in registry.supported_model_types()
+
+
+def test_bad_entry_points_raise_clear_errors(third_party):
+    registry = AdapterRegistry()
+    with pytest.raises(AdapterError, match=r"expected a subclass of hieravid\.adapters\.base\.Adapter"):
+        registry.get("broken_type")
+    with pytest.raises(AdapterError, match=r"failed to load.*no_such_module_xyz"):
+        registry.get("missing_type")
+
+
+def test_explicit_registration_wins_and_refuses_silent_override(third_party):
+    from hieravid.adapters.qwen2_vl import Qwen2VLAdapter
+
+    registry = AdapterRegistry()
+
+    class Override(Qwen2VLAdapter):
+        model_types = ("tiny_third_party",)
+
+    registry.register(Override)
+    assert registry.get("tiny_third_party") is Override
+
+    class Another(Qwen2VLAdapter):
+        model_types = ("tiny_third_party",)
+
+    with pytest.raises(AdapterError, match="already has adapter Override"):
+        registry.register(Another)
+    registry.register(Another, replace=True)
+    assert registry.get("tiny_third_party") is Another
+    registry.unregister("tiny_third_party")
+    assert registry.get("tiny_third_party").__name__ == "TinyThirdPartyAdapter"
+
+
+def test_register_rejects_non_adapters_and_empty_types():
+    registry = AdapterRegistry()
+    with pytest.raises(AdapterError, match="subclass"):
+        registry.register(object)  # type: ignore[arg-type]
+    from hieravid.adapters.base import Adapter
+
+    class NoTypes(Adapter):
+        pass
+
+    with pytest.raises(AdapterError, match="declares no model_types"):
+        registry.register(NoTypes)
+    registry.register(NoTypes, model_types=("some_type",))
+    assert registry.get("some_type") is NoTypes
+
+
+def test_module_level_helpers_use_the_process_registry(third_party):
+    registry_module.registry.refresh()
+    try:
+        assert "tiny_third_party" in registry_module.supported_model_types()
+        assert registry_module.get_adapter("tiny_third_party").__name__ == "TinyThirdPartyAdapter"
+    finally:
+        registry_module.registry.refresh()
+
+
+def test_apply_uses_a_third_party_adapter_from_an_entry_point(third_party):
+    """End to end: a model whose model_type only an entry-point adapter serves gets pruned by it."""
+    import torch
+    from conftest import build_model, tiny_case
+
+    from hieravid.plan import compile_plan
+    from hieravid.runtime import apply
+
+    registry_module.registry.refresh()
+    model = build_model("llava_onevision", "sdpa")
+    model.config.model_type = "tiny_third_party"
+    case = tiny_case("llava_onevision")
+    spec = case.spec()
+    import dataclasses
+
+    plan = compile_plan("policies/hieravid-30.yaml", dataclasses.replace(spec, model_type="tiny_third_party"))
+    inputs = case.inputs(seed=4)
+    try:
+        with apply(model, plan) as handle:
+            assert type(handle.adapter).__name__ == "TinyThirdPartyAdapter"
+            with torch.no_grad():
+                model(**inputs)
+            assert handle.last_request.pruned
+    finally:
+        registry_module.registry.refresh()
+
+
+def test_import_hieravid_is_lean():
+    code = (
+        "import sys, hieravid, hieravid.runtime, hieravid.adapters\n"
+        "from hieravid.runtime import apply, register_adapter, supported_model_types\n"
+        "bad = [m for m in sys.modules if m.startswith('transformers')]\n"
+        "assert not bad, bad\n"
+        "assert hieravid.apply is apply\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
