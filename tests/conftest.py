@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,8 @@ import pytest
 import torch
 
 ARCHITECTURES = ("llava_onevision", "llava_video_per_row", "qwen2_vl", "qwen2_5_vl")
+#: Where the tiny models run: CPU in CI; ``HIERAVID_TEST_DEVICE=cuda`` runs the same suite on a GPU.
+DEVICE = torch.device(os.environ.get("HIERAVID_TEST_DEVICE", "cpu"))
 ATTENTION = ("sdpa", "eager")
 
 VIDEO_TOKEN, IMAGE_TOKEN, VISION_START, VISION_END = 251, 250, 252, 253
@@ -136,7 +139,7 @@ def model_config(architecture: str) -> Any:
 def build_model(architecture: str, attention: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = model_class(architecture)._from_config(model_config(architecture), attn_implementation=attention)
-    return model.eval()
+    return model.to(DEVICE).eval()
 
 
 @dataclass
@@ -150,6 +153,10 @@ class TinyCase:
     cols: int = 4
     frames: int = 8
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return DEVICE
 
     @property
     def is_qwen(self) -> bool:
@@ -242,7 +249,7 @@ class TinyCase:
                 out["video_grid_thw"] = torch.tensor([[f, self.rows * 2, self.cols * 2] for f in frames])
         elif video:
             out["pixel_values_videos"] = torch.stack(pixels)
-        return out
+        return {key: value.to(DEVICE) for key, value in out.items()}
 
 
 _MODELS: dict[tuple[str, str], torch.nn.Module] = {}
@@ -267,6 +274,9 @@ def _tiny_session(architecture: str, attention: str) -> Any:
     # Tiny matrices: intra-op threads only add contention (10-40x slower on a loaded 2-core runner).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    if DEVICE.type == "cuda":  # fp32 references: no TF32 shortcuts
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     case = tiny_case(architecture, attention)
     try:
         yield case

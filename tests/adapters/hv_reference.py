@@ -56,7 +56,7 @@ def sample_positions(lm_inputs: LMInputs, sample: int, qwen: bool) -> Tensor:
     length = lm_inputs.inputs_embeds.shape[1]
     pos = lm_inputs.position_ids
     if pos is None:
-        base = torch.arange(length)
+        base = torch.arange(length, device=lm_inputs.inputs_embeds.device)
         return base.expand(3, -1).clone() if qwen else base
     if pos.dim() == 2:
         row = pos[0] if pos.shape[0] == 1 else pos[sample]
@@ -102,13 +102,14 @@ def reference_run(
     layers = list(adapter.decoder_layers())
     embeds = lm_inputs.inputs_embeds[sample]
     length = embeds.shape[0]
-    mask = torch.ones(length, dtype=torch.bool) if lm_inputs.attention_mask is None else lm_inputs.attention_mask[
-        sample].bool()
-    positions = sample_positions(lm_inputs, sample, qwen)
+    device = embeds.device
+    mask = torch.ones(length, dtype=torch.bool, device=device) if lm_inputs.attention_mask is None else (
+        lm_inputs.attention_mask[sample].bool())
+    positions = sample_positions(lm_inputs, sample, qwen).to(device)
     layout = stats.layouts[sample]
 
     real = torch.nonzero(mask).flatten()
-    video = torch.zeros(length, dtype=torch.bool)
+    video = torch.zeros(length, dtype=torch.bool, device=device)
     rows_embeds = embeds.clone()
     if layout is not None:
         video[layout.frame_index.flatten()] = True
@@ -123,8 +124,8 @@ def reference_run(
             )
             rows_embeds[layout.frame_index.flatten()[result.kept_index]] = result.features.to(embeds.dtype)
     else:
-        kept_video = torch.zeros(0, dtype=torch.long)
-    keep = torch.zeros(length, dtype=torch.bool)
+        kept_video = torch.zeros(0, dtype=torch.long, device=device)
+    keep = torch.zeros(length, dtype=torch.bool, device=device)
     keep[real] = True
     keep[video] = False
     keep[kept_video] = True
@@ -136,11 +137,11 @@ def reference_run(
         count = extra_ids.numel()
         hidden = torch.cat([hidden, extra.to(hidden.dtype)])
         if extra_positions is None:
-            step = torch.arange(1, count + 1)
+            step = torch.arange(1, count + 1, device=device)
             last = positions[..., -1:]
             extra_positions = last + step if not qwen else last + step.unsqueeze(0)
         pos = torch.cat([pos, extra_positions.to(pos.dtype)], dim=-1)
-        orig = torch.cat([orig, length + torch.arange(count)])
+        orig = torch.cat([orig, length + torch.arange(count, device=device)])
     input_embeds, input_positions = hidden.clone(), orig.clone()
 
     stage_at = {stage.layer: index for index, stage in enumerate(plan.stages)}
@@ -162,7 +163,7 @@ def reference_run(
             if index in stage_at:
                 stage_stats = stats.stages[stage_at[index]]
                 kept = stage_stats.kept_positions[sample]
-                is_video = torch.zeros(orig.shape[0], dtype=torch.bool)
+                is_video = torch.zeros(orig.shape[0], dtype=torch.bool, device=device)
                 in_range = orig < length
                 is_video[in_range] = video[orig[in_range]]
                 take = ~is_video | torch.isin(orig, kept)

@@ -202,11 +202,11 @@ def test_multi_turn_continues_the_pruned_cache_without_pruning_again(tiny_sdpa, 
             extra = {k: v for k, v in turn.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
             if case.is_qwen:
                 extra["mm_token_type_ids"] = torch.cat(
-                    [torch.zeros(1, seen + 1, dtype=torch.long), turn["mm_token_type_ids"]], dim=1)
+                    [torch.zeros(1, seen + 1, dtype=torch.long, device=case.device), turn["mm_token_type_ids"]], dim=1)
         else:
-            new_ids = torch.cat([first.sequences[:, -1:], torch.tensor([[17, 18, 19, 20]])], dim=1)
+            new_ids = torch.cat([first.sequences[:, -1:], torch.tensor([[17, 18, 19, 20]], device=case.device)], dim=1)
             extra = {}
-        mask = torch.ones(1, seen + new_ids.shape[1], dtype=torch.long)
+        mask = torch.ones(1, seen + new_ids.shape[1], dtype=torch.long, device=case.device)
         with torch.no_grad():
             second = model.generate(input_ids=new_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3,
                                     do_sample=False, output_logits=True, return_dict_in_generate=True, **extra)

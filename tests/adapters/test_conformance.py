@@ -205,8 +205,9 @@ def test_cache_lengths_equal_realised_counts_which_match_the_plan(tiny, policy):
             assert lengths == list(stats.layer_sequence_lengths)
             assert out.logits.shape[1] == stats.output_positions.shape[1]
             # A decode step appends exactly one row to every layer.
-            step = model(input_ids=torch.tensor([[5]]), past_key_values=cache,
-                         attention_mask=torch.ones(1, inputs["input_ids"].shape[1] + 1, dtype=torch.long))
+            step = model(input_ids=torch.tensor([[5]], device=tiny.device), past_key_values=cache,
+                         attention_mask=torch.ones(1, inputs["input_ids"].shape[1] + 1, dtype=torch.long,
+                                                   device=tiny.device))
             assert [layer.keys.shape[-2] for layer in step.past_key_values.layers] == [n + 1 for n in lengths]
 
     layout = stats.layouts[0]
