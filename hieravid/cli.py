@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the random weights and textures (default: 0)")
     demo.add_argument("--export", metavar="DIR",
                       help="instead, write the tiny model as a checkpoint folder plus the video")
+    demo.add_argument("--arch", default="llava_onevision", choices=["llava_onevision", "qwen2_vl"],
+                      help="architecture of the model --export writes (default: llava_onevision)")
     demo.set_defaults(handler=_cmd_demo)
 
     viz = sub.add_parser("viz",

@@ -42,8 +42,12 @@ __all__ = [
 ]
 
 CONFIG_FILE = "llava_onevision_tiny.json"
+CONFIG_FILES = {"llava_onevision": CONFIG_FILE, "qwen2_vl": "qwen2_vl_tiny.json"}
+"""Bundled tiny configs by architecture (``hieravid demo --export DIR --arch ...``)."""
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
 """Special tokens after the 256 byte tokens: ids 256..260 (``<video>`` is 260, as in the bundled config)."""
+QWEN_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>")
+"""Qwen2-VL's vision tokens, ids 261..264 (as in the bundled Qwen2-VL config)."""
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
@@ -53,49 +57,72 @@ CHAT_TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 """ChatML with a ``<video>`` placeholder, the LLaVA-OneVision (Qwen2) convention."""
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""Qwen2-VL's ChatML with ``<|vision_start|><|video_pad|><|vision_end|>`` for a video."""
 DEMO_SCENE_FRACTIONS = (0.1875, 0.3125, 0.21875, 0.28125)
 """Scene lengths as fractions of the video (6, 10, 7 and 9 frames of 32)."""
 DEMO_QUESTION = "What happens in this video?"
 
 
-def demo_config() -> dict[str, Any]:
-    """The bundled tiny LLaVA-OneVision config as a mapping (``_comment`` removed)."""
-    text = resources.files("hieravid").joinpath("data", "demo", CONFIG_FILE).read_text(encoding="utf-8")
+def demo_config(architecture: str = "llava_onevision") -> dict[str, Any]:
+    """A bundled tiny config (LLaVA-OneVision by default) as a mapping (``_comment`` removed)."""
+    if architecture not in CONFIG_FILES:
+        raise HieravidError(f"no tiny {architecture!r} config; known: {', '.join(CONFIG_FILES)}")
+    text = resources.files("hieravid").joinpath("data", "demo", CONFIG_FILES[architecture]).read_text(encoding="utf-8")
     data = json.loads(text)
     data.pop("_comment", None)
     return data
 
 
-def build_demo_tokenizer() -> Any:
-    """A byte-level tokenizer (256 byte tokens + ChatML specials) with the demo chat template, built in code."""
+def build_demo_tokenizer(architecture: str = "llava_onevision") -> Any:
+    """A byte-level tokenizer (256 byte tokens + ChatML specials) with the demo chat template, built in code.
+
+    For ``qwen2_vl`` the Qwen vision tokens are added (ids 261..264) with Qwen2-VL's chat template.
+    """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    qwen = architecture == "qwen2_vl"
+    specials = SPECIAL_TOKENS + (QWEN_SPECIAL_TOKENS if qwen else ())
     vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for offset, token in enumerate(SPECIAL_TOKENS):
+    for offset, token in enumerate(specials):
         vocab[token] = 256 + offset
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    media = ({"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"} if qwen
+             else {"image_token": "<image>", "video_token": "<video>"})
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        extra_special_tokens=media)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE if qwen else CHAT_TEMPLATE
     return tokenizer
 
 
-def build_demo_model(seed: int = 0) -> Any:
-    """The tiny LLaVA-OneVision with seeded random weights (float32, eval mode, CPU)."""
+def build_demo_model(seed: int = 0, architecture: str = "llava_onevision") -> Any:
+    """The tiny model (LLaVA-OneVision by default) with seeded random weights (float32, eval mode, CPU)."""
     import torch
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    import transformers
 
-    config = LlavaOnevisionConfig.from_dict(demo_config())
+    data = demo_config(architecture)
+    if architecture == "qwen2_vl":
+        config_class, model_class = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    else:
+        config_class = transformers.LlavaOnevisionConfig
+        model_class = transformers.LlavaOnevisionForConditionalGeneration
+    config = config_class.from_dict(data)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = LlavaOnevisionForConditionalGeneration(config)
+        model = model_class(config)
     finally:
         torch.random.set_rng_state(generator_state)
     model.generation_config.pad_token_id = config.text_config.pad_token_id
@@ -119,12 +146,32 @@ def _video_processor_config(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def save_demo_checkpoint(directory: str | Path, *, seed: int = 0) -> Path:
-    """Write the demo model as a regular checkpoint folder (config, safetensors weights, tokenizer,
-    chat template and processor configs) that ``hieravid run --model DIR`` and lmms-eval load offline."""
+def _save_qwen2_vl_processor(directory: Path) -> None:
+    common = {"processor_class": "Qwen2VLProcessor", "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2,
+              "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "rescale_factor": 1 / 255}
+    video = {"video_processor_type": "Qwen2VLVideoProcessor", **common,
+             "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}}
+    image = {"image_processor_type": "Qwen2VLImageProcessor", **common,
+             "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 64}
+    for name, data in (("video_preprocessor_config.json", video), ("preprocessor_config.json", image)):
+        (directory / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    (directory / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE, encoding="utf-8")
+
+
+def save_demo_checkpoint(directory: str | Path, *, seed: int = 0, architecture: str = "llava_onevision") -> Path:
+    """Write a tiny random model as a regular checkpoint folder (config, safetensors weights, tokenizer,
+    chat template and processor configs) that ``hieravid run --model DIR`` and lmms-eval load offline.
+
+    ``architecture`` is ``llava_onevision`` (the demo model) or ``qwen2_vl``.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = demo_config()
+    if architecture == "qwen2_vl":
+        build_demo_model(seed, architecture).save_pretrained(directory)
+        build_demo_tokenizer(architecture).save_pretrained(directory)
+        _save_qwen2_vl_processor(directory)
+        return directory
+    config = demo_config(architecture)
     build_demo_model(seed).save_pretrained(directory)
     tokenizer = build_demo_tokenizer()
     tokenizer.save_pretrained(directory)
@@ -303,12 +350,12 @@ def demo_command(args: Any) -> int:
     import sys
 
     if args.export:
-        folder = save_demo_checkpoint(args.export, seed=args.seed)
+        folder = save_demo_checkpoint(args.export, seed=args.seed, architecture=args.arch)
         video = demo_video(args.frames, seed=args.seed)
         from hieravid.video import write_video
 
         path = write_video(folder / "demo.mp4", video.frames, fps=8.0)
-        print(f"tiny LLaVA-OneVision checkpoint: {folder}")
+        print(f"tiny {args.arch} checkpoint (random weights): {folder}")
         print(f"demo video ({video.frames.shape[0]} frames, scene cuts at {list(video.cuts)}): {path}")
         return 0
     print("building the tiny model and the synthetic video", file=sys.stderr)

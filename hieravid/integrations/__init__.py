@@ -1,0 +1,1 @@
+"""Integrations of hieravid with third-party tools (imported only on demand)."""
