@@ -2,7 +2,11 @@
 
 One program per block (segment): the whole greedy loop of Chen et al. (2018) runs inside one launch.
 ``d²``, the relevance fallback scores and the selection state live in registers; the Cholesky rows ``C``
-live in a global scratch buffer (``[G, T, n]`` float32, small enough to stay in L2).
+live in a global scratch buffer ``[G, T, LD]`` float32 (small enough to stay in L2), ``LD`` = ``n``
+rounded up to 16 so that column masks are constant over 16 columns and loads stay 16 bytes wide. The
+scratch is zero-initialised and has a whole number of ``BLOCK_T``-row chunks, so the chunks of the
+per-step matrix–vector product ``C[:t, j]ᵀ C[:t, :]`` need no row mask; the product is accumulated in a
+2-D register tile and reduced once per step.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ def _greedy_dpp_kernel(
     order_ptr,
     n,
     T,
+    TR,
+    LD,
     eps,
     BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -32,7 +38,8 @@ def _greedy_dpp_kernel(
     inb = offs < n
     valid = (tl.load(valid_ptr + g * n + offs, mask=inb, other=0) != 0) & inb
     kbase = K_ptr + g * n * n
-    cbase = C_ptr + g * T * n
+    cbase = C_ptr + g * TR * LD
+    cmask = offs < LD  # LD is a multiple of 16: the mask is constant over 16 columns, loads stay vectorised
     diag = tl.load(kbase + offs * (n + 1), mask=valid, other=0.0)
     ok = valid & (diag == diag)
     diag = tl.where(ok, diag, 0.0)
@@ -45,37 +52,26 @@ def _greedy_dpp_kernel(
     exhausted = budget * 0
     for t in range(0, T):
         if t < steps:
-            dmax = tl.max(d2, 0)
-            jd = tl.argmax(d2, 0, tie_break_left=True)
+            dmax, jd = tl.max(d2, 0, return_indices=True, return_indices_tie_break_left=True)
             exh = (exhausted != 0) | (dmax <= thr) | (dmax != dmax)
             if exh:
-                j = tl.argmax(fb, 0, tie_break_left=True)
+                _fmax, j = tl.max(fb, 0, return_indices=True, return_indices_tie_break_left=True)
             else:
                 j = jd
                 krow = tl.load(kbase + j * n + offs, mask=inb, other=0.0)
-                # acc = C[:t, j]ᵀ C[:t, :], chunk by chunk, the next chunk's loads issued before the
-                # current chunk is used (manual double buffering), one cross-warp reduction per step.
-                rows = tl.arange(0, BLOCK_T)
-                rmask = rows < t
-                ct = tl.load(cbase + rows[:, None] * n + offs[None, :], mask=rmask[:, None] & inb[None, :], other=0.0)
-                cj = tl.load(cbase + rows * n + j, mask=rmask, other=0.0)
+                # acc = C[:t, j]ᵀ C[:t, :]. Rows >= t of the zero-initialised scratch are still 0, so whole
+                # chunks of rows load with no row mask; columns >= LD are not loaded (their values are
+                # undefined and never used: e is zeroed outside the valid columns).
                 acc2 = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-                for t0 in range(BLOCK_T, t + BLOCK_T, BLOCK_T):
-                    rows_n = t0 + tl.arange(0, BLOCK_T)
-                    rmask_n = rows_n < t
-                    ct_n = tl.load(
-                        cbase + rows_n[:, None] * n + offs[None, :],
-                        mask=rmask_n[:, None] & inb[None, :],
-                        other=0.0,
-                    )
-                    cj_n = tl.load(cbase + rows_n * n + j, mask=rmask_n, other=0.0)
+                for t0 in range(0, t, BLOCK_T):
+                    rows = t0 + tl.arange(0, BLOCK_T)
+                    ct = tl.load(cbase + rows[:, None] * LD + offs[None, :], mask=cmask[None, :])
+                    cj = tl.load(cbase + rows * LD + j)
                     acc2 += cj[:, None] * ct
-                    ct = ct_n
-                    cj = cj_n
                 acc = tl.sum(acc2, 0)
                 e = (krow - acc) / tl.sqrt(dmax)
                 e = tl.where(valid & (e == e) & (tl.abs(e) < float("inf")), e, 0.0)
-                tl.store(cbase + t * n + offs, e, mask=inb)
+                tl.store(cbase + t * LD + offs, e, mask=cmask)
                 tl.debug_barrier()
                 d2 = d2 - e * e
                 d2 = tl.where(d2 == d2, d2, float("-inf"))
@@ -87,14 +83,15 @@ def _greedy_dpp_kernel(
 
 
 def launch_config(n: int, *, num_warps: int | None = None, tile_per_thread: int | None = None) -> tuple[int, int, int]:
-    """``(BLOCK_N, BLOCK_T, num_warps)`` for blocks of ``n`` items: about ``tile_per_thread`` elements of
-    each ``C`` chunk per thread (32 with 8 warps, 16 with 16 warps, where registers are scarcer)."""
+    """``(BLOCK_N, BLOCK_T, num_warps)`` for blocks of ``n`` items: each chunk of ``C`` rows holds about
+    ``tile_per_thread`` elements per thread (64 with up to 8 warps, 16 with 16 warps, where registers are
+    scarcer); the accumulator tile doubles that."""
     block_n = max(16, triton.next_power_of_2(n))
     if num_warps is None:
         num_warps = 4 if block_n <= 64 else (8 if block_n <= 1024 else 16)
     if tile_per_thread is None:
-        tile_per_thread = 16 if num_warps >= 16 else 32
-    block_t = max(2, min(64, tile_per_thread * 32 * num_warps // block_n))
+        tile_per_thread = 16 if num_warps >= 16 else 64
+    block_t = max(2, min(128, tile_per_thread * 32 * num_warps // block_n))
     return block_n, triton.next_power_of_2(block_t), num_warps
 
 
@@ -117,8 +114,10 @@ def greedy_dpp_triton(
     order = torch.full((G, steps), -1, dtype=torch.int64, device=kernel.device)
     if G == 0 or n == 0 or steps == 0:
         return order
-    scratch = torch.empty((G, steps, n), dtype=torch.float32, device=kernel.device)
     block_n, block_t, num_warps = launch_config(n, num_warps=num_warps, tile_per_thread=tile_per_thread)
+    rows = (steps + block_t - 1) // block_t * block_t
+    ld = (n + 15) // 16 * 16
+    scratch = torch.zeros((G, rows, ld), dtype=torch.float32, device=kernel.device)
     _greedy_dpp_kernel[(G,)](
         kernel,
         valid.to(torch.int8).contiguous(),
@@ -128,6 +127,8 @@ def greedy_dpp_triton(
         order,
         n,
         steps,
+        rows,
+        ld,
         float(eps),
         BLOCK_N=block_n,
         BLOCK_T=block_t,

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from hieravid.ops._util import NORM_EPS, mask_to_indices, sanitize_scores
+from hieravid.ops._util import NORM_EPS, sanitize_scores
 
 __all__ = [
     "DEFAULT_MAX_BLOCK",
@@ -156,6 +156,23 @@ def _greedy_graph(kernel: Tensor, valid: Tensor, budgets: Tensor, fallback: Tens
     return runner(kernel, valid, budgets, fallback)
 
 
+def _run_greedy(
+    kernel: Tensor, valid: Tensor, budgets: Tensor, fallback: Tensor, steps: int, eps: float, mode: str
+) -> Tensor:
+    """Greedy inference on prepared inputs (float32 contiguous kernel, bool valid, int64 budgets clamped
+    to the valid counts, finite float32 fallback)."""
+    G, n, _ = kernel.shape
+    if G == 0 or n == 0 or steps == 0:
+        return torch.full((G, steps), -1, dtype=torch.int64, device=kernel.device)
+    if mode == "triton":
+        from hieravid.ops._triton_dpp import greedy_dpp_triton
+
+        return greedy_dpp_triton(kernel, valid, budgets, fallback, steps, eps)
+    if mode == "torch_graph":
+        return _greedy_graph(kernel, valid, budgets, fallback, steps, eps)
+    return _greedy_torch(kernel, valid, budgets, fallback, steps, eps)
+
+
 def greedy_map_dpp_order(
     kernel: Tensor,
     valid: Tensor,
@@ -204,16 +221,7 @@ def greedy_map_dpp_order(
         raise ValueError(f"max_steps must be >= 0, got {steps}")
     kf = kernel.to(torch.float32).contiguous()
     fb = sanitize_scores(fallback_scores.to(device)).contiguous()
-    if G == 0 or n == 0 or steps == 0:
-        return torch.full((G, steps), -1, dtype=torch.int64, device=device)
-    mode = _resolve_backend(backend, device)
-    if mode == "triton":
-        from hieravid.ops._triton_dpp import greedy_dpp_triton
-
-        return greedy_dpp_triton(kf, valid, b, fb, steps, eps)
-    if mode == "torch_graph":
-        return _greedy_graph(kf, valid, b, fb, steps, eps)
-    return _greedy_torch(kf, valid, b, fb, steps, eps)
+    return _run_greedy(kf, valid, b, fb, steps, eps, _resolve_backend(backend, device))
 
 
 def _order_to_mask(order: Tensor, n: int) -> Tensor:
@@ -301,54 +309,57 @@ def dpp_select(
     seg = segment_ids.to(device=device, dtype=torch.int64)
     counts = torch.zeros(G, dtype=torch.int64, device=device).index_add_(0, seg, torch.ones_like(seg))
     k = torch.minimum(budgets.to(device=device, dtype=torch.int64).clamp_min(0), counts)
-    mb = n if max_block is None else min(int(max_block), n)
-    nb = (counts + mb - 1) // mb  # blocks per segment, 0 when empty
-    nb_safe = nb.clamp_min(1)
-    blk_size = (counts + nb_safe - 1) // nb_safe  # largest block of each segment
-    blk_steps = torch.where(nb > 1, torch.minimum(blk_size, (k * blk_size) // counts.clamp_min(1) + 1), k)
-    stats = torch.stack([nb.sum(), blk_size.max(), blk_steps.max(), k.sum()]).cpu()  # the one host sync
-    B, n_blk, steps, total = (int(v) for v in stats)
+    meta = torch.cat([counts, k]).cpu()  # the one host sync: G counts and G clamped budgets
+
+    # Block plan on the host (vectorised over the G segments on small CPU tensors).
+    counts_h, k_h = meta[:G], meta[G:]
+    total = int(k_h.sum())
     if total == 0:
         return torch.zeros(0, dtype=torch.int64, device=device)
-
-    # Position of every token inside its segment (stable by token index), then inside its block.
-    order = torch.sort(seg, stable=True).indices
-    seg_sorted = seg[order]
-    seg_start = torch.cumsum(counts, 0) - counts
-    pos = torch.empty_like(seg)
-    pos[order] = torch.arange(n, device=device) - seg_start[seg_sorted]
-    n_tok = counts[seg]
-    nb_tok = nb[seg]
-    b_local = ((pos + 1) * nb_tok - 1) // n_tok
-    p_in_block = pos - (b_local * n_tok) // nb_tok
-    block_offset = torch.cumsum(nb, 0) - nb
-    block_id = block_offset[seg] + b_local
-
-    # Budget of every block: cumulative floors of the segment budget.
-    block_seg = torch.repeat_interleave(torch.arange(G, device=device), nb, output_size=B)
-    bl = torch.arange(B, device=device) - block_offset[block_seg]
-    ng, nbg, kg = counts[block_seg], nb[block_seg], k[block_seg]
+    mb = n if max_block is None else min(int(max_block), n)
+    nb_h = (counts_h + mb - 1) // mb  # blocks per segment, 0 when empty
+    B = int(nb_h.sum())
+    block_seg = torch.repeat_interleave(torch.arange(G), nb_h)
+    block_offset_h = torch.cumsum(nb_h, 0) - nb_h
+    bl = torch.arange(B) - block_offset_h[block_seg]
+    ng, nbg, kg = counts_h[block_seg], nb_h[block_seg], k_h[block_seg]
     start, end = (bl * ng) // nbg, ((bl + 1) * ng) // nbg
-    block_budget = (kg * end) // ng - (kg * start) // ng
+    block_budget_h = (kg * end) // ng - (kg * start) // ng  # cumulative floors: sum to k_g
+    n_blk, steps = int((end - start).max()), int(block_budget_h.max())
+    seg_start_h = torch.cumsum(counts_h, 0) - counts_h
+    small = torch.cat([seg_start_h, block_offset_h, nb_h, counts_h.clamp_min(1), block_budget_h]).to(device)
+    seg_start, block_offset, nb, counts_safe = small[:G], small[G : 2 * G], small[2 * G : 3 * G], small[3 * G : 4 * G]
+    block_budget = small[4 * G :]
 
-    # Packed, normalised features and relevance; kernels per block only.
+    # Position of every token inside its segment (stable by token index), then its block and slot.
+    order = torch.sort(seg, stable=True).indices
+    pos = torch.empty_like(seg)
+    pos[order] = torch.arange(n, device=device) - seg_start[seg[order]]
+    if bool((nb_h > 1).any()):
+        n_tok, nb_tok = counts_safe[seg], nb[seg]
+        b_local = ((pos + 1) * nb_tok - 1) // n_tok
+        slot = pos - (b_local * n_tok) // nb_tok
+        block_id = block_offset[seg] + b_local
+    else:
+        slot, block_id = pos, block_offset[seg]
+
+    # Packed rows r_i · x_i / |x_i| (float32), so that one batched product gives K = diag(r) S diag(r);
+    # the diagonal is then set exactly to r_i² (0 for zero rows).
     x = torch.nan_to_num(features.float(), nan=0.0, posinf=0.0, neginf=0.0)
-    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    x = x / norms.clamp_min(NORM_EPS)
-    unit = (norms.squeeze(1) > 0).float()  # exact diagonal of S: 1, or 0 for a zero row
+    norms = torch.linalg.vector_norm(x, dim=-1)
     r = torch.nan_to_num(relevance.to(device=device, dtype=torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
     xp = torch.zeros((B, n_blk, D), dtype=torch.float32, device=device)
-    xp[block_id, p_in_block] = x
-    rp = torch.zeros((B, n_blk), dtype=torch.float32, device=device)
-    rp[block_id, p_in_block] = r
-    valid = torch.zeros((B, n_blk), dtype=torch.bool, device=device)
-    valid[block_id, p_in_block] = True
-    diag = torch.zeros((B, n_blk), dtype=torch.float32, device=device)
-    diag[block_id, p_in_block] = unit
+    xp[block_id, slot] = x * (r / norms.clamp_min(NORM_EPS)).unsqueeze(1)
+    aux = torch.stack([r, torch.where(norms > 0, r * r, 0.0), torch.arange(n, device=device, dtype=torch.float32)], 1)
+    auxp = torch.full((B, n_blk, 3), -1.0, dtype=torch.float32, device=device)
+    auxp[block_id, slot] = aux
+    token = auxp[:, :, 2].long()  # token index of every slot, -1 for padding (exact below 2**24 tokens)
+    valid = token >= 0
     kernel = torch.bmm(xp, xp.transpose(1, 2))
-    kernel.diagonal(dim1=1, dim2=2).copy_(diag)
-    kernel.mul_(rp.unsqueeze(2)).mul_(rp.unsqueeze(1))
+    kernel.diagonal(dim1=1, dim2=2).copy_(auxp[:, :, 1])
 
-    sel_order = greedy_map_dpp_order(kernel, valid, block_budget, rp, eps=eps, max_steps=steps, backend=backend)
-    mask = _order_to_mask(sel_order, n_blk)
-    return mask_to_indices(mask[block_id, p_in_block], total)
+    sel = _run_greedy(
+        kernel, valid, block_budget, auxp[:, :, 0].contiguous(), steps, eps, _resolve_backend(backend, device)
+    )
+    picked = torch.where(sel >= 0, token.gather(1, sel.clamp_min(0)), n).flatten()
+    return torch.sort(picked).values[:total]

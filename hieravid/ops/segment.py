@@ -7,7 +7,9 @@ the only host synchronisation is in :func:`segment_level`, which reads the numbe
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -131,33 +133,37 @@ def segment_marginal_values(
     if segment_ids.shape != frames.shape[:1]:
         raise ValueError(f"segment_ids must have shape [F]={frames.shape[0]}, got {tuple(segment_ids.shape)}")
     G = int(segment_ids[-1]) + 1 if num_segments is None else int(num_segments)
-    device = frames.device
-    if G <= 1:
-        return torch.zeros(max(G, 0), dtype=torch.float32, device=device)
-    P = frames.shape[1]
-    frame_sums = frames.sum(dim=1, dtype=torch.float32)  # [F, D]
-    csum = torch.cat([frame_sums.new_zeros(1, frame_sums.shape[1]), torch.cumsum(frame_sums, 0)])
-    seg = torch.arange(G, device=device)
-    ids = segment_ids.to(torch.int64).contiguous()
-    start = torch.searchsorted(ids, seg, right=False)
-    end = torch.searchsorted(ids, seg, right=True)
-    count = ((end - start) * P).clamp_min(1).unsqueeze(1).float()
-    g = (csum[end] - csum[start]) / count  # [G, D]
+    frame_sums = frames.sum(dim=1, dtype=torch.float32)
+    return _marginal_values_padded(frame_sums, segment_ids.to(torch.int64), frames.shape[1], weight)[:G]
 
+
+def _marginal_values_padded(frame_sums: Tensor, segment_ids: Tensor, tokens_per_frame: int, weight: float) -> Tensor:
+    """Marginal values padded to ``F`` entries (entries ``>= G`` are 0), without any host sync.
+
+    ``frame_sums``: ``[F, D]`` float32 per-frame token sums; ``segment_ids``: ``[F]`` non-decreasing from 0.
+    """
+    F = frame_sums.shape[0]
+    device = frame_sums.device
+    idx = torch.arange(F, device=device)
+    G = segment_ids[-1:] + 1  # [1], on the device
+    is_seg = idx < G
+    csum = torch.cat([frame_sums.new_zeros(1, frame_sums.shape[1]), torch.cumsum(frame_sums, 0)])
+    ids = segment_ids.contiguous()
+    start = torch.searchsorted(ids, idx, right=False)
+    end = torch.searchsorted(ids, idx, right=True)
+    count = ((end - start) * tokens_per_frame).clamp_min(1).unsqueeze(1)
+    g = (csum[end] - csum[start]) / count  # [F, D]: segment means, 0 past the last segment
     gcs = torch.cumsum(g, 0)  # gcs[i] = g_0 + ... + g_i
-    idx = seg.unsqueeze(1).float()
-    prev_mean = torch.zeros_like(g)
-    prev_mean[1:] = gcs[:-1] / idx[1:]
-    next_mean = torch.zeros_like(g)
-    next_mean[:-1] = (gcs[-1:] - gcs[:-1]) / (G - 1 - idx[:-1])
-    a1 = _cosine(g, prev_mean)
-    a1[0] = 0.0
-    a2 = _cosine(g, next_mean)
-    a2[-1] = 0.0
-    mv = weight * a1 + (1.0 - weight) * (1.0 - a2)
-    mean = mv.mean()
-    std = ((mv - mean) ** 2).mean().sqrt()
-    return (mv - mean) / (std + 1e-8)
+    before = (gcs - g) / idx.clamp_min(1).unsqueeze(1)  # mean of g_0..g_{i-1}
+    after = (gcs.index_select(0, G - 1) - gcs) / (G - 1 - idx).clamp_min(1).unsqueeze(1)  # g_{i+1}..g_{G-1}
+    cos = _cosine(g.unsqueeze(0), torch.stack([before, after]))  # [2, F]
+    a1 = torch.where(idx > 0, cos[0], 0.0)
+    a2 = torch.where(idx < G - 1, cos[1], 0.0)
+    mv = torch.where(is_seg, weight * a1 + (1.0 - weight) * (1.0 - a2), 0.0)
+    mean = mv.sum() / G
+    dev = torch.where(is_seg, mv - mean, 0.0)
+    std = (dev.square().sum() / G).sqrt()
+    return dev / (std + 1e-8)
 
 
 @dataclass(frozen=True)
@@ -299,12 +305,19 @@ def segment_level(
     merge_ratio: float = 0.5,
     marginal_value_weight: float = 0.5,
     merge: bool = True,
+    use_cuda_graph: bool = False,
 ) -> SegmentLevelResult:
     """The whole segment level (SPEC §2.1) on one video.
 
     Similarity → redundancy (τ = ``similarity_threshold``) → segmentation (β = ``segment_threshold``) →
     marginal values (λ = ``marginal_value_weight``) → merging of the top ``merge_ratio`` fraction (skipped
-    when ``merge`` is False or the ratio is 0). One host synchronisation reads the number of segments.
+    when ``merge`` is False or the ratio is 0). All shapes are static (they depend on ``F, P, D`` and the
+    ratio only); a single host synchronisation at the end reads the number of segments.
+
+    ``use_cuda_graph=True`` (CUDA only) captures the whole computation once per input shape, dtype and
+    parameter set in a CUDA graph and replays it afterwards (a bounded cache of 4 graphs; results are
+    identical to the eager path). Worth it when videos of one geometry are processed repeatedly: it
+    removes the per-operator launch cost, which dominates at these sizes.
 
     Args:
         frames: ``[F, P, D]`` video tokens (LLM input embeddings, newline tokens excluded).
@@ -313,21 +326,87 @@ def segment_level(
         A :class:`SegmentLevelResult`.
     """
     _check_frames(frames)
-    sim = adjacent_frame_similarity(frames)
-    red = frame_redundancy(sim, similarity_threshold)
-    frame_seg = segment_frames(red, segment_threshold)
-    G = int(frame_seg[-1]) + 1
-    mv = segment_marginal_values(frames, frame_seg, marginal_value_weight, num_segments=G)
-    merged = merge_redundant_tokens(frames, sim, merge_ratio if merge else 0.0, frame_segment_ids=frame_seg)
-    assert merged.segment_ids is not None
-    return SegmentLevelResult(
-        kept_index=merged.kept_index,
-        features=merged.features,
-        merge_target=merged.merge_target,
-        frame_segment_ids=frame_seg,
-        token_segment_ids=merged.segment_ids,
-        marginal_values=mv,
-        num_segments=G,
-        similarity=sim,
-        redundancy=red,
+    if use_cuda_graph and frames.is_cuda:
+        return _graphed_segment_level(
+            frames, similarity_threshold, segment_threshold, merge_ratio, marginal_value_weight, merge
+        )
+    out = _segment_level_padded(
+        frames, similarity_threshold, segment_threshold, merge_ratio if merge else 0.0, marginal_value_weight
     )
+    return _finish_segment_level(out)
+
+
+def _segment_level_padded(frames: Tensor, tau: float, beta: float, ratio: float, weight: float) -> dict[str, Tensor]:
+    """Everything of the segment level with static shapes and no host sync (marginal values padded to F)."""
+    sim = adjacent_frame_similarity(frames)
+    red = frame_redundancy(sim, tau)
+    frame_seg = segment_frames(red, beta)
+    mv = _marginal_values_padded(frames.sum(dim=1, dtype=torch.float32), frame_seg, frames.shape[1], weight)
+    merged = merge_redundant_tokens(frames, sim, ratio, frame_segment_ids=frame_seg)
+    assert merged.segment_ids is not None
+    return {
+        "kept_index": merged.kept_index,
+        "features": merged.features,
+        "merge_target": merged.merge_target,
+        "frame_segment_ids": frame_seg,
+        "token_segment_ids": merged.segment_ids,
+        "marginal_values": mv,
+        "similarity": sim,
+        "redundancy": red,
+    }
+
+
+def _finish_segment_level(out: dict[str, Tensor]) -> SegmentLevelResult:
+    G = int(out["frame_segment_ids"][-1]) + 1  # the one host sync
+    return SegmentLevelResult(
+        kept_index=out["kept_index"],
+        features=out["features"],
+        merge_target=out["merge_target"],
+        frame_segment_ids=out["frame_segment_ids"],
+        token_segment_ids=out["token_segment_ids"],
+        marginal_values=out["marginal_values"][:G],
+        num_segments=G,
+        similarity=out["similarity"],
+        redundancy=out["redundancy"],
+    )
+
+
+class _GraphedSegmentLevel:
+    """:func:`_segment_level_padded` captured once in a CUDA graph for one input shape and parameter set."""
+
+    def __init__(self, frames: Tensor, params: tuple[float, float, float, float]) -> None:
+        self.frames = torch.empty_like(frames)
+        self.frames.copy_(frames)
+        side = torch.cuda.Stream(frames.device)
+        side.wait_stream(torch.cuda.current_stream(frames.device))
+        with torch.cuda.stream(side):
+            _segment_level_padded(self.frames, *params)
+        torch.cuda.current_stream(frames.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = _segment_level_padded(self.frames, *params)
+
+    def __call__(self, frames: Tensor) -> SegmentLevelResult:
+        self.frames.copy_(frames)
+        self.graph.replay()
+        return _finish_segment_level({k: v.clone() for k, v in self.out.items()})
+
+
+_SEGMENT_GRAPHS: OrderedDict[tuple[Any, ...], _GraphedSegmentLevel] = OrderedDict()
+_SEGMENT_GRAPHS_SIZE = 4
+
+
+def _graphed_segment_level(
+    frames: Tensor, tau: float, beta: float, ratio: float, weight: float, merge: bool
+) -> SegmentLevelResult:
+    params = (float(tau), float(beta), float(ratio) if merge else 0.0, float(weight))
+    key = (tuple(frames.shape), frames.dtype, str(frames.device), params)
+    runner = _SEGMENT_GRAPHS.get(key)
+    if runner is None:
+        runner = _GraphedSegmentLevel(frames, params)
+        _SEGMENT_GRAPHS[key] = runner
+        while len(_SEGMENT_GRAPHS) > _SEGMENT_GRAPHS_SIZE:
+            _SEGMENT_GRAPHS.popitem(last=False)
+    else:
+        _SEGMENT_GRAPHS.move_to_end(key)
+    return runner(frames)

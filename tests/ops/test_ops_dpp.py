@@ -99,8 +99,13 @@ def test_greedy_large_replay(device, backend):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(), reason="needs CUDA and Triton")
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize(("G", "n", "D", "frac"), [(8, 392, 256, 0.7), (3, 1000, 128, 0.5), (20, 50, 64, 1.0)])
-def test_triton_equals_torch(seed, G, n, D, frac):
+@pytest.mark.parametrize(
+    ("G", "n", "D", "frac"), [(8, 392, 256, 0.7), (3, 1000, 128, 0.5), (20, 50, 64, 1.0), (4, 30, 512, 0.5)]
+)
+def test_triton_and_graph_vs_torch(seed, G, n, D, frac):
+    """Fused kernel and graph replay against the eager loop. The graph replays the same kernels, so it is
+    bit-identical; the fused kernel sums in another order, so near-ties may break differently at these
+    sizes: small problems must match exactly, large ones must be valid greedy runs (float64 replay)."""
     g = torch.Generator().manual_seed(seed)
     X = torch.nn.functional.normalize(torch.randn(G, n, D, generator=g), dim=-1).cuda()
     r = (torch.rand(G, n, generator=g) + 0.05).cuda()
@@ -110,8 +115,16 @@ def test_triton_equals_torch(seed, G, n, D, frac):
     a = greedy_map_dpp_order(K, valid, budgets, r, backend="torch")
     b = greedy_map_dpp_order(K, valid, budgets, r, backend="triton")
     c = greedy_map_dpp_order(K, valid, budgets, r, backend="torch_graph")
-    assert torch.equal(a, b)
     assert torch.equal(a, c)
+    if n <= 64:
+        assert torch.equal(a, b)
+    for blk in range(G):
+        idx = valid[blk].nonzero().flatten()
+        local = {int(v): i for i, v in enumerate(idx.tolist())}
+        got = [local[j] for j in b[blk].tolist() if j >= 0]
+        assert len(got) == int(budgets[blk])
+        sub = K[blk][idx][:, idx].cpu()
+        replay_is_greedy(sub, got, r[blk][idx].cpu().tolist(), DPP_EPS, tol=1e-5)
 
 
 @pytest.mark.skipif(
@@ -128,6 +141,11 @@ def test_triton_interpreter_equals_torch():
     a = greedy_map_dpp_order(K, valid, budgets, r, backend="torch")
     b = greedy_map_dpp_order(K, valid, budgets, r, backend="triton")
     assert torch.equal(a, b)
+    feats, rel, seg, budgets = random_stage(90, 48, 4, 1, "cpu")
+    for max_block in (None, 13):
+        x = dpp_select(feats, rel, seg, budgets, max_block=max_block, backend="torch")
+        y = dpp_select(feats, rel, seg, budgets, max_block=max_block, backend="triton")
+        assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

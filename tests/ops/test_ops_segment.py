@@ -246,3 +246,31 @@ def test_bad_inputs():
         merge_redundant_tokens(torch.zeros(2, 2, 2), torch.zeros(2, 2), 1.0)
     with pytest.raises(ValueError, match="similarity"):
         merge_redundant_tokens(torch.zeros(2, 2, 2), torch.zeros(3, 2), 0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_segment_level_cuda_graph_matches_eager(dtype):
+    for seed in range(3):  # the second and third calls replay the captured graph on new inputs
+        frames = scene_video(12, 9, 32, seed, scenes=4).to("cuda", dtype)
+        eager = segment_level(frames)
+        graphed = segment_level(frames, use_cuda_graph=True)
+        assert graphed.num_segments == eager.num_segments
+        for name in (
+            "kept_index",
+            "features",
+            "merge_target",
+            "frame_segment_ids",
+            "token_segment_ids",
+            "marginal_values",
+            "similarity",
+            "redundancy",
+        ):
+            assert torch.equal(getattr(graphed, name), getattr(eager, name)), name
+
+
+def test_segment_level_cuda_graph_flag_is_ignored_on_cpu():
+    frames = scene_video(5, 4, 8, 0)
+    a = segment_level(frames, use_cuda_graph=True)
+    b = segment_level(frames)
+    assert torch.equal(a.kept_index, b.kept_index) and torch.equal(a.features, b.features)
