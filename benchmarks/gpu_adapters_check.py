@@ -37,6 +37,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "adapters"))  # the conformance suite's reference helpers
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(1, str(ROOT))
 
 
 def build_model(scale: str, vision_layers: int, device: torch.device, dtype: torch.dtype) -> Any:
@@ -167,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         base_hidden = lm(**inputs).last_hidden_state
         base_ids = model.generate(**inputs, **generate_kwargs)
+        # Is the unpatched model itself run-to-run deterministic here? (bf16 GEMM algorithm choices can
+        # depend on memory alignment; with random weights, near-tied logits then flip greedy ids.)
+        base_deterministic = bool(torch.equal(model.generate(**inputs, **generate_kwargs), base_ids))
+        results["baseline_generate_deterministic"] = base_deterministic
         hooks_before = hook_count(model)
 
         # ------------------------------------------------------------------ bit identity
@@ -188,8 +194,12 @@ def main(argv: list[str] | None = None) -> int:
                 "hooks_left_after_remove": hook_count(model) - hooks_before,
                 "no_handle_after_remove": find_handle(model) is None,
             }
-            checks[f"identity_{name}"]["pass"] = all(
-                v is True or v == 0 for k, v in checks[f"identity_{name}"].items())
+            entry = checks[f"identity_{name}"]
+            entry["pass"] = (
+                entry["hidden_bit_identical"] and entry["after_remove_bit_identical"]
+                and entry["no_handle_after_remove"] and entry["hooks_left_after_remove"] == 0
+                and (entry["generate_ids_identical"] or not base_deterministic)
+            )
             print_check(f"identity_{name}")
         del hidden, after
 

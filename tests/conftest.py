@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -297,6 +298,13 @@ def tiny_sdpa(request: pytest.FixtureRequest) -> Any:
     """Every architecture with SDPA attention."""
     with _tiny_session(request.param, "sdpa") as case:
         yield case
+
+
+@pytest.fixture
+def tiny_builders() -> Any:
+    """The builders above, for tests that need a fresh model or class (``import conftest`` is ambiguous:
+    other test folders have their own conftest modules)."""
+    return types.SimpleNamespace(build_model=build_model, model_class=model_class, tiny_case=tiny_case)
 
 
 @pytest.fixture

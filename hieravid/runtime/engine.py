@@ -353,6 +353,8 @@ class Pruner:
         coords = Coords(src=index, idx0=positions0.contiguous(), orig=index, valid=valid, kind=kind_all, seg=seg_all)
         request.coords = [coords]
         request.mask2d = mask2d
+        request.prompt_unmasked = bool(mask2d.all())
+        request.stage_all_valid = [request.prompt_unmasked and bool(valid.all())]
         request.pruned = True
         request.stats = stats
         request.stats["stages"] = []
@@ -438,16 +440,22 @@ class Pruner:
         cached = request.stage_inputs.get(stage)
         if cached is not None:
             return cached[0]
-        from transformers.masking_utils import create_causal_mask
+        if kwargs.get("attention_mask") is None and request.stage_all_valid[stage]:
+            # The language model's own (stage-0) mask is None: SDPA/flash rely on is_causal because no key
+            # is masked. Stage `stage` differs only in which prompt rows it holds, all real and unmasked,
+            # so its mask is None too — decided without building it (mask creation syncs with the device).
+            mask = None
+        else:
+            from transformers.masking_utils import create_causal_mask
 
-        mask = create_causal_mask(
-            config=self.adapter.text_config(),
-            inputs_embeds=hidden,
-            attention_mask=request.translate_mask(stage),
-            past_key_values=kwargs.get("past_key_values"),
-            position_ids=None,
-            layer_idx=self._first_layer(stage),
-        )
+            mask = create_causal_mask(
+                config=self.adapter.text_config(),
+                inputs_embeds=hidden,
+                attention_mask=request.translate_mask(stage),
+                past_key_values=kwargs.get("past_key_values"),
+                position_ids=None,
+                layer_idx=self._first_layer(stage),
+            )
         request.stage_inputs[stage] = (mask, None)
         return mask
 
@@ -488,6 +496,7 @@ class Pruner:
         )
         selection, new_coords, stage_stats = self._frame_level(stage_index, stage, coords, hidden, attention)
         request.coords.append(new_coords)
+        request.stage_all_valid.append(request.prompt_unmasked and bool(new_coords.valid.all()))
         request.stats["stages"].append(stage_stats)
         request.pending = {"layer": stage.layer, "selection": selection, "valid": new_coords.valid,
                            "length": coords.length}
@@ -604,12 +613,13 @@ class Pruner:
     # ================================================================== statistics
     def _finish_stats(self, request: Request) -> RequestStats:
         stats = request.stats
+        counts = [coords.video_counts() for coords in request.coords]
         layer_tokens: list[tuple[int, ...]] = []
         layer_lengths: list[int] = []
         for index in range(len(self.layers)):
-            coords = request.coords[min(self.stage_of[index], len(request.coords) - 1)]
-            layer_tokens.append(coords.video_counts())
-            layer_lengths.append(coords.length)
+            system = min(self.stage_of[index], len(request.coords) - 1)
+            layer_tokens.append(counts[system])
+            layer_lengths.append(request.coords[system].length)
         positions = tuple(
             torch.where(coords.valid, coords.orig, torch.full_like(coords.orig, -1)) for coords in request.coords
         )

@@ -146,6 +146,10 @@ class Request:
     marginal_values: list[Tensor] = field(default_factory=list)
     mask2d: Tensor | None = None
     """The current call's 2-D attention mask in original coordinates (bool)."""
+    prompt_unmasked: bool = False
+    """The prefill's 2-D mask had no zero (no left padding)."""
+    stage_all_valid: list[bool] = field(default_factory=list)
+    """Per coordinate system: every prompt row is real and unmasked (no padding slot, no padding)."""
     cache: weakref.ReferenceType | None = None
     stage_inputs: dict[int, Any] = field(default_factory=dict)
     capture: dict[str, Any] | None = None

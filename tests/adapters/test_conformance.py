@@ -238,9 +238,8 @@ def test_cache_lengths_equal_realised_counts_which_match_the_plan(tiny, policy):
 
 
 # ---------------------------------------------------------------------------------------------- (e)
-def test_save_pretrained_from_pretrained_apply_generate(tiny_sdpa, tmp_path):
-    from conftest import model_class
-
+def test_save_pretrained_from_pretrained_apply_generate(tiny_sdpa, tiny_builders, tmp_path):
+    model_class = tiny_builders.model_class
     model = tiny_sdpa.model
     inputs = tiny_sdpa.inputs(batch=1, seed=2)
     plan = _plan(tiny_sdpa, "hieravid-30")
@@ -249,7 +248,8 @@ def test_save_pretrained_from_pretrained_apply_generate(tiny_sdpa, tmp_path):
             expected = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     model.save_pretrained(tmp_path)
     assert list(tmp_path.glob("*.safetensors"))
-    reloaded = model_class(tiny_sdpa.architecture).from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    reloaded = model_class(tiny_sdpa.architecture).from_pretrained(tmp_path, attn_implementation="sdpa")
+    reloaded = reloaded.to(tiny_sdpa.device).eval()
     with apply(reloaded, plan) as handle:
         with torch.no_grad():
             generated = reloaded.generate(**inputs, max_new_tokens=4, do_sample=False)

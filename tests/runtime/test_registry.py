@@ -134,18 +134,17 @@ def test_module_level_helpers_use_the_process_registry(third_party):
         registry_module.registry.refresh()
 
 
-def test_apply_uses_a_third_party_adapter_from_an_entry_point(third_party):
+def test_apply_uses_a_third_party_adapter_from_an_entry_point(third_party, tiny_builders):
     """End to end: a model whose model_type only an entry-point adapter serves gets pruned by it."""
     import torch
-    from conftest import build_model, tiny_case
 
     from hieravid.plan import compile_plan
     from hieravid.runtime import apply
 
     registry_module.registry.refresh()
-    model = build_model("llava_onevision", "sdpa")
+    model = tiny_builders.build_model("llava_onevision", "sdpa")
     model.config.model_type = "tiny_third_party"
-    case = tiny_case("llava_onevision")
+    case = tiny_builders.tiny_case("llava_onevision")
     spec = case.spec()
     import dataclasses
 
