@@ -85,10 +85,11 @@ def _greedy_dpp_kernel(
 def launch_config(n: int, *, num_warps: int | None = None, tile_per_thread: int | None = None) -> tuple[int, int, int]:
     """``(BLOCK_N, BLOCK_T, num_warps)`` for blocks of ``n`` items: each chunk of ``C`` rows holds about
     ``tile_per_thread`` elements per thread (64 with up to 8 warps, 16 with 16 warps, where registers are
-    scarcer); the accumulator tile doubles that."""
+    scarcer); the accumulator tile doubles that. Defaults from a sweep on an H100 (bench_ops_gpu.py):
+    4 warps up to 256 columns, 8 warps up to 1024, 16 beyond."""
     block_n = max(16, triton.next_power_of_2(n))
     if num_warps is None:
-        num_warps = 4 if block_n <= 64 else (8 if block_n <= 1024 else 16)
+        num_warps = 4 if block_n <= 256 else (8 if block_n <= 1024 else 16)
     if tile_per_thread is None:
         tile_per_thread = 16 if num_warps >= 16 else 64
     block_t = max(2, min(128, tile_per_thread * 32 * num_warps // block_n))

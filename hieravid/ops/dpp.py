@@ -262,6 +262,7 @@ def dpp_select(
     max_block: int | None = DEFAULT_MAX_BLOCK,
     eps: float = DPP_EPS,
     backend: DppBackend = "auto",
+    counts: Tensor | None = None,
 ) -> Tensor:
     """Select ``budgets[g]`` tokens per segment by greedy DPP MAP inference, all segments at once.
 
@@ -279,7 +280,8 @@ def dpp_select(
     ``None`` disables splitting.
 
     Budgets above a segment's size are clamped to it; empty segments and zero budgets select nothing.
-    One host synchronisation per call sizes the padded blocks and the output.
+    One host synchronisation per call sizes the padded blocks and the output; none when ``counts`` and
+    ``budgets`` are given as CPU tensors (as :func:`hieravid.ops.layer.frame_level` does).
 
     Args:
         features: ``[n, D]`` hidden states of the stage's video tokens (any float dtype).
@@ -289,6 +291,8 @@ def dpp_select(
         max_block: block size cap (default :data:`DEFAULT_MAX_BLOCK`), or None.
         eps: relative exhaustion threshold of the greedy inference.
         backend: greedy inference backend, see :func:`greedy_map_dpp_order`.
+        counts: optional ``[G]`` token count of each segment, if the caller already has it (must equal
+            the counts of ``segment_ids``).
 
     Returns:
         ``[k]`` int64 ascending indices into the ``n`` tokens, ``k = Σ_g min(budgets[g], n_g)``.
@@ -307,12 +311,18 @@ def dpp_select(
     if n == 0 or G == 0:
         return torch.zeros(0, dtype=torch.int64, device=device)
     seg = segment_ids.to(device=device, dtype=torch.int64)
-    counts = torch.zeros(G, dtype=torch.int64, device=device).index_add_(0, seg, torch.ones_like(seg))
-    k = torch.minimum(budgets.to(device=device, dtype=torch.int64).clamp_min(0), counts)
-    meta = torch.cat([counts, k]).cpu()  # the one host sync: G counts and G clamped budgets
+    if counts is not None and counts.device.type == "cpu" and budgets.device.type == "cpu":
+        if counts.shape != (G,):
+            raise ValueError(f"counts must have shape [{G}], got {tuple(counts.shape)}")
+        counts_h = counts.to(torch.int64)
+        k_h = torch.minimum(budgets.to(torch.int64).clamp_min(0), counts_h)
+    else:
+        dev_counts = torch.zeros(G, dtype=torch.int64, device=device).index_add_(0, seg, torch.ones_like(seg))
+        k = torch.minimum(budgets.to(device=device, dtype=torch.int64).clamp_min(0), dev_counts)
+        meta = torch.cat([dev_counts, k]).cpu()  # the one host sync: G counts and G clamped budgets
+        counts_h, k_h = meta[:G], meta[G:]
 
     # Block plan on the host (vectorised over the G segments on small CPU tensors).
-    counts_h, k_h = meta[:G], meta[G:]
     total = int(k_h.sum())
     if total == 0:
         return torch.zeros(0, dtype=torch.int64, device=device)

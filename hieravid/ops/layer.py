@@ -102,7 +102,7 @@ class FrameLevelResult:
     Attributes:
         local_keep: ``[k]`` ascending indices into the stage's video tokens.
         segment_ids_kept: ``[k]`` segment id of each kept token.
-        budgets: ``[G]`` per-segment budgets used.
+        budgets: ``[G]`` per-segment budgets used (a CPU tensor: they are computed on the host).
     """
 
     local_keep: Tensor
@@ -132,7 +132,8 @@ def frame_level(
 
     Relevance = :func:`normalize_relevance` of ``attention`` with ``sign``; per-segment counts (segments
     emptied by earlier stages count 0 and get budget 0); budgets by :func:`segment_budgets`; then the
-    registered ``selector``.
+    registered ``selector``. One host synchronisation per call (counts and marginal values are read once;
+    the budgets are computed on the host and the DPP selector reuses the counts).
 
     Args:
         hidden: ``[n, D]`` post-attention hidden states of the stage's video tokens.
@@ -155,9 +156,13 @@ def frame_level(
     seg = segment_ids.to(device=device, dtype=torch.int64)
     relevance = normalize_relevance(attention.to(device), sign)
     counts = torch.zeros(G, dtype=torch.int64, device=device).index_add_(0, seg, torch.ones_like(seg))
+    # One host sync for the stage: counts and marginal values come to the host, the budgets are computed
+    # there, and the DPP selector reuses both without synchronising again.
+    meta = torch.cat([counts.double(), marginal_values.to(device=device, dtype=torch.float64)]).cpu()
+    counts_h = meta[:G].long()
     budgets = segment_budgets(
-        counts,
-        marginal_values.to(device),
+        counts_h,
+        meta[G:],
         prune_ratio,
         scale=scale,
         min_keep=min_keep,
@@ -166,7 +171,9 @@ def frame_level(
         min_tokens=min_tokens,
     )
     options = dict(selector_options)
-    if selector == "dpp" and max_block is not None:
-        options["max_block"] = max_block
+    if selector == "dpp":
+        options.setdefault("counts", counts_h)
+        if max_block is not None:
+            options["max_block"] = max_block
     local = select_tokens(selector, hidden, relevance, seg, budgets, generator=generator, **options)
     return FrameLevelResult(local_keep=local, segment_ids_kept=seg[local], budgets=budgets)

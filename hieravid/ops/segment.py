@@ -75,7 +75,7 @@ def frame_redundancy(similarity: Tensor, tau: float) -> Tensor:
     if similarity.dim() != 2:
         raise ValueError(f"similarity must have shape [F, P], got {tuple(similarity.shape)}")
     c = (similarity > tau).float().mean(dim=1)
-    c[:1] = 0.0
+    c[:1].fill_(0.0)
     return c
 
 
@@ -95,7 +95,7 @@ def segment_frames(redundancy: Tensor, beta: float) -> Tensor:
     if redundancy.dim() != 1:
         raise ValueError(f"redundancy must have shape [F], got {tuple(redundancy.shape)}")
     opens = redundancy < beta
-    opens[:1] = True
+    opens[:1].fill_(True)
     return torch.cumsum(opens.to(torch.int64), 0) - 1
 
 
@@ -236,8 +236,7 @@ def merge_redundant_tokens(
     cand = similarity[1:].reshape(-1).float()
     cand = torch.nan_to_num(cand, nan=-2.0)
     order = torch.sort(cand, descending=True, stable=True).indices[:m]
-    selected = torch.zeros(N, dtype=torch.bool, device=device)
-    selected[order + P] = True
+    selected = torch.zeros(N, dtype=torch.bool, device=device).index_fill_(0, order + P, True)
     selected = selected.view(F, P)
 
     # Anchor frame of each token: last unselected frame at or before it (frame 0 is never selected).

@@ -150,6 +150,7 @@ def dpp_selector(
     max_block: int | None = DEFAULT_MAX_BLOCK,
     eps: float = DPP_EPS,
     backend: str = "auto",
+    counts: Tensor | None = None,
     **options: Any,
 ) -> Tensor:
     """HieraVid's greedy DPP per segment (:func:`hieravid.ops.dpp.dpp_select`); ``generator`` is unused."""
@@ -164,6 +165,7 @@ def dpp_selector(
         max_block=max_block,
         eps=eps,
         backend=backend,  # type: ignore[arg-type]
+        counts=counts,
     )
 
 

@@ -276,3 +276,13 @@ def test_dpp_validation():
         )  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_block"):
         dpp_select(torch.zeros(3, 2), torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.ones(1), max_block=0)
+
+
+def test_dpp_select_with_host_counts(device):
+    feats, rel, seg, budgets = random_stage(80, 32, 5, 6, device)
+    counts = torch.bincount(seg.cpu(), minlength=5)
+    a = dpp_select(feats, rel, seg, budgets)
+    b = dpp_select(feats, rel, seg, budgets.cpu(), counts=counts)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="counts"):
+        dpp_select(feats, rel, seg, budgets.cpu(), counts=counts[:3])
