@@ -277,9 +277,11 @@ def run_demo(
     loaded = demo_loaded_model(seed)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     inputs = prepare_inputs(loaded, video.frames, DEMO_QUESTION)
-    result = run_request(loaded, inputs, chosen, max_new_tokens=max_new_tokens, compare_unpruned=True, warmup=1)
+    result = run_request(loaded, inputs, chosen, max_new_tokens=max_new_tokens, compare_unpruned=True, warmup=1,
+                         trace=True)
     thumbnails = llm_frame_thumbnails(video.frames, loaded.model_type, inputs.llm_frames, size=64)
-    trace = build_trace(result.stats, result.plan, thumbnails=thumbnails, info={
+    trace = build_trace(result.stats, result.plan, thumbnails=thumbnails, merge_target=result.merge_target,
+                        frame_redundancy=result.frame_redundancy, info={
         "model": loaded.name, "question": DEMO_QUESTION, "answer": result.answer, "true_cuts": list(video.cuts),
         "scenes": list(video.scene_names), "ttft_ms": result.timings.ttft_ms,
         "prefill_ms": result.timings.prefill_ms, "source": "hieravid demo",

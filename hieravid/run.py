@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from hieravid.trace import RequestTrace
 
 __all__ = [
+    "InputCapture",
     "LoadedModel",
     "ModelLoadError",
     "PreparedInputs",
@@ -43,10 +44,12 @@ __all__ = [
     "Timings",
     "build_trace",
     "format_report",
+    "language_model_of",
     "load_model",
     "plan_for_inputs",
     "prepare_inputs",
     "run_request",
+    "segment_detail",
 ]
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -373,7 +376,8 @@ class _ForwardTimer:
             handle.remove()
 
 
-def _language_model(loaded: LoadedModel) -> Any:
+def language_model_of(loaded: LoadedModel) -> Any:
+    """The decoder stack of ``loaded.model`` (through its hieravid adapter)."""
     from hieravid.runtime.registry import get_adapter
 
     return get_adapter(loaded.model_type)(loaded.model).language_model()
@@ -385,7 +389,7 @@ def generate(loaded: LoadedModel, inputs: PreparedInputs, *, max_new_tokens: int
 
     tokenizer = loaded.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with _ForwardTimer(loaded.model, _language_model(loaded), loaded.device) as timer, torch.inference_mode():
+    with _ForwardTimer(loaded.model, language_model_of(loaded), loaded.device) as timer, torch.inference_mode():
         start = timer._now()
         output = loaded.model.generate(**inputs.tensors, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=pad)
@@ -412,6 +416,62 @@ class RunResult:
     unpruned_ids: list[int] | None = None
     unpruned_timings: Timings | None = None
     notes: list[str] = field(default_factory=list)
+    merge_target: Any = None
+    """``[F*P]`` merge map of the pruned prefill (content indices), when traced; see :func:`segment_detail`."""
+    frame_redundancy: Any = None
+    """``[F]`` per-frame redundancy ``c[f]`` of the pruned prefill, when traced."""
+
+
+class InputCapture:
+    """Keeps the ``inputs_embeds`` the language model receives in its first call (the prefill), before any
+    pruning hook changes them (the hook is prepended)."""
+
+    def __init__(self, language_model: Any) -> None:
+        self.language_model = language_model
+        self.embeds: Any = None
+        self.handle: Any = None
+
+    def _hook(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        if self.embeds is None and kwargs.get("inputs_embeds") is not None:
+            self.embeds = kwargs["inputs_embeds"].detach()
+
+    def __enter__(self) -> InputCapture:
+        self.handle = self.language_model.register_forward_pre_hook(self._hook, with_kwargs=True, prepend=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
+def segment_detail(stats: Any, plan: PruningPlan, embeds: Any, sample: int = 0) -> tuple[Any, Any] | None:
+    """The segment level's merge map and frame redundancy for one prefill, from its input embeddings.
+
+    Reruns :func:`hieravid.ops.segment.segment_level` (deterministic) on the video tokens of ``embeds`` with
+    the plan's thresholds, and returns ``(merge_target [F*P], redundancy [F])`` on the CPU — or None when the
+    plan's input level is not HieraVid's, or when the recomputed kept set differs from what the runtime kept
+    (then the runtime's own statistics are authoritative and no map is reported).
+    """
+    import torch
+
+    from hieravid.ops.segment import segment_level
+
+    segment = plan.segment
+    if stats is None or not getattr(stats, "pruned", False) or not segment.enabled:
+        return None
+    if getattr(segment, "kind", "hieravid") != "hieravid" or embeds is None:
+        return None
+    video = stats.videos[sample]
+    positions = _content_index(stats, sample)
+    frames = embeds[sample][positions.to(embeds.device)].view(video["frames"], video["rows"] * video["cols"], -1)
+    result = segment_level(frames, similarity_threshold=segment.similarity_threshold,
+                           segment_threshold=segment.segment_threshold, merge_ratio=segment.merge_ratio,
+                           marginal_value_weight=segment.marginal_value_weight)
+    kept_positions = positions[result.kept_index.cpu()]
+    runtime_kept = stats.input_kept_positions[sample].cpu()
+    runtime_content = runtime_kept[torch.isin(runtime_kept, positions)]
+    if not torch.equal(kept_positions.sort().values, runtime_content.sort().values):
+        return None
+    return result.merge_target.cpu(), result.redundancy.cpu()
 
 
 def run_request(
@@ -422,27 +482,34 @@ def run_request(
     max_new_tokens: int = 64,
     compare_unpruned: bool = False,
     warmup: int = 1,
+    trace: bool = False,
 ) -> RunResult:
     """Answer one prepared request with ``policy`` applied (and optionally without, for the speedup).
 
-    ``warmup`` unmeasured single-token generations run first so that one-time costs (kernel selection,
-    lazy initialisation) do not count against whichever run comes first.
+    ``warmup`` unmeasured short generations (a prefill and two decode steps) run first, unpruned and pruned,
+    so that one-time costs (kernel selection, lazy initialisation) do not count against either run.
+    ``trace`` also records the segment level's merge map and frame redundancy (:func:`segment_detail`).
     """
     import hieravid.runtime as runtime
 
     plan = plan_for_inputs(policy, loaded, inputs)
     for _ in range(warmup):
-        generate(loaded, inputs, max_new_tokens=1)
+        generate(loaded, inputs, max_new_tokens=3)
     unpruned: tuple[str, list[int], Timings] | None = None
     if compare_unpruned:
         unpruned = generate(loaded, inputs, max_new_tokens=max_new_tokens)
     with runtime.apply(loaded.model, plan) as handle:
-        if warmup:
-            generate(loaded, inputs, max_new_tokens=1)
-        answer, ids, timings = generate(loaded, inputs, max_new_tokens=max_new_tokens)
+        for _ in range(warmup):
+            generate(loaded, inputs, max_new_tokens=3)
+        with InputCapture(language_model_of(loaded)) as capture:
+            answer, ids, timings = generate(loaded, inputs, max_new_tokens=max_new_tokens)
         stats = handle.last_request
     result = RunResult(answer=answer, answer_ids=ids, timings=timings, plan=plan, stats=stats, inputs=inputs,
                        notes=list(loaded.notes))
+    if trace:
+        detail = segment_detail(stats, plan, capture.embeds)
+        if detail is not None:
+            result.merge_target, result.frame_redundancy = detail
     if unpruned is not None:
         result.unpruned_answer, result.unpruned_ids, result.unpruned_timings = unpruned
     return result
@@ -469,6 +536,16 @@ def _content_positions(video: dict[str, Any]) -> list[int]:
     return positions
 
 
+def _content_index(stats: Any, sample: int) -> torch.Tensor:
+    """``[F*P]`` sequence positions of a sample's content tokens (the adapter's layout when exposed)."""
+    import torch
+
+    layouts = getattr(stats, "layouts", None) or ()
+    if len(layouts) > sample and layouts[sample] is not None:
+        return layouts[sample].frame_index.flatten().cpu()
+    return torch.tensor(_content_positions(stats.videos[sample]), dtype=torch.int64)
+
+
 def build_trace(
     stats: Any,
     plan: PruningPlan | None,
@@ -476,12 +553,15 @@ def build_trace(
     sample: int = 0,
     thumbnails: np.ndarray | None = None,
     info: dict[str, Any] | None = None,
+    merge_target: torch.Tensor | None = None,
+    frame_redundancy: torch.Tensor | None = None,
 ) -> RequestTrace:
     """A :class:`~hieravid.trace.RequestTrace` from the runtime's ``handle.last_request`` (one sample).
 
     Sequence positions are mapped back to content indices with the sample's video layout (the
     ``layouts`` frame index when the runtime exposes it, else the layout description). The merge map
-    is taken from ``stats.merge_targets`` when the runtime exposes it.
+    is ``merge_target`` when given (see :func:`segment_detail`), else ``stats.merge_targets`` when the
+    runtime exposes it.
     """
     import torch
 
@@ -491,11 +571,7 @@ def build_trace(
         reason = getattr(stats, "reason", "no request seen")
         raise TraceError(f"no pruned video request to trace ({reason})")
     video = stats.videos[sample]
-    layouts = getattr(stats, "layouts", None) or ()
-    if len(layouts) > sample and layouts[sample] is not None:
-        content = layouts[sample].frame_index.flatten().cpu()
-    else:
-        content = torch.tensor(_content_positions(video), dtype=torch.int64)
+    content = _content_index(stats, sample)
     length = max(int(stats.prompt_length), int(content.max()) + 1)
     lookup = torch.full((length,), -1, dtype=torch.int64)
     lookup[content] = torch.arange(content.numel())
@@ -509,8 +585,9 @@ def build_trace(
     for stage in stats.stages:
         kept, newlines = to_content(stage.kept_positions[sample])
         stages.append(StageTrace(layer=int(stage.layer), kept=kept, newlines_kept=newlines))
-    merge_targets = getattr(stats, "merge_targets", None)
-    merge_target = None if merge_targets is None or merge_targets[sample] is None else merge_targets[sample].cpu()
+    merge_targets = getattr(stats, "merge_targets", None) or ()
+    if merge_target is None and len(merge_targets) > sample and merge_targets[sample] is not None:
+        merge_target = merge_targets[sample].cpu()
     segment_ids = stats.frame_segment_ids[sample].cpu()
     values = stats.marginal_values[sample]
     values = values.float().cpu() if values is not None else torch.zeros(int(segment_ids.max()) + 1)
@@ -524,7 +601,7 @@ def build_trace(
         newline_tokens=int(video["newline_tokens"]), frame_segment_ids=segment_ids.long(), segment_values=values,
         input_kept=input_kept, merge_target=merge_target, stages=stages,
         layer_video_tokens=[int(layer[sample]) for layer in stats.layer_video_tokens] or None,
-        thumbnails=thumbs,
+        frame_redundancy=frame_redundancy, thumbnails=thumbs,
         policy=plan.policy.to_dict() if plan is not None else None,
         plan=plan.to_dict() if plan is not None else None,
         info=dict(info or {}),
@@ -663,14 +740,15 @@ def run_command(args: Any) -> int:
     inputs = prepare_inputs(loaded, frames, args.question)
     print(f"generating ({'pruned and unpruned' if args.compare_unpruned else 'pruned'})", file=sys.stderr)
     result = run_request(loaded, inputs, policy, max_new_tokens=args.max_new_tokens,
-                         compare_unpruned=args.compare_unpruned, warmup=args.warmup)
+                         compare_unpruned=args.compare_unpruned, warmup=args.warmup, trace=bool(args.trace))
     print(f"model: {args.model} ({loaded.model_type}); video: {args.video} ({info.frames} frames, "
           f"{info.width}×{info.height}, {info.fps:.2f} fps), sampled {len(indices)}")
     print(f"question: {args.question}")
     print(format_report(result, device=loaded.device, dtype=loaded.dtype))
     if args.trace:
         thumbnails = llm_frame_thumbnails(frames, loaded.model_type, inputs.llm_frames)
-        trace = build_trace(result.stats, result.plan, thumbnails=thumbnails, info={
+        trace = build_trace(result.stats, result.plan, thumbnails=thumbnails, merge_target=result.merge_target,
+                            frame_redundancy=result.frame_redundancy, info={
             "model": args.model, "video": str(args.video), "question": args.question, "answer": result.answer,
             "sampled_frames": indices, "ttft_ms": result.timings.ttft_ms, "prefill_ms": result.timings.prefill_ms,
             "unpruned_answer": result.unpruned_answer, "device": loaded.device, "dtype": loaded.dtype,

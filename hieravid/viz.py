@@ -154,7 +154,8 @@ def draw_trace(
     if trace.frame_redundancy is not None:
         redundancy = trace.frame_redundancy.numpy()
         timeline.plot(np.arange(trace.frames) + 0.5, redundancy, color="black", linewidth=0.8, marker=".",
-                      markersize=3, label="redundancy c[f]")
+                      markersize=3, label="frame redundancy c[f]")
+        timeline.legend(loc="lower right", fontsize=6, frameon=False)
     timeline.set_xlim(0, trace.frames)
     timeline.set_ylim(0, 1.05)
     timeline.set_yticks([])

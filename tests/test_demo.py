@@ -86,6 +86,11 @@ def test_demo_command_end_to_end(tmp_path: Path) -> None:
     assert trace.thumbnails is not None and trace.thumbnails.shape[0] == 32
     assert trace.policy["name"] == "hieravid-30" and trace.plan["spec"]["rows"] == 8
     assert [stage.layer for stage in trace.stages] == [1, 2, 3]
+    # The merge map agrees with what the runtime kept; within-scene frames are redundant, cut frames are not.
+    assert trace.merge_target is not None and torch.equal(torch.unique(trace.merge_target), trace.input_kept)
+    assert trace.merge_target.numel() == 32 * 64 and bool((trace.merge_target <= torch.arange(32 * 64)).all())
+    redundancy = trace.frame_redundancy.tolist()
+    assert [f for f, c in enumerate(redundancy) if c < 0.4] == [0, 6, 16, 23]
 
 
 def test_demo_video_is_the_bundled_geometry() -> None:

@@ -84,6 +84,7 @@ def test_synthetic_requests(checkpoints: dict[str, Path], tmp_path: Path, arch: 
     assert stats.stages[-1].video_tokens_after[0] < stats.videos[0]["video_tokens"] // 4
     traces = load_trace(trace_path)
     assert len(traces) == 2 and traces[0].policy["name"] == "hieravid-30"
+    assert traces[0].merge_target is not None and traces[0].thumbnails is not None
 
     unpruned = cls.create_from_arg_string(f"pretrained={checkpoints[arch]},policy=none,max_frames_num=16,device=cpu")
     unpruned.task_dict = task_dict

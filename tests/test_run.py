@@ -55,6 +55,7 @@ def test_run_answers_compares_and_traces(checkpoint: Path, tmp_path: Path) -> No
     assert trace.info["question"] == "What happens in this video?" and len(trace.info["sampled_frames"]) == 32
     assert trace.thumbnails is not None and trace.thumbnails.shape[0] == 32
     assert trace.merged_kept().numel() == 1024
+    assert trace.merge_target is not None and trace.frame_redundancy is not None
     image = tmp_path / "run.png"
     drawn = hieravid("viz", str(trace_path), "-o", str(image))
     assert drawn.returncode == 0, drawn.stderr and image.stat().st_size > 10_000
@@ -101,11 +102,17 @@ BAD_INPUTS = {
     "missing policy": ({"--policy": "none.yaml"}, "policy file not found"),
     "zero frames": ({"--frames": "0"}, "positive integer"),
     "unknown dtype": ({"--dtype": "int3"}, "invalid choice"),
+    "CUDA without a GPU": ({"--device": "cuda"}, "no CUDA device is available"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_exits_2_with_one_paragraph(case: str, checkpoint: Path, tmp_path: Path) -> None:
+    if case == "CUDA without a GPU":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
     (tmp_path / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\xff" * 4000)
     (tmp_path / "notes.mp4").write_text("this is not a video\n" * 50)
     (tmp_path / "bad.yaml").write_text("version: 1\nkind: PruningPolicy\nname: bad\nframe: {selector: {kind: magic}}\n")
