@@ -157,7 +157,7 @@ def build_kernels(hidden, relevance, seg_ids, budgets):
     valid = torch.zeros(G, n_max, dtype=torch.bool, device=DEVICE)
     valid[seg_ids, pos] = True
     K = torch.bmm(xp, xp.transpose(1, 2)) * rp[:, :, None] * rp[:, None, :]
-    return K, valid, torch.minimum(budgets, counts), rp
+    return K, valid, torch.minimum(budgets.to(counts.device), counts), rp
 
 
 def bench_stage(prefill: Prefill, stage: int, backends: list[str], iters: int, sweep: bool) -> dict[str, Any]:

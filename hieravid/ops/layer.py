@@ -102,7 +102,7 @@ class FrameLevelResult:
     Attributes:
         local_keep: ``[k]`` ascending indices into the stage's video tokens.
         segment_ids_kept: ``[k]`` segment id of each kept token.
-        budgets: ``[G]`` per-segment budgets used (a CPU tensor: they are computed on the host).
+        budgets: ``[G]`` per-segment budgets used (computed on the host, returned on the tokens' device).
     """
 
     local_keep: Tensor
@@ -176,4 +176,4 @@ def frame_level(
         if max_block is not None:
             options["max_block"] = max_block
     local = select_tokens(selector, hidden, relevance, seg, budgets, generator=generator, **options)
-    return FrameLevelResult(local_keep=local, segment_ids_kept=seg[local], budgets=budgets)
+    return FrameLevelResult(local_keep=local, segment_ids_kept=seg[local], budgets=budgets.to(device))

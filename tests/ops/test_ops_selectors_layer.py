@@ -193,3 +193,12 @@ def test_import_is_light():
         "assert not torch.cuda.is_initialized(), 'CUDA initialised'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_frame_level_outputs_share_the_device(device):
+    hidden = torch.randn(20, 4, device=device)
+    res = frame_level(
+        hidden, torch.rand(20, device=device), torch.arange(20, device=device) // 5, torch.zeros(4, device=device), 0.5
+    )
+    for t in (res.local_keep, res.segment_ids_kept, res.budgets):
+        assert t.device == hidden.device
