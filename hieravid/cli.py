@@ -74,6 +74,51 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     return viz_command(args)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from hieravid import bench
+
+    models = bench.BENCH_MODELS if args.model == ["all"] else args.model
+    unknown = sorted(set(models) - set(bench.BENCH_MODELS))
+    if unknown:
+        raise HieravidError(f"--model {', '.join(unknown)}: not a benchmark model; choose from "
+                            f"{', '.join(bench.BENCH_MODELS)} or 'all'")
+    policies = args.policy or [str(path) for path in sorted(Path("policies").glob("hieravid-*.yaml"))]
+    for policy in policies:
+        from hieravid.policy import load_policy
+
+        load_policy(Path(policy))
+    log = (lambda message: print(message, file=sys.stderr)) if args.json else print
+    report = bench.run_benchmark(models, policies, frames=args.frames, size=args.size, device=args.device,
+                                 dtype=args.dtype, runs=args.runs, warmup=args.warmup,
+                                 decode_tokens=args.decode_tokens, log=log)
+    if args.sweep:
+        report["frames_sweep"] = {}
+        for name in models:
+            report["frames_sweep"][name] = bench.run_frames_sweep(
+                name, args.sweep, policies[0], size=args.size, device=args.device, dtype=args.dtype,
+                runs=args.runs, warmup=args.warmup, log=log)
+            if args.out:
+                bench.plot_sweep(report["frames_sweep"][name], args.out.with_name(f"{args.out.stem}-{name}-sweep.png"),
+                                 f"{name}: LLM prefill vs frames ({report['environment'].get('gpu') or args.device})")
+    if args.profile:
+        case = bench.build_case(models[0], frames=args.frames, size=args.size, device=args.device, dtype=args.dtype)
+        report["profile"] = bench.profile_prefill(case, policies[0], device=args.device)
+    if args.out:
+        bench.write_report(report, args.out)
+    print(json.dumps(report, indent=2) if args.json else bench.format_report(report))
+    return EXIT_OK
+
+
+def _frame_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated frame counts like 16,32,64, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive frame counts, got {text!r}")
+    return values
+
+
 def format_comparison(plans: Sequence) -> str:
     """A side-by-side table of plans: retention, input keep, FLOPs ratio and per-stage budgets."""
     header = ["policy", "retention", "input keep", "FLOPs ratio", "layer-0 tokens", "stages (layer: tokens after)"]
@@ -175,6 +220,32 @@ def build_parser() -> argparse.ArgumentParser:
     viz.add_argument("--request", type=int, default=0, help="request index in the trace (default: 0)")
     viz.add_argument("--max-frames", type=_positive_int, default=16, help="frames drawn at most (default: 16)")
     viz.set_defaults(handler=_cmd_viz)
+
+    bench = sub.add_parser(
+        "bench",
+        help="time the unpruned model and policies end to end (random weights; GPU for real numbers)",
+        description="Build random-weight models with full-size shapes (timing depends only on shapes) and measure, "
+        "for the unpruned model and each policy: LLM prefill ms, time to first token, decode ms/token, peak GPU "
+        "memory, KV-cache bytes, hieravid's own overhead, and the FLOPs ideal (unpruned prefill × the plan's FLOPs "
+        "ratio). Median of --runs runs after --warmup, batch 1, SDPA.",
+    )
+    bench.add_argument("--model", nargs="+", default=["llava-onevision-7b"],
+                       help="llava-onevision-7b, llava-video-7b, qwen2-vl-7b, or 'all' (default: llava-onevision-7b)")
+    bench.add_argument("--policy", nargs="+", help="policy YAML files (default: policies/hieravid-*.yaml)")
+    bench.add_argument("--frames", type=_positive_int,
+                       help="sampled frames (default: 32 for OneVision and Qwen2-VL, 64 for LLaVA-Video)")
+    bench.add_argument("--size", choices=["full", "tiny"], default="full",
+                       help="full: 7B shapes (needs a GPU); tiny: small models to check the path on a CPU")
+    bench.add_argument("--device", default="cuda", help="torch device (default: cuda)")
+    bench.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    bench.add_argument("--runs", type=_positive_int, default=5, help="timed runs per measurement (median)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed runs first")
+    bench.add_argument("--decode-tokens", type=int, default=64, help="tokens for the decode measurement (0: skip)")
+    bench.add_argument("--sweep", type=_frame_list, help="also sweep frame counts, e.g. 16,32,64,128,256")
+    bench.add_argument("--profile", action="store_true", help="profile one pruned prefill of the first model/policy")
+    bench.add_argument("--out", type=Path, help="write the JSON report here (and sweep plots next to it)")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    bench.set_defaults(handler=_cmd_bench)
     return parser
 
 
