@@ -341,8 +341,13 @@ def _environment(device: str) -> dict[str, Any]:
 
 def run_benchmark(models: Sequence[str], policies: Sequence[str], *, frames: int | None = None, size: str = "full",
                   device: str = "cuda", dtype: str = "bfloat16", runs: int = 5, warmup: int = 2,
-                  decode_tokens: int = 64, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Benchmark the unpruned model and each policy on each model; returns a JSON-ready report."""
+                  decode_tokens: int = 64, log: Callable[[str], None] = print,
+                  checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Benchmark the unpruned model and each policy on each model; returns a JSON-ready report.
+
+    ``checkpoint`` (if given) receives the partial report after each model, so a long run that is
+    interrupted still leaves its finished models behind.
+    """
     import gc
 
     import torch
@@ -375,6 +380,8 @@ def run_benchmark(models: Sequence[str], policies: Sequence[str], *, frames: int
         gc.collect()
         if device.startswith("cuda") and torch.cuda.is_available():
             torch.cuda.empty_cache()
+        if checkpoint is not None:
+            checkpoint(report)
     return report
 
 

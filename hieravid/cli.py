@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import traceback
+from functools import partial
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -90,16 +91,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     log = (lambda message: print(message, file=sys.stderr)) if args.json else print
     report = bench.run_benchmark(models, policies, frames=args.frames, size=args.size, device=args.device,
                                  dtype=args.dtype, runs=args.runs, warmup=args.warmup,
-                                 decode_tokens=args.decode_tokens, log=log)
+                                 decode_tokens=args.decode_tokens, log=log,
+                                 checkpoint=partial(bench.write_report, path=args.out) if args.out else None)
     if args.sweep:
-        report["frames_sweep"] = {}
-        for name in models:
-            report["frames_sweep"][name] = bench.run_frames_sweep(
-                name, args.sweep, policies[0], size=args.size, device=args.device, dtype=args.dtype,
-                runs=args.runs, warmup=args.warmup, log=log)
-            if args.out:
-                bench.plot_sweep(report["frames_sweep"][name], args.out.with_name(f"{args.out.stem}-{name}-sweep.png"),
-                                 f"{name}: LLM prefill vs frames ({report['environment'].get('gpu') or args.device})")
+        name = models[0]
+        sweep = bench.run_frames_sweep(name, args.sweep, policies[0], size=args.size, device=args.device,
+                                       dtype=args.dtype, runs=args.runs, warmup=args.warmup, log=log)
+        report["frames_sweep"] = {"model": name, "policy": policies[0], "rows": sweep}
+        if args.out:
+            bench.write_report(report, args.out)
+            bench.plot_sweep(sweep, args.out.with_name(f"{args.out.stem}-sweep.png"),
+                             f"{name}: LLM prefill vs frames ({report['environment'].get('gpu') or args.device})")
     if args.profile:
         case = bench.build_case(models[0], frames=args.frames, size=args.size, device=args.device, dtype=args.dtype)
         report["profile"] = bench.profile_prefill(case, policies[0], device=args.device)
@@ -241,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=_positive_int, default=5, help="timed runs per measurement (median)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed runs first")
     bench.add_argument("--decode-tokens", type=int, default=64, help="tokens for the decode measurement (0: skip)")
-    bench.add_argument("--sweep", type=_frame_list, help="also sweep frame counts, e.g. 16,32,64,128,256")
+    bench.add_argument("--sweep", type=_frame_list,
+                       help="also sweep frame counts for the first model and policy, e.g. 16,32,64,128,256")
     bench.add_argument("--profile", action="store_true", help="profile one pruned prefill of the first model/policy")
     bench.add_argument("--out", type=Path, help="write the JSON report here (and sweep plots next to it)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of the table")
