@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 import traceback
-from functools import partial
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 from hieravid.errors import HieravidError
