@@ -1,6 +1,7 @@
 """Pure tensor operators of the three HieraVid levels. They know nothing about modules or models.
 
-Segment level (:mod:`hieravid.ops.segment`), frame level (:mod:`~hieravid.ops.relevance`,
+Segment level (:mod:`hieravid.ops.segment`; the peer methods' input-level operators and their registry
+in :mod:`hieravid.ops.peers`), frame level (:mod:`~hieravid.ops.relevance`,
 :mod:`~hieravid.ops.budget`, :mod:`~hieravid.ops.dpp`, :mod:`~hieravid.ops.selectors`) and layer level
 (:mod:`~hieravid.ops.layer`). Importing this package imports neither transformers nor Triton and does
 not initialise CUDA; Triton is imported lazily on the CUDA path of the DPP selection.
@@ -23,6 +24,20 @@ from hieravid.ops.layer import (
     layer_keep_fractions,
     retention,
     stage_keep_fractions,
+)
+from hieravid.ops.peers import (
+    DROPPED,
+    INPUT_OPERATORS,
+    InputOperator,
+    UnknownInputOperatorError,
+    dycoke,
+    evs,
+    framefusion,
+    input_level,
+    random_input,
+    register_input_operator,
+    uniform_input,
+    vidcom2,
 )
 from hieravid.ops.relevance import RelevanceSign, last_query_attention, normalize_relevance
 from hieravid.ops.segment import (
@@ -48,27 +63,37 @@ from hieravid.ops.selectors import (
 __all__ = [
     "DEFAULT_MAX_BLOCK",
     "DPP_EPS",
+    "DROPPED",
     "FIRST_FRAME_SIMILARITY",
+    "INPUT_OPERATORS",
     "SELECTORS",
     "DppBackend",
     "FrameLevelResult",
+    "InputOperator",
     "MergeResult",
     "RelevanceSign",
     "SegmentLevelResult",
     "Selector",
+    "UnknownInputOperatorError",
     "UnknownSelectorError",
     "adjacent_frame_similarity",
     "compose_keep",
     "dpp_select",
+    "dycoke",
+    "evs",
     "frame_level",
     "frame_redundancy",
+    "framefusion",
     "greedy_map_dpp",
     "greedy_map_dpp_order",
+    "input_level",
     "last_query_attention",
     "layer_keep_fractions",
     "merge_redundant_tokens",
     "normalize_relevance",
     "num_merged_tokens",
+    "random_input",
+    "register_input_operator",
     "register_selector",
     "retention",
     "segment_budgets",
@@ -78,4 +103,6 @@ __all__ = [
     "select_tokens",
     "stage_keep_fractions",
     "triton_available",
+    "uniform_input",
+    "vidcom2",
 ]

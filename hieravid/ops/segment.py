@@ -196,6 +196,7 @@ def merge_redundant_tokens(
     ratio: float,
     *,
     frame_segment_ids: Tensor | None = None,
+    num_merged: int | None = None,
 ) -> MergeResult:
     """Chain merging of the most redundant tokens (SPEC §2.1 step 5).
 
@@ -214,6 +215,9 @@ def merge_redundant_tokens(
         similarity: ``[F, P]`` from :func:`adjacent_frame_similarity` (row 0 is ignored).
         ratio: ρ0 in ``[0, 1)``; 0 merges nothing.
         frame_segment_ids: optional ``[F]`` frame segment ids; kept tokens' ids are returned if given.
+        num_merged: merge exactly this many tokens instead of ``m`` (the same top-by-similarity rule);
+            must be in ``[0, (F-1)·P]``. Used by operators whose count depends on the data (e.g. only the
+            pairs above a threshold, :func:`hieravid.ops.peers.framefusion`).
 
     Returns:
         A :class:`MergeResult`.
@@ -227,6 +231,10 @@ def merge_redundant_tokens(
     N = F * P
     device = frames.device
     m = num_merged_tokens(F, P, ratio)
+    if num_merged is not None:
+        if not 0 <= num_merged <= (F - 1) * P:
+            raise ValueError(f"num_merged must be in [0, {(F - 1) * P}] for {F} frames of {P} tokens, got {num_merged}")
+        m = int(num_merged)
     flat = torch.arange(N, device=device)
     if m == 0:
         seg = None if frame_segment_ids is None else frame_segment_ids.repeat_interleave(P)
