@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hieravid.errors import PlanError
-from hieravid.policy import DepthFractionSchedule, Policy, SegmentLevel, load_policy
+from hieravid.policy import DepthFractionSchedule, Policy, SegmentLevel, Selector, load_policy
 from hieravid.specs import ModelSpec, load_spec
 
 
@@ -34,14 +34,16 @@ class SegmentPlan:
     enabled: bool
     kind: str
     prune_ratio: float
-    """Static fraction of frame tokens removed (merged or dropped) at this level."""
+    """The level's ratio: fraction of frame tokens removed (merged or dropped), before any operator cap."""
     options: dict[str, Any]
     similarity_threshold: float
     segment_threshold: float
     merge_ratio: float
     marginal_value_weight: float
     video_tokens_after: int
-    """Static estimate of video tokens entering layer 0 (content + kept newlines)."""
+    """Static estimate of video tokens entering layer 0 (content + newlines): exact for every operator
+    (``policy.segment.removed_tokens``) except FrameFusion, where it is a lower bound (it merges at most
+    that many)."""
 
 
 @dataclass(frozen=True)
@@ -176,28 +178,30 @@ def _dataclass_dict(value: Any) -> dict[str, Any]:
     return {name: (list(item) if isinstance(item, tuple) else item) for name, item in vars(value).items()}
 
 
-def _resolve_schedule(policy: Policy, spec: ModelSpec) -> list[tuple[int, float]]:
+def _resolve_schedule(policy: Policy, spec: ModelSpec) -> list[tuple[int, float, Selector | None]]:
+    """``(layer, prune_ratio, selector override)`` of each stage."""
     schedule = policy.layer.schedule
+    stages: list[tuple[int, float, Selector | None]]
     if isinstance(schedule, DepthFractionSchedule):
-        stages = [(math.floor(fraction * spec.num_layers), ratio)
+        stages = [(math.floor(fraction * spec.num_layers), ratio, None)
                   for fraction, ratio in zip(schedule.fractions, schedule.prune_ratios)]
-        layers = [layer for layer, _ in stages]
+        layers = [layer for layer, _, _ in stages]
         if len(set(layers)) != len(layers):
             raise PlanError(
                 f"policy {policy.name!r}: layer.schedule fractions {schedule.fractions} give duplicate stage layers "
                 f"{layers} on {spec.name} ({spec.num_layers} layers)"
             )
     else:
-        stages = [(stage.layer, stage.prune_ratio) for stage in schedule.stages]
-    for layer, _ in stages:
+        stages = [(stage.layer, stage.prune_ratio, stage.selector) for stage in schedule.stages]
+    for layer, _, _ in stages:
         if layer >= spec.num_layers:
             raise PlanError(
                 f"policy {policy.name!r}: layer.schedule has a stage at layer {layer}, but {spec.name} has "
                 f"{spec.num_layers} decoder layers (valid stage layers: 0..{spec.num_layers - 1})"
             )
     if not policy.layer.enabled and stages:
-        kept = math.prod(1.0 - ratio for _, ratio in stages)
-        stages = [(stages[0][0], 1.0 - kept)]
+        kept = math.prod(1.0 - ratio for _, ratio, _ in stages)
+        stages = [(stages[0][0], 1.0 - kept, stages[0][2])]
     return stages
 
 
@@ -225,7 +229,7 @@ def compile_plan(policy: Policy | str, model_or_spec: Any, *, frames: int | None
     seg = policy.segment
     hieravid_segments = isinstance(seg, SegmentLevel)
     input_ratio = seg.static_prune_ratio if seg.enabled else 0.0
-    content -= math.floor(input_ratio * spec.frame_tokens)
+    content -= seg.removed_tokens(spec.frames, spec.tokens_per_frame) if seg.enabled else 0
     defaults = SegmentLevel()
     segment_plan = SegmentPlan(
         enabled=seg.enabled,
@@ -247,7 +251,7 @@ def compile_plan(policy: Policy | str, model_or_spec: Any, *, frames: int | None
     if not frame.enabled and raw_stages:
         notes.append("frame level off: stages keep the globally most relevant tokens (no segments, no diversity)")
     query_rows = frame.relevance.query_rows or spec.default_query_rows
-    for layer, ratio in raw_stages:
+    for layer, ratio, override in raw_stages:
         before = content
         content = math.floor(content * (1.0 - ratio))
         if content == 0:
@@ -255,7 +259,7 @@ def compile_plan(policy: Policy | str, model_or_spec: Any, *, frames: int | None
                 f"policy {policy.name!r}: the stage at layer {layer} (prune_ratio {ratio}) leaves no video token "
                 f"of {spec.name}'s {spec.frame_tokens} ({spec.frames} frames); lower the prune ratios"
             )
-        selector = frame.selector if frame.enabled else None
+        selector = (override or frame.selector) if frame.enabled else None
         needs = ["last_query_attention"]
         if selector is not None and selector.kind == "dpp":
             needs.append("post_attention_hidden")

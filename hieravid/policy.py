@@ -7,6 +7,7 @@ A policy says *what* to prune at each of the three HieraVid levels; the planner
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,6 +30,14 @@ POLICY_KIND = "PruningPolicy"
 
 UnitFraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PruneRatio = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+#: Added before flooring ``n * ratio`` (as the operators do, ``hieravid.ops._util.FLOOR_GUARD``) so that
+#: decimal ratios floor to the value a person computes by hand (0.57 · 100 = 57).
+_FLOOR_GUARD = 1e-9
+
+
+def _floor_product(n: int, ratio: float) -> int:
+    return math.floor(n * ratio + _FLOOR_GUARD)
 
 
 class _Strict(BaseModel):
@@ -54,6 +63,11 @@ class SegmentLevel(_Strict):
         """Fraction of frame tokens this level removes (for the planner's static estimate)."""
         return self.merge_ratio
 
+    def removed_tokens(self, frames: int, tokens_per_frame: int) -> int:
+        """Tokens the merge absorbs in a video of ``frames × tokens_per_frame``: ``min(⌊ρ0·F·P⌋, (F-1)·P)``
+        (frame 0 is never absorbed; ``hieravid.ops.num_merged_tokens``)."""
+        return min(_floor_product(frames * tokens_per_frame, self.merge_ratio), (frames - 1) * tokens_per_frame)
+
 
 class _InputPruner(_Strict):
     """Base of the peer methods' input-level operators: each removes ``prune_ratio`` of the frame tokens
@@ -66,11 +80,20 @@ class _InputPruner(_Strict):
     def static_prune_ratio(self) -> float:
         return self.prune_ratio
 
+    def removed_tokens(self, frames: int, tokens_per_frame: int) -> int:
+        """Tokens the operator removes from a video of ``frames × tokens_per_frame`` (``⌊ρ·F·P⌋`` unless an
+        operator documents a cap; exact, except an upper bound for FrameFusion). The planner's estimate."""
+        return _floor_product(frames * tokens_per_frame, self.prune_ratio)
+
 
 class EvsInput(_InputPruner):
     """EVS (vLLM): drop the tokens least different from the previous frame's same-position token."""
 
     kind: Literal["evs"]
+
+    def removed_tokens(self, frames: int, tokens_per_frame: int) -> int:
+        """``min(⌊ρ·F·P⌋, (F-1)·P)``: frame 0 is always kept."""
+        return min(super().removed_tokens(frames, tokens_per_frame), (frames - 1) * tokens_per_frame)
 
 
 class DycokeInput(_InputPruner):
@@ -79,6 +102,11 @@ class DycokeInput(_InputPruner):
 
     kind: Literal["dycoke"]
     window: int = Field(4, ge=2, le=64, description="frames per window")
+
+    def removed_tokens(self, frames: int, tokens_per_frame: int) -> int:
+        """``min(⌊ρ·F·P⌋, (F − ⌈F/window⌉)·P)``: each window's first frame is kept whole."""
+        compared = frames - -(-frames // self.window)
+        return min(super().removed_tokens(frames, tokens_per_frame), compared * tokens_per_frame)
 
 
 class VidCom2Input(_InputPruner):
@@ -94,6 +122,10 @@ class FrameFusionInput(_InputPruner):
 
     kind: Literal["framefusion"]
     similarity_threshold: UnitFraction = 0.6
+
+    def removed_tokens(self, frames: int, tokens_per_frame: int) -> int:
+        """Upper bound ``min(⌊ρ·F·P⌋, (F-1)·P)``: only pairs above the threshold are merged."""
+        return min(super().removed_tokens(frames, tokens_per_frame), (frames - 1) * tokens_per_frame)
 
 
 class UniformInput(_InputPruner):
@@ -207,10 +239,15 @@ class FrameLevel(_Strict):
 
 
 class Stage(_Strict):
-    """One pruning stage: after decoder layer ``layer``, remove ``prune_ratio`` of the current video tokens."""
+    """One pruning stage: after decoder layer ``layer``, remove ``prune_ratio`` of the current video tokens.
+
+    ``selector`` optionally overrides ``frame.selector`` at this stage only (e.g. a cheap binned selector
+    at the first, largest stage); it has no effect when the frame level is off.
+    """
 
     layer: int = Field(ge=0)
     prune_ratio: PruneRatio
+    selector: Selector | None = Field(None, description="this stage's selector; null = frame.selector")
 
 
 class ExplicitSchedule(_Strict):
