@@ -265,7 +265,7 @@ class Pruner:
     def _segment_level(
         self, request: Request, kwargs: dict, inputs_embeds: Tensor, layouts: list[VideoLayout | None]
     ) -> tuple:
-        from hieravid.ops.segment import segment_level
+        from hieravid.ops.peers import input_level
 
         batch, length = inputs_embeds.shape[:2]
         device = inputs_embeds.device
@@ -303,15 +303,8 @@ class Pruner:
             else:
                 content = layout.frame_index.flatten()
                 frames = inputs_embeds[sample][layout.frame_index]
-                result = segment_level(
-                    frames,
-                    similarity_threshold=segment.similarity_threshold,
-                    segment_threshold=segment.segment_threshold,
-                    merge_ratio=segment.merge_ratio,
-                    marginal_value_weight=segment.marginal_value_weight,
-                    merge=segment.enabled,
-                )
-                if segment.enabled:
+                if segment.enabled:  # HieraVid's segment level or a peer's input operator (one segment)
+                    result = input_level(segment.kind, frames, **segment.options)
                     frame_segments, token_segments = result.frame_segment_ids, result.token_segment_ids
                     marginal = result.marginal_values
                     kept_content = content[result.kept_index]
