@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from hieravid.errors import HieravidError
 
@@ -53,7 +54,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([plan.to_dict() for plan in plans], indent=2))
         return EXIT_OK
-    print(format_comparison(plans))
+    print(format_comparison(plans, markdown=args.markdown))
     return EXIT_OK
 
 
@@ -121,20 +122,36 @@ def _frame_list(text: str) -> list[int]:
     return values
 
 
-def format_comparison(plans: Sequence) -> str:
-    """A side-by-side table of plans: retention, input keep, FLOPs ratio and per-stage budgets."""
-    header = ["policy", "retention", "input keep", "FLOPs ratio", "layer-0 tokens", "stages (layer: tokens after)"]
+def stage_selectors(plan: Any) -> str:
+    """The stages' selectors: one name when they all agree, else one per stage; ``(global)`` when the frame
+    level is off (one budget over the whole video); ``-`` without stages."""
+    names = [stage.selector + ("" if stage.per_segment else " (global)") for stage in plan.stages]
+    if not names:
+        return "-"
+    return names[0] if len(set(names)) == 1 else ", ".join(names)
+
+
+def format_comparison(plans: Sequence, *, markdown: bool = False) -> str:
+    """A side-by-side table of plans: retention, input keep, FLOPs ratio and per-stage budgets.
+
+    ``markdown=True`` gives a GitHub-flavoured Markdown table (no title line; ``docs/policies.md``)."""
+    header = ["policy", "input level", "retention", "input keep", "FLOPs ratio", "layer-0 tokens",
+              "stages (layer: tokens after)", "stage selectors"]
     rows = []
     for plan in plans:
-        stages = ", ".join(f"{stage.layer}: {stage.video_tokens_after}" for stage in plan.stages) or "-"
         rows.append([
             plan.policy.name,
+            f"{plan.segment.kind} {plan.segment.prune_ratio:g}" if plan.segment.enabled else "off",
             f"{plan.retention:.3f}",
             f"{plan.input_keep_fraction:.3f}",
             f"{plan.flops_ratio:.3f}",
             str(plan.segment.video_tokens_after),
-            stages,
+            ", ".join(f"{stage.layer}: {stage.video_tokens_after}" for stage in plan.stages) or "-",
+            stage_selectors(plan),
         ])
+    if markdown:
+        table = [header, ["---"] * len(header), *rows]
+        return "\n".join("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table)
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * width for width in widths))
@@ -182,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--model", required=True, help="catalogue name, config.json or checkpoint folder")
     compare.add_argument("--frames", type=_positive_int, help="frames as the LLM sees them (default: the model's)")
     compare.add_argument("--json", action="store_true", help="print the plans as a JSON list")
+    compare.add_argument("--markdown", action="store_true", help="print a Markdown table")
     compare.set_defaults(handler=_cmd_compare)
 
     run = sub.add_parser("run", help="answer a question about a video with a real checkpoint, pruned by a policy")
