@@ -497,3 +497,54 @@ def profile_prefill(case: SyntheticCase, policy: str, *, device: str = "cuda", t
                                  "cudaDeviceSynchronize"))
     return {"policy": policy, "total_self_ms": total, "top_ops": rows, "hieravid_ranges_ms": ranges,
             "host_syncs": syncs}
+
+
+def profile_decode(case: SyntheticCase, policy: str | None, *, steps: int = 16, device: str = "cuda",
+                   top: int = 12) -> dict[str, Any]:
+    """Time single-token decode steps driven by hand (no ``generate``), then profile one step.
+
+    Separates the model's own decode cost from ``generate``'s bookkeeping, for the unpruned model
+    (``policy=None``) and under a policy.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from hieravid.runtime import apply
+    from hieravid.runtime.compat import cache_from_output
+
+    timer = _Timer(device)
+    model, inputs = case.model, case.inputs
+    handle = apply(model, policy) if policy is not None else contextlib.nullcontext()
+    with handle, torch.inference_mode():
+        output = model(**inputs, use_cache=True, logits_to_keep=1)
+        cache = cache_from_output(output)
+        mask = inputs["attention_mask"]
+        token = output.logits[:, -1:].argmax(-1)
+        step_times = []
+
+        def step() -> None:
+            nonlocal mask, token, cache
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+            cache = cache_from_output(out)
+            token = out.logits[:, -1:].argmax(-1)
+
+        for _ in range(2):
+            step()
+        for _ in range(steps):
+            step_times.append(timer.time(step))
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if timer.cuda else [])
+        with profile(activities=activities) as profiler:
+            step()
+            timer.sync()
+    averages = profiler.key_averages()
+    cpu = sorted(averages, key=lambda event: event.self_cpu_time_total, reverse=True)[:top]
+    syncs = sum(event.count for event in averages
+                if event.key in ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize"))
+    return {
+        "policy": policy or "unpruned",
+        "step_ms_median": _median(step_times),
+        "host_syncs_per_step": syncs,
+        "top_cpu_ops": [{"name": event.key, "cpu_ms": event.self_cpu_time_total / 1000.0, "calls": event.count}
+                        for event in cpu],
+    }

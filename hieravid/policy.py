@@ -165,7 +165,7 @@ class DppSelector(_Strict):
 
     kind: Literal["dpp"] = "dpp"
     max_block: int | None = Field(
-        1024, ge=2, description="segments larger than this are split into blocks of at most this many tokens"
+        512, ge=2, description="segments larger than this are split into blocks of at most this many tokens"
     )
 
 
