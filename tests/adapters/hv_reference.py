@@ -96,7 +96,7 @@ def reference_run(
     """
     from transformers.masking_utils import create_causal_mask
 
-    from hieravid.ops.segment import segment_level
+    from hieravid.ops.peers import input_level
 
     language_model = adapter.language_model()
     layers = list(adapter.decoder_layers())
@@ -115,13 +115,8 @@ def reference_run(
         video[layout.frame_index.flatten()] = True
         video[layout.newline_index] = True
         kept_video = stats.input_kept_positions[sample]
-        if plan.segment.enabled:
-            seg = plan.segment
-            result = segment_level(
-                embeds[layout.frame_index], similarity_threshold=seg.similarity_threshold,
-                segment_threshold=seg.segment_threshold, merge_ratio=seg.merge_ratio,
-                marginal_value_weight=seg.marginal_value_weight,
-            )
+        if plan.segment.enabled:  # HieraVid's segment level or a peer's input operator
+            result = input_level(plan.segment.kind, embeds[layout.frame_index], **plan.segment.options)
             rows_embeds[layout.frame_index.flatten()[result.kept_index]] = result.features.to(embeds.dtype)
     else:
         kept_video = torch.zeros(0, dtype=torch.long, device=device)
