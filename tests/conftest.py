@@ -331,7 +331,8 @@ def check_realised_counts(plan: Any, stats: Any, input_ids: torch.Tensor, *, inp
     if input_exact:
         assert realised_input == planned_input, (realised_input, planned_input)
     else:
-        assert planned_input <= realised_input <= layout.frames * layout.tokens_per_frame, (realised_input, planned_input)
+        content = layout.frames * layout.tokens_per_frame
+        assert planned_input <= realised_input <= content, (realised_input, planned_input)
     for stage_plan, stage in zip(plan.stages, stats.stages, strict=True):
         before = stage.video_tokens_before[0]
         after = stage.video_tokens_after[0]
