@@ -324,7 +324,7 @@ _NONE_POLICY = "version: 1\nkind: PruningPolicy\nname: unpruned\nsegment: {enabl
                "frame: {enabled: false}\nlayer: {enabled: false}\n"
 
 
-def _environment(device: str) -> dict[str, Any]:
+def environment_info(device: str) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -352,7 +352,7 @@ def run_benchmark(models: Sequence[str], policies: Sequence[str], *, frames: int
 
     import torch
 
-    report: dict[str, Any] = {"environment": _environment(device), "settings": {
+    report: dict[str, Any] = {"environment": environment_info(device), "settings": {
         "size": size, "dtype": dtype, "runs": runs, "warmup": warmup, "decode_tokens": decode_tokens,
         "batch": 1, "attention": "sdpa"}, "models": []}
     for name in models:

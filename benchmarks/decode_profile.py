@@ -1,0 +1,44 @@
+"""Decode-step profile on one GPU: hand-driven single-token steps, unpruned vs. a policy, with and
+without PyTorch's cuDNN SDPA backend (whose per-shape execution plans are a suspect when every layer
+group decodes against a different KV length).
+
+Usage: ``python benchmarks/decode_profile.py --out decode.json [--model llava-onevision-7b]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from hieravid.bench import environment_info, build_case, profile_decode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="llava-onevision-7b")
+    parser.add_argument("--policy", default="policies/hieravid-30.yaml")
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    case = build_case(args.model)
+    rows = []
+    for cudnn in (True, False):
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
+        for policy in (None, args.policy):
+            result = profile_decode(case, policy, steps=args.steps)
+            result["cudnn_sdp"] = cudnn
+            rows.append(result)
+            print(f"cudnn_sdp={cudnn} {result['policy']}: {result['step_ms_median']:.2f} ms/step, "
+                  f"{result['host_syncs_per_step']} host syncs; top CPU: "
+                  + ", ".join(f"{op['name']} {op['cpu_ms']:.2f}ms×{op['calls']}" for op in result["top_cpu_ops"][:5]),
+                  flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"environment": environment_info("cuda"), "model": args.model, "rows": rows},
+                                   indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
