@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from hieravid.bench import environment_info, build_case, profile_decode
+from hieravid.bench import build_case, environment_info, profile_decode
 
 
 def main() -> None:
