@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from hieravid.errors import AdapterError
+from hieravid.runtime.compat import cache_from_kwargs, cache_from_output, causal_mask
 from hieravid.runtime.state import CONTENT, NEWLINE, PAD, TEXT, Coords, Request, RequestStats, StageStats
 
 if TYPE_CHECKING:
@@ -149,7 +150,7 @@ class Pruner:
             args, changed = (), True
         input_ids = kwargs.get("input_ids")
         inputs_embeds = kwargs.get("inputs_embeds")
-        past = kwargs.get("past_key_values")
+        past = cache_from_kwargs(kwargs)
         request = self.request
         if request is not None and request.pruned and past is not None and request.holds_cache(past):
             reference = inputs_embeds if inputs_embeds is not None else input_ids
@@ -189,7 +190,7 @@ class Pruner:
         reference = inputs_embeds if inputs_embeds is not None else kwargs.get("input_ids")
         if reference is None:
             return result
-        past = kwargs.get("past_key_values")
+        past = cache_from_kwargs(kwargs)
         past_length = int(past.get_seq_length()) if past is not None else 0
         call, self.pending_call = self.pending_call, None
         if past_length == 0:
@@ -222,7 +223,7 @@ class Pruner:
         if reference is None:
             reference = kwargs.get("input_ids")
         new_length = int(reference.shape[1]) if reference is not None else 0
-        cache = getattr(output, "past_key_values", None)
+        cache = cache_from_output(output)
         if phase == "prefill":
             request.total_length = request.original_length
             if cache is not None:
@@ -439,14 +440,11 @@ class Pruner:
             # so its mask is None too — decided without building it (mask creation syncs with the device).
             mask = None
         else:
-            from transformers.masking_utils import create_causal_mask
-
-            mask = create_causal_mask(
-                config=self.adapter.text_config(),
-                inputs_embeds=hidden,
-                attention_mask=request.translate_mask(stage),
-                past_key_values=kwargs.get("past_key_values"),
-                position_ids=None,
+            mask = causal_mask(
+                self.adapter.text_config(),
+                hidden,
+                request.translate_mask(stage),
+                cache_from_kwargs(kwargs),
                 layer_idx=self._first_layer(stage),
             )
         request.stage_inputs[stage] = (mask, None)

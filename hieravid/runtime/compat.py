@@ -1,0 +1,77 @@
+"""The transformers differences hieravid meets across its supported range (``>=5.17,<6``), in one place.
+
+* **The KV-cache argument.** Up to 5.23 model and layer forwards, ``create_causal_mask`` and model outputs
+  call it ``past_key_values``; from 5.24 they call it ``cache`` (forwards still accept ``past_key_values``
+  with a ``FutureWarning`` until 5.40, outputs still answer ``.past_key_values`` with a deprecation log).
+  A forward pre-hook sees the name the *caller* used, so both names are read, the new one first.
+* **Pre-encoded multimodal inputs.** From 5.24 ``generate()`` runs the vision encoder once before the first
+  forward (``get_video_features``) and passes ``mm_encoder_outputs={"video": <BaseModelOutputWithPooling>}``
+  instead of ``pixel_values_videos``; the keys the encoder consumed (``pixel_values_videos``, and for
+  Qwen2-VL ``video_grid_thw``) are no longer passed to the forward. Adapters read the geometry from what
+  is left (see :func:`video_encoder_output`).
+
+Nothing here checks a version number: each helper accepts either form.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "CACHE_KEYS", "cache_argument", "cache_from_kwargs", "cache_from_output", "causal_mask", "video_encoder_output",
+]
+
+#: Names of the KV-cache argument/attribute, newest first.
+CACHE_KEYS = ("cache", "past_key_values")
+
+
+def cache_from_kwargs(kwargs: Mapping[str, Any]) -> Any:
+    """The cache a forward was called with (``cache=`` or ``past_key_values=``), or None."""
+    for key in CACHE_KEYS:
+        value = kwargs.get(key)
+        if value is not None:
+            return value
+    return None
+
+
+def cache_argument(model: Any, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` under the name ``model``'s forward (and so its ``generate``) takes the cache by."""
+    parameters = inspect.signature(model.forward).parameters
+    return {CACHE_KEYS[0] if CACHE_KEYS[0] in parameters else CACHE_KEYS[1]: cache}
+
+
+def cache_from_output(output: Any) -> Any:
+    """The cache a model output carries (``output.cache`` or ``output.past_key_values``), or None."""
+    if output is None:
+        return None
+    if isinstance(output, Mapping):  # ModelOutput: no deprecated-property access
+        return cache_from_kwargs(output)
+    for key in CACHE_KEYS:
+        value = getattr(output, key, None)
+        if value is not None:
+            return value
+    return None
+
+
+def causal_mask(
+    config: Any, inputs_embeds: Any, attention_mask: Any, cache: Any, *, layer_idx: int | None = None
+) -> Any:
+    """``transformers.masking_utils.create_causal_mask`` (the cache is passed positionally: it was renamed)."""
+    from transformers.masking_utils import create_causal_mask
+
+    return create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids=None, layer_idx=layer_idx)
+
+
+def video_encoder_output(kwargs: Mapping[str, Any]) -> Any:
+    """The pre-encoded video features a multimodal forward received (``mm_encoder_outputs["video"]``), or None.
+
+    Its ``pooler_output`` holds the features the model scatters into the video placeholders: LLaVA-OneVision
+    ``[videos, tokens, D]`` (frames' pooled tokens plus the trailing newline), Qwen2-VL a tuple of
+    ``[tokens, D]`` per video.
+    """
+    outputs = kwargs.get("mm_encoder_outputs")
+    if isinstance(outputs, Mapping):
+        return outputs.get("video")
+    return None
