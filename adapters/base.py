@@ -4,9 +4,10 @@ An adapter answers four questions about one architecture:
 
 1. *Where are the modules?* The multimodal module (the one that receives ``input_ids`` and the
    pixel inputs and calls the language model), the language model (the decoder stack that receives
-   ``inputs_embeds``, ``attention_mask``, ``position_ids``, ``past_key_values``) and its decoder layers
+   ``inputs_embeds``, ``attention_mask``, ``position_ids`` and the KV cache) and its decoder layers
    with their attention, query/key projections, post-attention norm and MLP.
-2. *Where is the video?* From the multimodal call (``input_ids`` and the pixel inputs' shapes or grids)
+2. *Where is the video?* From the multimodal call (``input_ids`` and the pixel inputs' shapes or grids,
+   or the pre-encoded video features and position ids that ``generate`` passes instead)
    and the embeddings the language model actually receives, one :class:`VideoLayout` per sample: a
    ``[F, P]`` map of frame tokens into the sequence and the positions of layout newline tokens.
 3. *What positions would the model use?* When a caller passes no ``position_ids``, the positions the
@@ -104,12 +105,22 @@ class MultimodalCall:
         input_ids: ``[B, S]`` token ids, or None when the caller passed ``inputs_embeds``.
         video_mask: ``[B, S]`` bool, True at video placeholder positions (from ``input_ids`` and the
             configured video token id, or from the placeholder embedding when ids are absent).
-        kwargs: the call's keyword arguments (pixel inputs, grids, masks, ...), by reference.
+        kwargs: the call's keyword arguments (pixel inputs, grids, masks, ...), by reference. With
+            transformers >= 5.24, ``generate`` encodes the video before the forward: the call then holds
+            ``mm_encoder_outputs`` (see :attr:`encoded_video`) instead of ``pixel_values_videos``, and no
+            other argument the encoder consumed (Qwen2-VL: no ``video_grid_thw``).
     """
 
     input_ids: Tensor | None
     video_mask: Tensor | None
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def encoded_video(self) -> Any:
+        """The video encoder's output passed in ``mm_encoder_outputs["video"]`` (transformers >= 5.24), or None."""
+        from hieravid.runtime.compat import video_encoder_output
+
+        return video_encoder_output(self.kwargs)
 
 
 class Adapter:

@@ -11,7 +11,9 @@ The frame count comes from ``pixel_values_videos`` (``[B, F, C, H, W]``); newlin
 positions whose embedding equals the model's ``image_newline``; the remaining positions are content,
 frame-major. Rows and columns come from the per-row newlines when present, otherwise from the vision
 config's pooled grid (``ceil(image_size / patch_size / 2)`` per side, the model's ``apply_pooling``).
-Nothing is hard-coded.
+When ``generate`` passes the encoded video (``mm_encoder_outputs``, transformers >= 5.24) instead of the
+pixels, the frame count is the content tokens over the pooled grid's ``rows × cols`` (the encoder's
+output keeps no frame axis). Nothing is hard-coded.
 """
 
 from __future__ import annotations
@@ -50,14 +52,16 @@ class LlavaOnevisionAdapter(Adapter):
     def locate_videos(self, call: MultimodalCall, inputs_embeds: Tensor) -> list[VideoLayout | None]:
         batch = inputs_embeds.shape[0]
         pixel_values_videos = call.kwargs.get("pixel_values_videos")
-        if call.video_mask is None or pixel_values_videos is None:
+        if call.video_mask is None or (pixel_values_videos is None and call.encoded_video is None):
             return [None] * batch
-        if pixel_values_videos.dim() != 5:
-            raise AdapterError(
-                f"pixel_values_videos must be [batch, frames, channels, height, width], got "
-                f"{tuple(pixel_values_videos.shape)}"
-            )
-        frames = int(pixel_values_videos.shape[1])
+        frames = 0
+        if pixel_values_videos is not None:
+            if pixel_values_videos.dim() != 5:
+                raise AdapterError(
+                    f"pixel_values_videos must be [batch, frames, channels, height, width], got "
+                    f"{tuple(pixel_values_videos.shape)}"
+                )
+            frames = int(pixel_values_videos.shape[1])
         newline = self.newline_embedding(inputs_embeds)
         layouts: list[VideoLayout | None] = []
         for sample in range(batch):
@@ -77,7 +81,15 @@ class LlavaOnevisionAdapter(Adapter):
                 is_newline = torch.zeros(end - start, dtype=torch.bool, device=inputs_embeds.device)
             content = positions[~is_newline]
             newlines = positions[is_newline]
-            if content.numel() == 0 or content.numel() % frames:
+            if pixel_values_videos is None:  # encoded video: whole frames of the pooled grid
+                rows, cols = self.pooled_grid()
+                if content.numel() == 0 or content.numel() % (rows * cols):
+                    raise AdapterError(
+                        f"sample {sample}: {content.numel()} video content tokens are not whole {rows}×{cols} frames "
+                        "(the pooled grid of the vision config; the encoded video carries no frame count)"
+                    )
+                frames = content.numel() // (rows * cols)
+            elif content.numel() == 0 or content.numel() % frames:
                 raise AdapterError(
                     f"sample {sample}: {content.numel()} video content tokens do not split into {frames} frames "
                     f"(pixel_values_videos {tuple(pixel_values_videos.shape)})"

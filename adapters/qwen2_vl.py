@@ -7,10 +7,18 @@ patch by temporal patch, raster order inside a patch; no newline tokens. Positio
 model itself (``get_rope_index`` / ``compute_3d_position_ids``); the runtime gathers them and never
 recomputes them.
 
+The grid comes from ``video_grid_thw``. When ``generate`` passes the encoded video instead
+(``mm_encoder_outputs``, transformers >= 5.24, which consumes ``video_grid_thw``), it comes from the
+M-RoPE positions ``generate`` computed from that grid before encoding: a video's height and width
+position rows span ``h/m`` and ``w/m`` values (raster order, checked), and ``t`` is the rest.
+
 During decoding ``generate`` passes positions extended from the original ones. A manual continuation
 call without ``position_ids`` would make the model derive them from the (pruned) cache length; such a
 call gets explicit positions from the model's own rule (text position + its stored ``rope_deltas``)
-with the original length.
+with the original length. A later turn that adds a video to a pruned cache through ``generate`` must
+not pass ``mm_token_type_ids``: transformers >= 5.24 then recomputes the turn's M-RoPE positions from
+the full history, sliced at the cache length (which pruning shortens), and fails; without the types it
+gives the new tokens text positions + ``rope_deltas``, as transformers <= 5.23 does either way.
 """
 
 from __future__ import annotations
@@ -40,8 +48,10 @@ class Qwen2VLAdapter(Adapter):
     def locate_videos(self, call: MultimodalCall, inputs_embeds: Tensor) -> list[VideoLayout | None]:
         batch = inputs_embeds.shape[0]
         grid_thw = call.kwargs.get("video_grid_thw")
-        if call.video_mask is None or grid_thw is None:
+        if call.video_mask is None or (grid_thw is None and call.encoded_video is None):
             return [None] * batch
+        if grid_thw is None:
+            return self._locate_from_positions(call, inputs_embeds)
         merge = self.spatial_merge_size()
         grids = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
         next_grid = 0
@@ -68,6 +78,47 @@ class Qwen2VLAdapter(Adapter):
                 )
             frame_index = torch.arange(start, end, device=inputs_embeds.device).view(frames, rows * cols)
             empty = torch.empty(0, dtype=torch.long, device=inputs_embeds.device)
+            layouts.append(VideoLayout(frame_index, empty, rows, cols, "none"))
+        return layouts
+
+    def _locate_from_positions(self, call: MultimodalCall, inputs_embeds: Tensor) -> list[VideoLayout | None]:
+        """Layouts of pre-encoded videos (no ``video_grid_thw``) from the call's M-RoPE position ids."""
+        assert call.video_mask is not None
+        positions = call.kwargs.get("position_ids")
+        if not isinstance(positions, Tensor) or positions.dim() != 3 or positions.shape[0] < 3:
+            raise AdapterError(
+                "the video was passed pre-encoded (mm_encoder_outputs) without video_grid_thw or M-RoPE "
+                "position_ids [3 or 4, batch, sequence]; pass video_grid_thw to locate the video's frames"
+            )
+        device = inputs_embeds.device
+        layouts: list[VideoLayout | None] = []
+        for sample in range(inputs_embeds.shape[0]):
+            spans = self.video_spans(call.video_mask[sample])
+            if not spans:
+                layouts.append(None)
+                continue
+            if len(spans) > 1:
+                raise NotImplementedError(
+                    f"sample {sample} holds {len(spans)} videos; hieravid prunes one video per sample"
+                )
+            start, end = spans[0]
+            count = end - start
+            # The last two rows are height and width (a leading text row is generate's extra).
+            height, width = positions[-2:, 0 if positions.shape[1] == 1 else sample, start:end].to(device)
+            rows = int(height.max() - height.min()) + 1
+            cols = int(width.max() - width.min()) + 1
+            steps = torch.arange(count, device=device)
+            if (
+                count % (rows * cols)
+                or not torch.equal(height - height.min(), (steps // cols) % rows)
+                or not torch.equal(width - width.min(), steps % cols)
+            ):
+                raise AdapterError(
+                    f"sample {sample}: the M-RoPE positions of its {count} video tokens are not a raster of "
+                    f"{rows}×{cols} frames; pass video_grid_thw"
+                )
+            frame_index = torch.arange(start, end, device=device).view(count // (rows * cols), rows * cols)
+            empty = torch.empty(0, dtype=torch.long, device=device)
             layouts.append(VideoLayout(frame_index, empty, rows, cols, "none"))
         return layouts
 

@@ -12,6 +12,7 @@ removes any hieravid handle a test leaves behind.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import types
@@ -94,14 +95,20 @@ def _per_row_classes() -> tuple[type, type]:
     from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
 
     class PerRowLlavaVideoModel(LlavaOnevisionModel):
-        def get_video_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> Any:
-            output = super().get_video_features(pixel_values, **kwargs)
+        # The upstream signature (its pixel argument's name), so that generate() pre-encodes videos as it
+        # does for the upstream model (transformers >= 5.24 looks the argument up by name).
+        @functools.wraps(LlavaOnevisionModel.get_video_features)
+        def get_video_features(self, *args: Any, **kwargs: Any) -> Any:
+            output = super().get_video_features(*args, **kwargs)
             features = output.pooler_output
-            batch, frames = pixel_values.shape[:2]
             side = math.ceil(self.config.vision_config.image_size // self.config.vision_config.patch_size / 2)
-            grid = features.view(batch, frames, side, side, -1)
+            # transformers >= 5.24 appends the video's trailing newline here (earlier versions in forward()).
+            batch, frames = features.shape[0], features.shape[1] // (side * side)
+            trailing = features[:, frames * side * side:]
+            grid = features[:, : frames * side * side].reshape(batch, frames, side, side, -1)
             newline = self.image_newline.to(grid.dtype).view(1, 1, 1, 1, -1).expand(batch, frames, side, 1, -1)
-            output.pooler_output = torch.cat([grid, newline], dim=3).reshape(batch, frames * side * (side + 1), -1)
+            rows = torch.cat([grid, newline], dim=3).reshape(batch, frames * side * (side + 1), -1)
+            output.pooler_output = torch.cat([rows, trailing], dim=1)
             return output
 
     class PerRowLlavaVideoForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
