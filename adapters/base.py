@@ -254,6 +254,21 @@ class Adapter:
             return positions.view(1, 1, -1).expand(self.position_rows, batch, -1)
         return positions.unsqueeze(0)
 
+    def text_positions(self, position_ids: Tensor | None) -> Tensor | None:
+        """The plain text positions ``[B or 1, S]`` in a call's ``position_ids``, or None when they cannot be read.
+
+        The runtime checks that a continuation of a pruned cache without padding starts at the original
+        length. The default reads ``[B, S]`` positions and the text row of ``[1 + position_rows, B, S]``
+        positions (``generate``'s M-RoPE layout).
+        """
+        if not isinstance(position_ids, Tensor):
+            return None
+        if position_ids.dim() == 2:
+            return position_ids
+        if self.position_rows and position_ids.dim() == 3 and position_ids.shape[0] == self.position_rows + 1:
+            return position_ids[0]
+        return None
+
     def prepare_continuation_call(
         self, kwargs: dict[str, Any], *, total_length: int, new_length: int, batch: int, device: torch.device
     ) -> None:

@@ -145,6 +145,18 @@ class Qwen2VLAdapter(Adapter):
         deltas = deltas.to(device).repeat_interleave(batch // deltas.shape[0], dim=0)
         kwargs["position_ids"] = (positions + deltas).unsqueeze(0).expand(3, -1, -1)
 
+    def text_positions(self, position_ids: Tensor | None) -> Tensor | None:
+        """Also reads M-RoPE positions of text tokens (equal rows: text position + the stored ``rope_deltas``)."""
+        text = super().text_positions(position_ids)
+        if text is not None or not isinstance(position_ids, Tensor) or position_ids.dim() != 3:
+            return text
+        deltas = getattr(self.multimodal_module(), "rope_deltas", None)
+        if deltas is None or position_ids.shape[0] > self.position_rows:
+            return None
+        if not bool((position_ids[:, :, :1] == position_ids[:1, :, :1]).all()):
+            return None  # the first token is not text
+        return position_ids[0] - deltas.to(position_ids.device).view(-1, 1)
+
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     """Qwen2.5-VL (``model_type == "qwen2_5_vl"``): the Qwen2-VL layout and positions."""

@@ -202,7 +202,7 @@ class Pruner:
         lengths = {layer.get_seq_length() for layer in getattr(past, "layers", [])}
         if len(lengths) > 1:
             raise AdapterError(
-                "past_key_values holds layers of different lengths (a pruned prompt) that this handle did not "
+                "the cache holds layers of different lengths (a pruned prompt) that this handle did not "
                 "produce; continue a pruned request with the cache object its prefill returned"
             )
         self.request = Request(batch=int(reference.shape[0]), original_length=past_length,
@@ -386,6 +386,8 @@ class Pruner:
             )
         expected = request.total_length + new_length
         if mask is None:
+            if new_length > 1:  # a new turn (decode steps add one token: no device sync for them)
+                self._check_continuation_positions(request, kwargs.get("position_ids"))
             mask2d = torch.ones(batch, expected, dtype=torch.bool, device=reference.device)
         else:
             if mask.shape[1] != expected:
@@ -403,6 +405,24 @@ class Pruner:
         mask_dtype = mask.dtype if isinstance(mask, Tensor) else torch.long
         kwargs["attention_mask"] = request.translate_mask(0).to(mask_dtype)
         return ((), kwargs)
+
+    def _check_continuation_positions(self, request: Request, position_ids: Any) -> None:
+        """Without a 2-D mask (no padding), the caller's positions must continue at the original length.
+
+        ``generate`` drops an all-ones mask (transformers >= 5.24), so the mask-length check cannot catch a
+        continuation sliced with the pruned cache length (full history passed as ``input_ids``); its
+        positions then start at that length instead.
+        """
+        text = self.adapter.text_positions(position_ids)
+        if text is None:
+            return
+        first = _to_list(text[..., 0].flatten())
+        if any(value != request.total_length for value in first):
+            raise AdapterError(
+                f"position_ids continue from {min(first)}, but the pruned request has seen {request.total_length} "
+                "original positions; pass only the new tokens with the attention mask in original coordinates, as "
+                "generate() does"
+            )
 
     # ================================================================== decoder layers
     def _layer_pre_hook(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
