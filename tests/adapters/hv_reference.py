@@ -94,9 +94,8 @@ def reference_run(
     Appended tokens get ``extra_positions`` (``[n]`` or ``[3, n]``) or, by default, positions continuing
     from the prompt's last one (+1 per token on every M-RoPE row, as ``generate`` extends them).
     """
-    from transformers.masking_utils import create_causal_mask
-
     from hieravid.ops.peers import input_level
+    from hieravid.runtime.compat import causal_mask
 
     language_model = adapter.language_model()
     layers = list(adapter.decoder_layers())
@@ -147,12 +146,9 @@ def reference_run(
             batch_hidden = hidden.unsqueeze(0)
             rope_pos = pos.unsqueeze(0) if not qwen else pos.unsqueeze(1)
             cos, sin = language_model.rotary_emb(batch_hidden, rope_pos)
-            causal = create_causal_mask(
-                config=language_model.config, inputs_embeds=batch_hidden, attention_mask=None,
-                past_key_values=None, position_ids=None,
-            )
+            causal = causal_mask(language_model.config, batch_hidden, None, None)
             out = layer(batch_hidden, attention_mask=causal, position_embeddings=(cos, sin), position_ids=None,
-                        past_key_values=None, use_cache=False)
+                        use_cache=False)
             out = out[0] if isinstance(out, tuple) else out
             hidden = out[0]
             if index in stage_at:

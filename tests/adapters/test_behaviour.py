@@ -14,6 +14,7 @@ from hieravid.errors import AdapterError, PlanError, PolicyError
 from hieravid.plan import compile_plan
 from hieravid.policy import policy_from_dict
 from hieravid.runtime import apply, find_handle
+from hieravid.runtime.compat import cache_argument, cache_from_kwargs, cache_from_output
 
 ROOT = Path(__file__).resolve().parents[2]
 HIERAVID_30 = ROOT / "policies" / "hieravid-30.yaml"
@@ -186,39 +187,41 @@ def test_multi_turn_continues_the_pruned_cache_without_pruning_again(tiny_sdpa, 
         positions: list[torch.Tensor] = []
 
         def record(module, args, kwargs):
-            if kwargs["past_key_values"] is not None and kwargs["past_key_values"].get_seq_length() > 0:
+            past = cache_from_kwargs(kwargs)
+            if past is not None and past.get_seq_length() > 0:
                 positions.append(kwargs.get("position_ids"))
 
         recorder = handle.adapter.language_model().register_forward_pre_hook(record, with_kwargs=True)
         with torch.no_grad():
             first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
         stats = handle.last_request
-        cache = first.past_key_values
+        cache = cache_from_output(first)
         lengths = [layer.keys.shape[-2] for layer in cache.layers]
         seen = inputs["input_ids"].shape[1] + 2  # the last generated token is not in the cache yet
         if second_turn_video:
             turn = case.inputs(seed=32)
             new_ids = torch.cat([first.sequences[:, -1:], turn["input_ids"]], dim=1)
+            # No mm_token_type_ids: a continuation's M-RoPE positions are text positions + the stored rope deltas
+            # (transformers <= 5.23 ignores the types here; >= 5.24 recomputes positions from the full history when
+            # the types mark vision tokens past the cache length, which pruning shortens; see docs).
             extra = {k: v for k, v in turn.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-            if case.is_qwen:
-                extra["mm_token_type_ids"] = torch.cat(
-                    [torch.zeros(1, seen + 1, dtype=torch.long, device=case.device), turn["mm_token_type_ids"]], dim=1)
         else:
             new_ids = torch.cat([first.sequences[:, -1:], torch.tensor([[17, 18, 19, 20]], device=case.device)], dim=1)
             extra = {}
         mask = torch.ones(1, seen + new_ids.shape[1], dtype=torch.long, device=case.device)
         with torch.no_grad():
-            second = model.generate(input_ids=new_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3,
-                                    do_sample=False, output_logits=True, return_dict_in_generate=True, **extra)
+            second = model.generate(input_ids=new_ids, attention_mask=mask, **cache_argument(model, cache),
+                                    max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                                    **extra)
         assert handle.last_request is stats  # no new prefill statistics: nothing was pruned again
-        grown = [layer.keys.shape[-2] for layer in second.past_key_values.layers]
+        grown = [layer.keys.shape[-2] for layer in cache_from_output(second).layers]
         assert grown == [n + new_ids.shape[1] + 2 for n in lengths]
         # Misuse (full history as input_ids, sliced by generate with the pruned cache length) is refused clearly.
         history = torch.cat([inputs["input_ids"], first.sequences[:, inputs["input_ids"].shape[1]:], new_ids[:, 1:]], 1)
         recorder.remove()
         with pytest.raises(AdapterError, match="original coordinates"):
             model.generate(input_ids=history, attention_mask=torch.ones_like(history),
-                           past_key_values=second.past_key_values, max_new_tokens=1)
+                           **cache_argument(model, cache_from_output(second)), max_new_tokens=1)
     if second_turn_video:
         return
     adapter = handle.adapter

@@ -17,6 +17,7 @@ from hv_reference import capture_layer_outputs, capture_lm_inputs, reference_run
 from hieravid.plan import compile_plan
 from hieravid.policy import load_policy, policy_from_dict
 from hieravid.runtime import apply, find_handle
+from hieravid.runtime.compat import cache_argument, cache_from_output
 
 ROOT = Path(__file__).resolve().parents[2]
 ATOL = RTOL = 1e-4
@@ -202,15 +203,15 @@ def test_cache_lengths_equal_realised_counts_which_match_the_plan(tiny, policy, 
         with torch.no_grad():
             out = model(**inputs, use_cache=True)
             stats = handle.last_request
-            cache = out.past_key_values
+            cache = cache_from_output(out)
             lengths = [layer.keys.shape[-2] for layer in cache.layers]
             assert lengths == list(stats.layer_sequence_lengths)
             assert out.logits.shape[1] == stats.output_positions.shape[1]
             # A decode step appends exactly one row to every layer.
-            step = model(input_ids=torch.tensor([[5]], device=tiny.device), past_key_values=cache,
+            step = model(input_ids=torch.tensor([[5]], device=tiny.device), **cache_argument(model, cache),
                          attention_mask=torch.ones(1, inputs["input_ids"].shape[1] + 1, dtype=torch.long,
                                                    device=tiny.device))
-            assert [layer.keys.shape[-2] for layer in step.past_key_values.layers] == [n + 1 for n in lengths]
+            assert [layer.keys.shape[-2] for layer in cache_from_output(step).layers] == [n + 1 for n in lengths]
     # Segment level exact (⌊ρ0·F·P⌋ merged; FrameFusion at most its ratio); stages within the per-segment
     # rounding (see the fixture in tests/conftest.py).
     realised_counts(plan, stats, inputs["input_ids"], input_exact=plan.segment.kind != "framefusion")
