@@ -276,6 +276,7 @@ def bench_policy(case: SyntheticCase, policy: str | None, *, runs: int = 5, warm
 
     from hieravid.plan import compile_plan
     from hieravid.runtime import apply
+    from hieravid.runtime.compat import cache_from_output
 
     timer = _Timer(device)
     plan = compile_plan(policy or _NONE_POLICY, case.spec())
@@ -295,7 +296,7 @@ def bench_policy(case: SyntheticCase, policy: str | None, *, runs: int = 5, warm
         with _llm_timer(case, timer, llm_times):
             ttfts = [timer.time(forward) for _ in range(runs)]
         output = forward()
-        kv_bytes = _kv_cache_bytes(output.past_key_values)
+        kv_bytes = _kv_cache_bytes(cache_from_output(output))
         stats = getattr(handle, "last_request", None)
         realised = [counts[0] for counts in stats.layer_video_tokens] if stats is not None else []
         del output
@@ -510,7 +511,7 @@ def profile_decode(case: SyntheticCase, policy: str | None, *, steps: int = 16, 
     from torch.profiler import ProfilerActivity, profile
 
     from hieravid.runtime import apply
-    from hieravid.runtime.compat import cache_from_output
+    from hieravid.runtime.compat import cache_argument, cache_from_output
 
     timer = _Timer(device)
     model, inputs = case.model, case.inputs
@@ -525,7 +526,7 @@ def profile_decode(case: SyntheticCase, policy: str | None, *, steps: int = 16, 
         def step() -> None:
             nonlocal mask, token, cache
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token, attention_mask=mask, **cache_argument(model, cache), use_cache=True)
             cache = cache_from_output(out)
             token = out.logits[:, -1:].argmax(-1)
 
