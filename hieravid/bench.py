@@ -340,50 +340,79 @@ def environment_info(device: str) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def sdpa_backends(cudnn: bool) -> Iterator[None]:
+    """Enable or disable PyTorch's cuDNN SDPA backend for the block, restoring the previous setting.
+
+    On torch 2.11 / H100 the cuDNN backend builds an execution plan on the host for every new
+    key length, i.e. at every decode step (measured: 55 ms/step unpruned, 24 ms with it off), so the
+    benchmark turns it off by default for every run, pruned and unpruned alike.
+    """
+    import torch
+
+    previous = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(cudnn)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(previous)
+
+
 def run_benchmark(models: Sequence[str], policies: Sequence[str], *, frames: int | None = None, size: str = "full",
                   device: str = "cuda", dtype: str = "bfloat16", runs: int = 5, warmup: int = 2,
                   decode_tokens: int = 64, log: Callable[[str], None] = print,
-                  checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                  checkpoint: Callable[[dict[str, Any]], None] | None = None, cudnn_sdp: bool = False,
+                  ) -> dict[str, Any]:
     """Benchmark the unpruned model and each policy on each model; returns a JSON-ready report.
 
     ``checkpoint`` (if given) receives the partial report after each model, so a long run that is
     interrupted still leaves its finished models behind.
     """
+
+
+    report: dict[str, Any] = {"environment": environment_info(device), "settings": {
+        "size": size, "dtype": dtype, "runs": runs, "warmup": warmup, "decode_tokens": decode_tokens,
+        "batch": 1, "attention": "sdpa", "cudnn_sdp": cudnn_sdp}, "models": []}
+    with sdpa_backends(cudnn_sdp):
+        for name in models:
+            _bench_model(report, name, policies, frames=frames, size=size, device=device, dtype=dtype, runs=runs,
+                         warmup=warmup, decode_tokens=decode_tokens, log=log)
+            if checkpoint is not None:
+                checkpoint(report)
+    return report
+
+
+def _bench_model(report: dict[str, Any], name: str, policies: Sequence[str], *, frames: int | None, size: str,
+                 device: str, dtype: str, runs: int, warmup: int, decode_tokens: int,
+                 log: Callable[[str], None]) -> None:
     import gc
 
     import torch
 
-    report: dict[str, Any] = {"environment": environment_info(device), "settings": {
-        "size": size, "dtype": dtype, "runs": runs, "warmup": warmup, "decode_tokens": decode_tokens,
-        "batch": 1, "attention": "sdpa"}, "models": []}
-    for name in models:
-        case = build_case(name, frames=frames, size=size, device=device, dtype=dtype)
-        log(f"{name}: {case.sampled_frames} frames, {case.inputs['input_ids'].shape[1]} prompt tokens")
-        baseline, _ = bench_policy(case, None, runs=runs, warmup=warmup, decode_tokens=decode_tokens, device=device)
-        entries = [baseline]
-        for policy in policies:
-            result, plan = bench_policy(case, policy, runs=runs, warmup=warmup, decode_tokens=decode_tokens,
-                                        device=device)
-            result.ideal_llm_prefill_ms = baseline.llm_prefill_ms * plan.flops_ratio
-            result.prefill_vs_ideal = result.llm_prefill_ms / result.ideal_llm_prefill_ms
-            result.ttft_speedup = baseline.ttft_ms / result.ttft_ms
-            if result.decode_ms_per_token and baseline.decode_ms_per_token:
-                result.decode_speedup = baseline.decode_ms_per_token / result.decode_ms_per_token
-            entries.append(result)
-            log(f"  {result.policy}: prefill {result.llm_prefill_ms:.1f} ms (ideal {result.ideal_llm_prefill_ms:.1f})"
-                f", TTFT {result.ttft_ms:.1f} ms")
-        report["models"].append({
-            "model": name, "frames": case.sampled_frames, "llm_frames": case.llm_frames,
-            "prompt_tokens": int(case.inputs["input_ids"].shape[1]), "spec": case.spec().to_dict(),
-            "results": [dataclasses.asdict(entry) for entry in entries],
-        })
-        del case
-        gc.collect()
-        if device.startswith("cuda") and torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if checkpoint is not None:
-            checkpoint(report)
-    return report
+    case = build_case(name, frames=frames, size=size, device=device, dtype=dtype)
+    log(f"{name}: {case.sampled_frames} frames, {case.inputs['input_ids'].shape[1]} prompt tokens")
+    baseline, _ = bench_policy(case, None, runs=runs, warmup=warmup, decode_tokens=decode_tokens, device=device)
+    entries = [baseline]
+    for policy in policies:
+        result, plan = bench_policy(case, policy, runs=runs, warmup=warmup, decode_tokens=decode_tokens,
+                                    device=device)
+        result.ideal_llm_prefill_ms = baseline.llm_prefill_ms * plan.flops_ratio
+        result.prefill_vs_ideal = result.llm_prefill_ms / result.ideal_llm_prefill_ms
+        result.ttft_speedup = baseline.ttft_ms / result.ttft_ms
+        if result.decode_ms_per_token and baseline.decode_ms_per_token:
+            result.decode_speedup = baseline.decode_ms_per_token / result.decode_ms_per_token
+        entries.append(result)
+        log(f"  {result.policy}: prefill {result.llm_prefill_ms:.1f} ms (ideal {result.ideal_llm_prefill_ms:.1f})"
+            f", TTFT {result.ttft_ms:.1f} ms")
+    report["models"].append({
+        "model": name, "frames": case.sampled_frames, "llm_frames": case.llm_frames,
+        "prompt_tokens": int(case.inputs["input_ids"].shape[1]), "spec": case.spec().to_dict(),
+        "results": [dataclasses.asdict(entry) for entry in entries],
+    })
+    del case
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_frames_sweep(name: str, frames_list: Sequence[int], policy: str, *, size: str = "full",

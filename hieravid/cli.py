@@ -93,7 +93,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     report = bench.run_benchmark(models, policies, frames=args.frames, size=args.size, device=args.device,
                                  dtype=args.dtype, runs=args.runs, warmup=args.warmup,
                                  decode_tokens=args.decode_tokens, log=log,
-                                 checkpoint=partial(bench.write_report, path=args.out) if args.out else None)
+                                 checkpoint=partial(bench.write_report, path=args.out) if args.out else None,
+                                 cudnn_sdp=args.cudnn_sdp)
+    with bench.sdpa_backends(args.cudnn_sdp):
+        _bench_extras(args, bench, models, policies, report)
+    if args.out:
+        bench.write_report(report, args.out)
+    print(json.dumps(report, indent=2) if args.json else bench.format_report(report))
+    return EXIT_OK
+
+
+def _bench_extras(args: argparse.Namespace, bench: Any, models: Sequence[str], policies: Sequence[str],
+                  report: dict[str, Any]) -> None:
+    log = (lambda message: print(message, file=sys.stderr)) if args.json else print
     if args.sweep:
         name = models[0]
         sweep = bench.run_frames_sweep(name, args.sweep, policies[0], size=args.size, device=args.device,
@@ -106,10 +118,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.profile:
         case = bench.build_case(models[0], frames=args.frames, size=args.size, device=args.device, dtype=args.dtype)
         report["profile"] = bench.profile_prefill(case, policies[0], device=args.device)
-    if args.out:
-        bench.write_report(report, args.out)
-    print(json.dumps(report, indent=2) if args.json else bench.format_report(report))
-    return EXIT_OK
 
 
 def _frame_list(text: str) -> list[int]:
@@ -265,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also sweep frame counts for the first model and policy, e.g. 16,32,64,128,256")
     bench.add_argument("--profile", action="store_true", help="profile one pruned prefill of the first model/policy")
     bench.add_argument("--out", type=Path, help="write the JSON report here (and sweep plots next to it)")
+    bench.add_argument("--cudnn-sdp", action="store_true",
+                       help="keep PyTorch's cuDNN SDPA backend on (off by default: on torch 2.11 it builds a plan on "
+                       "the host at every decode step)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of the table")
     bench.set_defaults(handler=_cmd_bench)
     return parser

@@ -261,7 +261,9 @@ class Pruner:
             )
             return None
         assert inputs_embeds is not None
-        return self._segment_level(request, kwargs, inputs_embeds, layouts)
+        # Named profiler ranges let `hieravid bench` attribute pruning overhead per level (free when idle).
+        with torch.profiler.record_function("hieravid/segment_level"):
+            return self._segment_level(request, kwargs, inputs_embeds, layouts)
 
     def _segment_level(
         self, request: Request, kwargs: dict, inputs_embeds: Tensor, layouts: list[VideoLayout | None]
@@ -492,9 +494,12 @@ class Pruner:
         if request is None or request.capture is None or request.capture["stage"] != stage_index:
             return
         capture, request.capture = request.capture, None
+        with torch.profiler.record_function(f"hieravid/stage_{stage_index + 1}"):
+            self._select(request, capture, stage_index, args[0])
+
+    def _select(self, request: Request, capture: dict, stage_index: int, hidden: Tensor) -> None:
         stage = self.stages[stage_index]
         layer = self.layers[stage.layer]
-        hidden = args[0]
         coords = request.coords[stage_index]
         key_mask = request.translate_mask(stage_index)
         query, key = self.adapter.stage_query_key(
