@@ -18,7 +18,7 @@ call gets explicit positions from the model's own rule (text position + its stor
 with the original length. A later turn that adds a video to a pruned cache through ``generate`` must
 not pass ``mm_token_type_ids``: transformers >= 5.24 then recomputes the turn's M-RoPE positions from
 the full history, sliced at the cache length (which pruning shortens), and fails; without the types it
-gives the new tokens text positions + ``rope_deltas``, as transformers <= 5.23 does either way.
+gives the new tokens text positions + ``rope_deltas``, as transformers 5.17 does either way.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The transformers differences hieravid meets across its supported range (``>=5.17,<6``), in one place.
 
-* **The KV-cache argument.** Up to 5.23 model and layer forwards, ``create_causal_mask`` and model outputs
-  call it ``past_key_values``; from 5.24 they call it ``cache`` (forwards still accept ``past_key_values``
+* **The KV-cache argument.** In 5.17 model and layer forwards, ``create_causal_mask`` and model outputs
+  call it ``past_key_values``; in 5.24 they call it ``cache`` (forwards still accept ``past_key_values``
   with a ``FutureWarning`` until 5.40, outputs still answer ``.past_key_values`` with a deprecation log).
   A forward pre-hook sees the name the *caller* used, so both names are read, the new one first.
 * **Pre-encoded multimodal inputs.** From 5.24 ``generate()`` runs the vision encoder once before the first

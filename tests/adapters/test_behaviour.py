@@ -202,7 +202,7 @@ def test_multi_turn_continues_the_pruned_cache_without_pruning_again(tiny_sdpa, 
             turn = case.inputs(seed=32)
             new_ids = torch.cat([first.sequences[:, -1:], turn["input_ids"]], dim=1)
             # No mm_token_type_ids: a continuation's M-RoPE positions are text positions + the stored rope deltas
-            # (transformers <= 5.23 ignores the types here; >= 5.24 recomputes positions from the full history when
+            # (transformers 5.17 ignores the types here; >= 5.24 recomputes positions from the full history when
             # the types mark vision tokens past the cache length, which pruning shortens; see docs).
             extra = {k: v for k, v in turn.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
         else:
