@@ -93,6 +93,22 @@ def select_tokens(
     return fn(features, relevance, segment_ids, budgets, generator=generator, **options)
 
 
+def _positional_layout(
+    name: str, features: Tensor, relevance: Tensor, segment_ids: Tensor, budgets: Tensor, options: dict[str, Any]
+) -> tuple[int, torch.device, Tensor, Tensor, int, Tensor, Tensor, Tensor] | None:
+    """Shared start of the position-based selectors: validate, then per token its in-segment position,
+    segment id, the total budget, its segment's size and budget (None when nothing can be selected)."""
+    n = _check(features, relevance, segment_ids, budgets)
+    if options:
+        raise TypeError(f"{name} selector got unknown options {sorted(options)}")
+    device = features.device
+    if n == 0 or budgets.shape[0] == 0:
+        return None
+    pos, counts, k = _segment_layout(segment_ids, budgets, device)
+    seg = segment_ids.to(device=device, dtype=torch.int64)
+    return n, device, pos, seg, int(k.sum()), counts[seg], k[seg], k
+
+
 def _segment_layout(segment_ids: Tensor, budgets: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token in-segment position (by token index), segment size, and clamped per-segment budgets."""
     G = budgets.shape[0]
@@ -199,17 +215,10 @@ def binned_relevance_selector(
     """Per segment, split its tokens (in index order) into ``k_g`` contiguous near-equal bins
     (bin ``b`` = in-segment positions ``[⌊b·n_g/k_g⌋, ⌊(b+1)·n_g/k_g⌋)``) and keep the highest-relevance
     token of each bin (ties → lower index)."""
-    n = _check(features, relevance, segment_ids, budgets)
-    if options:
-        raise TypeError(f"binned_relevance selector got unknown options {sorted(options)}")
-    device = features.device
-    G = budgets.shape[0]
-    if n == 0 or G == 0:
-        return torch.zeros(0, dtype=torch.int64, device=device)
-    pos, counts, k = _segment_layout(segment_ids, budgets, device)
-    seg = segment_ids.to(device=device, dtype=torch.int64)
-    total = int(k.sum())
-    n_tok, k_tok = counts[seg], k[seg]
+    layout = _positional_layout("binned_relevance", features, relevance, segment_ids, budgets, options)
+    if layout is None:
+        return torch.zeros(0, dtype=torch.int64, device=features.device)
+    n, device, pos, seg, total, n_tok, k_tok, k = layout
     has = k_tok > 0
     b = torch.where(has, ((pos + 1) * k_tok - 1) // n_tok, torch.zeros_like(pos))
     bin_offset = torch.cumsum(k, 0) - k
@@ -236,17 +245,10 @@ def uniform_selector(
 ) -> Tensor:
     """Per segment, ``k_g`` evenly spaced tokens: in-segment positions ``⌊(2i+1)·n_g / (2k_g)⌋`` for
     ``i = 0..k_g-1`` (the centres of ``k_g`` equal bins). Ignores features and relevance."""
-    n = _check(features, relevance, segment_ids, budgets)
-    if options:
-        raise TypeError(f"uniform selector got unknown options {sorted(options)}")
-    device = features.device
-    G = budgets.shape[0]
-    if n == 0 or G == 0:
-        return torch.zeros(0, dtype=torch.int64, device=device)
-    pos, counts, k = _segment_layout(segment_ids, budgets, device)
-    seg = segment_ids.to(device=device, dtype=torch.int64)
-    total = int(k.sum())
-    n_tok, k_tok = counts[seg], k[seg]
+    layout = _positional_layout("uniform", features, relevance, segment_ids, budgets, options)
+    if layout is None:
+        return torch.zeros(0, dtype=torch.int64, device=features.device)
+    _, _, pos, _, total, n_tok, k_tok, _ = layout
     # The centre formula hits ``pos`` for at most one i, which is i_lo or i_lo + 1 below.
     k_safe = k_tok.clamp_min(1)
     i_lo = torch.div(2 * pos * k_safe - n_tok, 2 * n_tok, rounding_mode="floor").clamp_min(0)
