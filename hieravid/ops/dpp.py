@@ -322,22 +322,24 @@ def dpp_select(
         meta = torch.cat([dev_counts, k]).cpu()  # the one host sync: G counts and G clamped budgets
         counts_h, k_h = meta[:G], meta[G:]
 
-    # Block plan on the host (vectorised over the G segments on small CPU tensors).
-    total = int(k_h.sum())
-    if total == 0:
-        return torch.zeros(0, dtype=torch.int64, device=device)
+    # Block plan on the host (vectorised over the G segments on small CPU tensors; the scalars it needs
+    # are read in two batched reads of host tensors, never from the device).
     mb = n if max_block is None else min(int(max_block), n)
     nb_h = (counts_h + mb - 1) // mb  # blocks per segment, 0 when empty
-    B = int(nb_h.sum())
-    block_seg = torch.repeat_interleave(torch.arange(G), nb_h)
+    total, B, split = torch.stack([k_h.sum(), nb_h.sum(), (nb_h > 1).any().long()]).tolist()
+    if total == 0:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    block_seg = torch.repeat_interleave(torch.arange(G), nb_h, output_size=B)
     block_offset_h = torch.cumsum(nb_h, 0) - nb_h
     bl = torch.arange(B) - block_offset_h[block_seg]
     ng, nbg, kg = counts_h[block_seg], nb_h[block_seg], k_h[block_seg]
     start, end = (bl * ng) // nbg, ((bl + 1) * ng) // nbg
     block_budget_h = (kg * end) // ng - (kg * start) // ng  # cumulative floors: sum to k_g
-    n_blk, steps = int((end - start).max()), int(block_budget_h.max())
+    n_blk, steps = torch.stack([(end - start).max(), block_budget_h.max()]).tolist()
     seg_start_h = torch.cumsum(counts_h, 0) - counts_h
-    small = torch.cat([seg_start_h, block_offset_h, nb_h, counts_h.clamp_min(1), block_budget_h]).to(device)
+    small = torch.cat([seg_start_h, block_offset_h, nb_h, counts_h.clamp_min(1), block_budget_h])
+    # Host-to-device without waiting for the device (the host tensor is not reused afterwards).
+    small = small.to(device, non_blocking=True)
     seg_start, block_offset, nb, counts_safe = small[:G], small[G : 2 * G], small[2 * G : 3 * G], small[3 * G : 4 * G]
     block_budget = small[4 * G :]
 
@@ -345,7 +347,7 @@ def dpp_select(
     order = torch.sort(seg, stable=True).indices
     pos = torch.empty_like(seg)
     pos[order] = torch.arange(n, device=device) - seg_start[seg[order]]
-    if bool((nb_h > 1).any()):
+    if split:
         n_tok, nb_tok = counts_safe[seg], nb[seg]
         b_local = ((pos + 1) * nb_tok - 1) // n_tok
         slot = pos - (b_local * n_tok) // nb_tok

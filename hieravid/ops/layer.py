@@ -103,11 +103,14 @@ class FrameLevelResult:
         local_keep: ``[k]`` ascending indices into the stage's video tokens.
         segment_ids_kept: ``[k]`` segment id of each kept token.
         budgets: ``[G]`` per-segment budgets used (computed on the host, returned on the tokens' device).
+        host_budgets: the same budgets as the host (CPU) tensor they were computed in, so that callers
+            read them without a device synchronisation.
     """
 
     local_keep: Tensor
     segment_ids_kept: Tensor
     budgets: Tensor
+    host_budgets: Tensor | None = None
 
 
 def frame_level(
@@ -126,6 +129,7 @@ def frame_level(
     min_tokens: int = 1,
     generator: torch.Generator | None = None,
     max_block: int | None = None,
+    host_meta: tuple[Tensor, Tensor] | None = None,
     **selector_options: Any,
 ) -> FrameLevelResult:
     """One frame-level stage on the video tokens of one sample.
@@ -143,6 +147,9 @@ def frame_level(
         prune_ratio: ρ of the stage.
         selector: name in :data:`hieravid.ops.selectors.SELECTORS`.
         max_block: DPP block cap; None uses the DPP default (ignored by other selectors).
+        host_meta: optional ``(counts, marginal_values)`` already on the host: ``[G]`` int64 token count
+            of each segment (must equal the counts of ``segment_ids``) and ``[G]`` float64 marginal values;
+            the call then does not synchronise (a caller batching several calls reads them all at once).
         selector_options: extra keyword options for the selector.
 
     Returns:
@@ -155,14 +162,20 @@ def frame_level(
     G = marginal_values.shape[0]
     seg = segment_ids.to(device=device, dtype=torch.int64)
     relevance = normalize_relevance(attention.to(device), sign)
-    counts = torch.zeros(G, dtype=torch.int64, device=device).index_add_(0, seg, torch.ones_like(seg))
-    # One host sync for the stage: counts and marginal values come to the host, the budgets are computed
-    # there, and the DPP selector reuses both without synchronising again.
-    meta = torch.cat([counts.double(), marginal_values.to(device=device, dtype=torch.float64)]).cpu()
-    counts_h = meta[:G].long()
+    if host_meta is not None:
+        counts_h, marginal_h = host_meta[0].to(torch.int64), host_meta[1].to(torch.float64)
+        if counts_h.shape != (G,) or marginal_h.shape != (G,):
+            raise ValueError(f"host_meta must hold two [{G}] tensors, got {tuple(counts_h.shape)}, "
+                             f"{tuple(marginal_h.shape)}")
+    else:
+        counts = torch.zeros(G, dtype=torch.int64, device=device).index_add_(0, seg, torch.ones_like(seg))
+        # One host sync for the stage: counts and marginal values come to the host, the budgets are computed
+        # there, and the DPP selector reuses both without synchronising again.
+        meta = torch.cat([counts.double(), marginal_values.to(device=device, dtype=torch.float64)]).cpu()
+        counts_h, marginal_h = meta[:G].long(), meta[G:]
     budgets = segment_budgets(
         counts_h,
-        meta[G:],
+        marginal_h,
         prune_ratio,
         scale=scale,
         min_keep=min_keep,
@@ -176,4 +189,10 @@ def frame_level(
         if max_block is not None:
             options["max_block"] = max_block
     local = select_tokens(selector, hidden, relevance, seg, budgets, generator=generator, **options)
-    return FrameLevelResult(local_keep=local, segment_ids_kept=seg[local], budgets=budgets.to(device))
+    # A host-to-device copy that does not wait for the device (the host tensor is not reused).
+    return FrameLevelResult(
+        local_keep=local,
+        segment_ids_kept=seg[local],
+        budgets=budgets.to(device, non_blocking=True),
+        host_budgets=budgets,
+    )

@@ -70,23 +70,38 @@ def _gather_positions(position_ids: Tensor, index: Tensor) -> Tensor:
     raise AdapterError(f"position_ids of shape {tuple(position_ids.shape)} are not supported")
 
 
-def _pack(rows: list[Tensor], insert_at: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Pack per-sample ascending row lists into ``[B, K]`` with padding slots inserted at ``insert_at``.
+def _compact(mask: Tensor, rank: Tensor, width: int) -> Tensor:
+    """``[B, width]``: per row, the ascending column indices where ``mask`` is True (``rank`` is
+    ``mask.cumsum(1)``), without a device sync; slots past a row's count hold 0."""
+    batch, columns = mask.shape
+    target = torch.where(mask, rank - 1, torch.full_like(rank, width))
+    out = torch.zeros(batch, width + 1, dtype=torch.long, device=mask.device)
+    out.scatter_(1, target, torch.arange(columns, device=mask.device).expand(batch, -1))
+    return out[:, :width]
 
-    A padding slot copies the row just before it and is marked invalid.
+
+def _pack(keep: Tensor, kind: Tensor, counts: list[int], query_rows: int) -> tuple[Tensor, Tensor]:
+    """Pack the kept rows of each sample (``keep`` ``[B, S]``, ``counts`` its per-sample sums read on the
+    host) into ``[B, K]`` ascending indices, ``K = max(counts)``, with padding slots.
+
+    A shorter sample gets its ``K - count`` padding slots at ``max(1, min(last video row + 1,
+    count - query_rows))`` of its kept rows (the count when it keeps no video row); a padding slot copies
+    the row just before it and is marked invalid. Vectorised over the batch, no device sync.
     """
-    length = max(int(r.numel()) for r in rows)
-    index = torch.empty(len(rows), length, dtype=torch.long, device=device)
-    valid = torch.ones(len(rows), length, dtype=torch.bool, device=device)
-    for sample, (r, at) in enumerate(zip(rows, insert_at)):
-        pad = length - int(r.numel())
-        if pad == 0:
-            index[sample] = r
-            continue
-        at = max(1, min(at, int(r.numel())))
-        index[sample] = torch.cat([r[:at], r[at - 1 : at].expand(pad), r[at:]])
-        valid[sample, at : at + pad] = False
-    return index, valid
+    length = max(counts)
+    device = keep.device
+    rank = keep.cumsum(1)
+    rows = _compact(keep, rank, length)
+    count = rank[:, -1:]
+    video = keep & (kind != TEXT)
+    last_video = torch.where(video, rank, torch.zeros_like(rank)).amax(dim=1, keepdim=True)
+    last_video = torch.where(last_video > 0, last_video, count)
+    at = torch.minimum(last_video, count - query_rows).clamp_min(1)
+    pad = length - count
+    slot = torch.arange(length, device=device).unsqueeze(0)
+    source = torch.where(slot < at, slot, torch.where(slot < at + pad, at - 1, slot - pad))
+    valid = (slot < at) | (slot >= at + pad)
+    return rows.gather(1, source), valid
 
 
 def _to_list(tensor: Tensor) -> list[int]:
@@ -279,16 +294,13 @@ class Pruner:
                 "caches) are not supported"
             )
         mask2d = torch.ones(batch, length, dtype=torch.bool, device=device) if mask is None else mask.bool()
-        if not bool(mask2d[:, -1].all()):
-            raise NotImplementedError("right-padded batches are not supported; pad on the left (generate's default)")
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = self.adapter.default_position_ids(inputs_embeds, 0)
 
         segment = self.plan.segment
         query_rows = max((stage.query_rows for stage in self.stages), default=1)
-        rows: list[Tensor] = []
-        inserts: list[int] = []
+        keeps: list[Tensor] = []
         kinds: list[Tensor] = []
         segs: list[Tensor] = []
         merged: list[tuple[Tensor, Tensor] | None] = []
@@ -331,17 +343,22 @@ class Pruner:
                 stats["marginal_values"].append(marginal)
                 stats["input_kept_positions"].append(video_positions)
                 stats["layouts"].append(layout)
-            sample_rows = torch.nonzero(keep, as_tuple=False).flatten()
-            sample_kinds = kind[sample_rows]
-            video_rows = torch.nonzero(sample_kinds != TEXT, as_tuple=False).flatten()
-            last_video = int(video_rows[-1]) + 1 if video_rows.numel() else int(sample_rows.numel())
-            inserts.append(min(last_video, int(sample_rows.numel()) - query_rows))
-            rows.append(sample_rows)
+            keeps.append(keep)
             kinds.append(kind)
             segs.append(seg)
 
-        index, valid = _pack(rows, inserts, device)
-        kind_all = torch.stack(kinds).gather(1, index)
+        # The one host sync of the segment level: rows kept per sample and, with a mask, its two checks.
+        keep_all, kind_stack = torch.stack(keeps), torch.stack(kinds)
+        if mask is None:
+            counts, right_padded, prompt_unmasked = keep_all.sum(dim=1).tolist(), False, True
+        else:
+            flags = torch.stack([~mask2d[:, -1].all(), mask2d.all()]).long()
+            host = torch.cat([keep_all.sum(dim=1), flags]).tolist()
+            counts, right_padded, prompt_unmasked = host[:batch], bool(host[batch]), bool(host[batch + 1])
+        if right_padded:
+            raise NotImplementedError("right-padded batches are not supported; pad on the left (generate's default)")
+        index, valid = _pack(keep_all, kind_stack, counts, query_rows)
+        kind_all = kind_stack.gather(1, index)
         kind_all[~valid] = PAD
         seg_all = torch.stack(segs).gather(1, index)
         seg_all[~valid] = -1
@@ -349,8 +366,9 @@ class Pruner:
         coords = Coords(src=index, idx0=positions0.contiguous(), orig=index, valid=valid, kind=kind_all, seg=seg_all)
         request.coords = [coords]
         request.mask2d = mask2d
-        request.prompt_unmasked = bool(mask2d.all())
-        request.stage_all_valid = [request.prompt_unmasked and bool(valid.all())]
+        request.prompt_unmasked = prompt_unmasked
+        # valid is False exactly at padding slots, which exist only when the samples keep unequal counts.
+        request.stage_all_valid = [prompt_unmasked and min(counts) == max(counts)]
         request.pruned = True
         request.stats = stats
         request.stats["stages"] = []
@@ -512,7 +530,8 @@ class Pruner:
         )
         selection, new_coords, stage_stats = self._frame_level(stage_index, stage, coords, hidden, attention)
         request.coords.append(new_coords)
-        request.stage_all_valid.append(request.prompt_unmasked and bool(new_coords.valid.all()))
+        # Kept rows are never padding slots, so the new system is all valid iff it has no padding slot.
+        request.stage_all_valid.append(request.prompt_unmasked and bool(new_coords.all_valid))
         request.stats["stages"].append(stage_stats)
         request.pending = {"layer": stage.layer, "selection": selection, "valid": new_coords.valid,
                            "length": coords.length}
@@ -529,53 +548,84 @@ class Pruner:
         seed = options.pop("seed", None)
         max_block = options.pop("max_block", "unset")
         drop_newlines = not self.plan.keep_newlines
-        rows: list[Tensor] = []
-        inserts: list[int] = []
-        before, after, budgets, kept_positions = [], [], [], []
-        for sample in range(coords.src.shape[0]):
-            kind = coords.kind[sample]
-            candidates = torch.nonzero(kind == CONTENT, as_tuple=False).flatten()
-            keep = (kind == TEXT) | ((kind == NEWLINE) & (not drop_newlines))
-            before.append(int(((kind == CONTENT) | (kind == NEWLINE)).sum()))
-            if candidates.numel():
-                segment_ids = coords.seg[sample, candidates]
-                marginal = request.marginal_values[sample]
-                if not stage.per_segment:
-                    segment_ids = torch.zeros_like(segment_ids)
-                    marginal = torch.zeros(1, device=device)
-                generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-                block = candidates.numel() if max_block is None else (None if max_block == "unset" else max_block)
-                result = frame_level(
-                    hidden[sample, candidates],
-                    attention[sample, candidates],
-                    segment_ids,
-                    marginal,
-                    stage.prune_ratio,
-                    selector=stage.selector,
-                    sign=stage.relevance_sign,
-                    dynamic=stage.dynamic_budget,
-                    scale=stage.budget_scale,
-                    min_keep=stage.min_keep,
-                    max_keep=stage.max_keep,
-                    generator=generator,
-                    max_block=block,
-                    **options,
-                )
-                keep[candidates[result.local_keep]] = True
-                budgets.append(tuple(_to_list(result.budgets)))
-            else:
+        batch = coords.src.shape[0]
+        kind = coords.kind
+        content = kind == CONTENT
+        video = content | (kind == NEWLINE)
+        keep = (kind == TEXT) | ((kind == NEWLINE) & (not drop_newlines))
+        # The one host sync of the stage: per sample, its content/video/always-kept row counts and, per
+        # segment, its content-token count and marginal value (what the budgets need), in one read.
+        if stage.per_segment:
+            groups = [int(request.marginal_values[sample].numel()) for sample in range(batch)]
+        else:
+            groups = [1] * batch
+        width = max(groups)
+        seg_ids = torch.where(content, coords.seg, torch.zeros_like(coords.seg)).clamp(0, width - 1)
+        seg_counts = torch.zeros(batch, width, dtype=torch.long, device=device)
+        seg_counts.scatter_add_(1, seg_ids, content.long())
+        marginal = torch.zeros(batch, width, dtype=torch.float64, device=device)
+        if stage.per_segment:
+            for sample in range(batch):
+                marginal[sample, : groups[sample]] = request.marginal_values[sample].to(device=device,
+                                                                                         dtype=torch.float64)
+        meta = torch.cat([
+            torch.stack([content.sum(dim=1), video.sum(dim=1), keep.sum(dim=1)]).double().flatten(),
+            seg_counts.double().flatten(),
+            marginal.flatten(),
+        ]).cpu()
+        sizes = meta[: 3 * batch].long().tolist()
+        n_content, before, n_base = sizes[:batch], sizes[batch : 2 * batch], sizes[2 * batch :]
+        seg_counts_h = meta[3 * batch : 3 * batch + batch * width].long().view(batch, width)
+        marginal_h = meta[3 * batch + batch * width :].view(batch, width)
+
+        content_rank = content.cumsum(1)
+        candidates_all = _compact(content, content_rank, max(n_content))
+        kept: list[int] = []
+        budgets: list[tuple[int, ...]] = []
+        for sample in range(batch):
+            if not n_content[sample]:
+                kept.append(0)
                 budgets.append(())
-            sample_rows = torch.nonzero(keep, as_tuple=False).flatten()
-            sample_kinds = kind[sample_rows]
-            video_rows = torch.nonzero(sample_kinds != TEXT, as_tuple=False).flatten()
-            last_video = int(video_rows[-1]) + 1 if video_rows.numel() else int(sample_rows.numel())
-            inserts.append(min(last_video, int(sample_rows.numel()) - stage.query_rows))
-            rows.append(sample_rows)
-            kept_kinds = sample_kinds
-            after.append(int(((kept_kinds == CONTENT) | (kept_kinds == NEWLINE)).sum()))
-            video_orig = coords.orig[sample, sample_rows][kept_kinds != TEXT]
-            kept_positions.append(video_orig)
-        selection, valid = _pack(rows, inserts, device)
+                continue
+            candidates = candidates_all[sample, : n_content[sample]]
+            segment_ids = coords.seg[sample, candidates]
+            sample_marginal = request.marginal_values[sample]
+            if not stage.per_segment:
+                segment_ids = torch.zeros_like(segment_ids)
+                sample_marginal = torch.zeros(1, device=device)
+            generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+            block = n_content[sample] if max_block is None else (None if max_block == "unset" else max_block)
+            result = frame_level(
+                hidden[sample, candidates],
+                attention[sample, candidates],
+                segment_ids,
+                sample_marginal,
+                stage.prune_ratio,
+                selector=stage.selector,
+                sign=stage.relevance_sign,
+                dynamic=stage.dynamic_budget,
+                scale=stage.budget_scale,
+                min_keep=stage.min_keep,
+                max_keep=stage.max_keep,
+                generator=generator,
+                max_block=block,
+                host_meta=(seg_counts_h[sample, : groups[sample]], marginal_h[sample, : groups[sample]]),
+                **options,
+            )
+            keep[sample, candidates[result.local_keep]] = True
+            kept.append(int(result.local_keep.numel()))
+            host_budgets = result.host_budgets if result.host_budgets is not None else result.budgets
+            budgets.append(tuple(_to_list(host_budgets)))
+        # Kept rows, kept video tokens (content and, unless dropped, newlines) known on the host by count.
+        rows = [base + k for base, k in zip(n_base, kept)]
+        after = [k + (0 if drop_newlines else video_count - content_count)
+                 for k, video_count, content_count in zip(kept, before, n_content)]
+        selection, valid = _pack(keep, kind, rows, stage.query_rows)
+        kept_video = keep & (kind != TEXT)
+        video_orig = coords.orig.gather(1, _compact(kept_video, kept_video.cumsum(1), max(after)))
+        kept_positions = [video_orig[sample, : after[sample]] for sample in range(batch)]
+        if coords.counts is None:
+            coords.counts = tuple(before)
         kind_all = coords.kind.gather(1, selection)
         kind_all[~valid] = PAD
         seg_all = coords.seg.gather(1, selection)
@@ -587,6 +637,8 @@ class Pruner:
             valid=coords.valid.gather(1, selection) & valid,
             kind=kind_all,
             seg=seg_all,
+            counts=tuple(after),
+            all_valid=min(rows) == max(rows),
         )
         stats = StageStats(
             layer=stage.layer,

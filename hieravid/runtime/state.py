@@ -119,12 +119,18 @@ class Coords:
     valid: Tensor
     kind: Tensor
     seg: Tensor
+    counts: tuple[int, ...] | None = None
+    """Per sample, the video tokens (content + newlines) of the system, when known on the host."""
+    all_valid: bool | None = None
+    """Whether ``valid`` is all True, when known on the host by construction."""
 
     @property
     def length(self) -> int:
         return int(self.src.shape[1])
 
     def video_counts(self) -> tuple[int, ...]:
+        if self.counts is not None:
+            return self.counts
         video = (self.kind == CONTENT) | (self.kind == NEWLINE)
         return tuple(int(v) for v in video.sum(dim=1).tolist())
 
