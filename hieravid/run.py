@@ -284,6 +284,11 @@ def prepare_inputs(loaded: LoadedModel, frames: np.ndarray, question: str) -> Pr
         prompt = prompt.replace(token, token * video.num_placeholders)
         encoded = loaded.tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
         tensors = {**dict(encoded), **video.tensors}
+        if "video_grid_thw" in tensors:
+            # What Qwen2-VL's processor adds (0 text, 1 image, 2 video): the model's M-RoPE needs it, and
+            # transformers >= 5.24 computes positions from it alone once generate has encoded the video.
+            video_id = int(config.video_token_id)
+            tensors["mm_token_type_ids"] = (tensors["input_ids"] == video_id).long() * 2
     model_dtype = next(loaded.model.parameters()).dtype
     tensors = {
         key: (value.to(loaded.device, model_dtype) if torch.is_floating_point(value) else value.to(loaded.device))
