@@ -58,6 +58,8 @@ class VideoLayout:
     rows: int
     cols: int
     newline_layout: str = "none"
+    known_span: tuple[int, int] | None = field(default=None, repr=False, compare=False)
+    """The span when the adapter knows it on the host (read without a device sync); None computes it."""
 
     @property
     def frames(self) -> int:
@@ -80,8 +82,11 @@ class VideoLayout:
     @property
     def span(self) -> tuple[int, int]:
         """``[start, end)`` of the sequence positions the video occupies."""
+        if self.known_span is not None:
+            return self.known_span
         positions = torch.cat([self.frame_index.flatten(), self.newline_index.flatten()])
-        return int(positions.min()), int(positions.max()) + 1
+        low, high = torch.stack([positions.min(), positions.max()]).tolist()  # one host sync
+        return int(low), int(high) + 1
 
     def describe(self) -> dict[str, Any]:
         """Plain-Python summary (for traces and ``last_request``)."""
@@ -236,14 +241,12 @@ class Adapter:
     @staticmethod
     def video_spans(video_mask_row: Tensor) -> list[tuple[int, int]]:
         """Maximal runs ``[start, end)`` of True in a 1-D mask."""
-        positions = torch.nonzero(video_mask_row, as_tuple=False).flatten()
-        if positions.numel() == 0:
-            return []
-        breaks = torch.nonzero(positions[1:] != positions[:-1] + 1, as_tuple=False).flatten()
-        starts = [0, *(breaks + 1).tolist()]
-        ends = [*(breaks + 1).tolist(), positions.numel()]
-        values = positions.tolist()
-        return [(values[s], values[e - 1] + 1) for s, e in zip(starts, ends)]
+        row = video_mask_row.flatten().to(torch.int8)
+        zero = row.new_zeros(1)
+        # +1 where a run starts, -1 one past where it ends; one host sync reads the edges.
+        edges = torch.diff(row, prepend=zero, append=zero).cpu()
+        bounds = torch.nonzero(edges, as_tuple=False).flatten().tolist()
+        return list(zip(bounds[0::2], bounds[1::2]))
 
     # ------------------------------------------------------------------ positions
     def default_position_ids(self, inputs_embeds: Tensor, past_length: int) -> Tensor:

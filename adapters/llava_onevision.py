@@ -18,6 +18,7 @@ output keeps no frame axis). Nothing is hard-coded.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -74,13 +75,16 @@ class LlavaOnevisionAdapter(Adapter):
                     f"sample {sample} holds {len(spans)} videos; hieravid prunes one video per sample"
                 )
             start, end = spans[0]
-            positions = torch.arange(start, end, device=inputs_embeds.device)
+            # Split the span on the host (one device sync reads the newline flags), then copy the two
+            # index lists to the device without waiting for it.
+            positions = torch.arange(start, end)
             if newline is not None:
-                is_newline = (inputs_embeds[sample, start:end] == newline).all(-1)
+                is_newline = (inputs_embeds[sample, start:end] == newline).all(-1).cpu()
             else:
-                is_newline = torch.zeros(end - start, dtype=torch.bool, device=inputs_embeds.device)
-            content = positions[~is_newline]
-            newlines = positions[is_newline]
+                is_newline = torch.zeros(end - start, dtype=torch.bool)
+            content_h, newlines_h = positions[~is_newline], positions[is_newline]
+            content = content_h.to(inputs_embeds.device, non_blocking=True)
+            newlines = newlines_h.to(inputs_embeds.device, non_blocking=True)
             if pixel_values_videos is None:  # encoded video: whole frames of the pooled grid
                 rows, cols = self.pooled_grid()
                 if content.numel() == 0 or content.numel() % (rows * cols):
@@ -95,10 +99,14 @@ class LlavaOnevisionAdapter(Adapter):
                     f"(pixel_values_videos {tuple(pixel_values_videos.shape)})"
                 )
             per_frame = content.numel() // frames
-            layouts.append(self._layout(content.view(frames, per_frame), newlines))
+            # The span holds only content and newline tokens: it is known on the host.
+            layout = self._layout(content.view(frames, per_frame), newlines, host=(content_h, newlines_h))
+            layouts.append(dataclasses.replace(layout, known_span=(start, end)))
         return layouts
 
-    def _layout(self, frame_index: Tensor, newlines: Tensor) -> VideoLayout:
+    def _layout(self, frame_index: Tensor, newlines: Tensor, host: tuple[Tensor, Tensor] | None = None) -> VideoLayout:
+        """The layout of a video; ``host`` holds the same content and newline positions on the host, so
+        that classifying the newlines needs no device sync (read from the device otherwise)."""
         frames, per_frame = frame_index.shape
         rows, cols = self.pooled_grid()
         if rows * cols != per_frame:
@@ -106,7 +114,8 @@ class LlavaOnevisionAdapter(Adapter):
         if newlines.numel() == 0:
             return VideoLayout(frame_index, newlines, rows, cols, "none")
         # Content tokens preceding each newline tell where it sits in the frame grid.
-        before = torch.searchsorted(frame_index.flatten().contiguous(), newlines.contiguous())
+        content_h, newlines_h = host if host is not None else (frame_index.cpu(), newlines.cpu())
+        before = torch.searchsorted(content_h.flatten().contiguous(), newlines_h.flatten().contiguous())
 
         def grid(counts: Tensor) -> tuple[str, int] | None:
             n = counts.numel()
