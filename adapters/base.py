@@ -241,10 +241,18 @@ class Adapter:
     @staticmethod
     def video_spans(video_mask_row: Tensor) -> list[tuple[int, int]]:
         """Maximal runs ``[start, end)`` of True in a 1-D mask."""
+        return Adapter.spans_from_edges(Adapter.span_edges(video_mask_row).cpu())  # one host sync
+
+    @staticmethod
+    def span_edges(video_mask_row: Tensor) -> Tensor:
+        """``[S + 1]`` int8 on the mask's device: +1 where a run of True starts, -1 one past where it ends."""
         row = video_mask_row.flatten().to(torch.int8)
         zero = row.new_zeros(1)
-        # +1 where a run starts, -1 one past where it ends; one host sync reads the edges.
-        edges = torch.diff(row, prepend=zero, append=zero).cpu()
+        return torch.diff(row, prepend=zero, append=zero)
+
+    @staticmethod
+    def spans_from_edges(edges: Tensor) -> list[tuple[int, int]]:
+        """The runs ``[start, end)`` of :meth:`span_edges` read on the host (``edges`` a CPU tensor)."""
         bounds = torch.nonzero(edges, as_tuple=False).flatten().tolist()
         return list(zip(bounds[0::2], bounds[1::2]))
 

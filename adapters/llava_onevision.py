@@ -66,7 +66,15 @@ class LlavaOnevisionAdapter(Adapter):
         newline = self.newline_embedding(inputs_embeds)
         layouts: list[VideoLayout | None] = []
         for sample in range(batch):
-            spans = self.video_spans(call.video_mask[sample])
+            # One host sync per sample reads the video runs and the newline flags together.
+            edges = self.span_edges(call.video_mask[sample])
+            if newline is not None:
+                flags = (inputs_embeds[sample] == newline).all(-1).to(torch.int8)
+                host = torch.cat([edges, flags]).cpu()
+                edges, flags = host[: edges.numel()], host[edges.numel() :].bool()
+            else:
+                edges = edges.cpu()
+            spans = self.spans_from_edges(edges)
             if not spans:
                 layouts.append(None)
                 continue
@@ -75,11 +83,10 @@ class LlavaOnevisionAdapter(Adapter):
                     f"sample {sample} holds {len(spans)} videos; hieravid prunes one video per sample"
                 )
             start, end = spans[0]
-            # Split the span on the host (one device sync reads the newline flags), then copy the two
-            # index lists to the device without waiting for it.
+            # Split the span on the host, then copy the two index lists to the device without waiting for it.
             positions = torch.arange(start, end)
             if newline is not None:
-                is_newline = (inputs_embeds[sample, start:end] == newline).all(-1).cpu()
+                is_newline = flags[start:end]
             else:
                 is_newline = torch.zeros(end - start, dtype=torch.bool)
             content_h, newlines_h = positions[~is_newline], positions[is_newline]
