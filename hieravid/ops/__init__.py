@@ -21,8 +21,6 @@ from hieravid.ops.layer import (
     FrameLevelResult,
     compose_keep,
     frame_level,
-    layer_keep_fractions,
-    retention,
     stage_keep_fractions,
 )
 from hieravid.ops.peers import (
@@ -88,14 +86,12 @@ __all__ = [
     "greedy_map_dpp_order",
     "input_level",
     "last_query_attention",
-    "layer_keep_fractions",
     "merge_redundant_tokens",
     "normalize_relevance",
     "num_merged_tokens",
     "random_input",
     "register_input_operator",
     "register_selector",
-    "retention",
     "segment_budgets",
     "segment_frames",
     "segment_level",

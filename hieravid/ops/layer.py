@@ -3,7 +3,6 @@ frame-level stage (relevance → budgets → selector)."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +18,6 @@ __all__ = [
     "FrameLevelResult",
     "compose_keep",
     "frame_level",
-    "layer_keep_fractions",
-    "retention",
     "stage_keep_fractions",
 ]
 
@@ -59,40 +56,6 @@ def stage_keep_fractions(prune_ratios: Sequence[float]) -> list[float]:
         keep *= 1.0 - float(r)
         out.append(keep)
     return out
-
-
-def layer_keep_fractions(stage_layers: Sequence[int], prune_ratios: Sequence[float], num_layers: int) -> list[float]:
-    """Static fraction of video tokens each of ``num_layers`` layers processes.
-
-    Layer ``i`` processes the fraction kept after every stage whose layer is ``<= i`` (a stage at layer
-    ``l`` counts for layer ``l`` itself, as in the paper's cost); 1.0 before the first stage.
-
-    Args:
-        stage_layers: strictly increasing layer index of each stage, each in ``[0, num_layers)``.
-        prune_ratios: ratio of each stage, in ``[0, 1)``.
-        num_layers: model depth ``L``.
-    """
-    if len(stage_layers) != len(prune_ratios):
-        raise ValueError(f"{len(stage_layers)} stage layers but {len(prune_ratios)} prune ratios")
-    if any(b <= a for a, b in itertools.pairwise(stage_layers)):
-        raise ValueError(f"stage layers must be strictly increasing, got {list(stage_layers)}")
-    if any(not 0 <= layer < num_layers for layer in stage_layers):
-        raise ValueError(f"stage layers must be in [0, {num_layers}), got {list(stage_layers)}")
-    fractions = stage_keep_fractions(prune_ratios)
-    out: list[float] = []
-    current, s = 1.0, 0
-    for i in range(num_layers):
-        while s < len(stage_layers) and stage_layers[s] <= i:
-            current = fractions[s]
-            s += 1
-        out.append(current)
-    return out
-
-
-def retention(stage_layers: Sequence[int], prune_ratios: Sequence[float], num_layers: int) -> float:
-    """Static retention ("cost", SPEC §2.4): mean of :func:`layer_keep_fractions` over the layers."""
-    fr = layer_keep_fractions(stage_layers, prune_ratios, num_layers)
-    return sum(fr) / len(fr) if fr else 0.0
 
 
 @dataclass(frozen=True)

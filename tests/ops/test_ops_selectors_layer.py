@@ -14,9 +14,7 @@ from hieravid.ops import (
     UnknownSelectorError,
     compose_keep,
     frame_level,
-    layer_keep_fractions,
     register_selector,
-    retention,
     segment_budgets,
     select_tokens,
     stage_keep_fractions,
@@ -133,17 +131,9 @@ def test_compose_keep(device):
     assert keep.tolist() == [10, 30]
 
 
-def test_stage_and_layer_fractions():
+def test_stage_keep_fractions():
     assert stage_keep_fractions([0.5, 0.3, 0.3, 0.57]) == pytest.approx([0.5, 0.35, 0.245, 0.10535])
     assert stage_keep_fractions([0.5, 0.5, 0.7, 0.8]) == pytest.approx([0.5, 0.25, 0.075, 0.015])
-    fr = layer_keep_fractions([0, 7, 14, 21], [0.5, 0.3, 0.3, 0.57], 28)
-    assert fr[:7] == pytest.approx([0.5] * 7) and fr[7] == pytest.approx(0.35) and fr[27] == pytest.approx(0.10535)
-    assert retention([0, 7, 14, 21], [0.5, 0.3, 0.3, 0.57], 28) == pytest.approx((0.5 + 0.35 + 0.245 + 0.10535) / 4)
-    assert retention([0, 7, 14, 21], [0.7, 0.6, 0.85, 0.9], 28) == pytest.approx((0.3 + 0.12 + 0.018 + 0.0018) / 4)
-    assert layer_keep_fractions([2], [0.5], 4) == [1.0, 1.0, 0.5, 0.5]
-    for bad in (([0, 30], [0.5, 0.5], 28), ([7, 7], [0.5, 0.5], 28), ([0], [1.0], 28), ([0], [0.1, 0.2], 28)):
-        with pytest.raises(ValueError):
-            layer_keep_fractions(*bad)
 
 
 @pytest.mark.parametrize("selector", ["dpp", "topk_relevance", "uniform"])
