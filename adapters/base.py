@@ -244,6 +244,17 @@ class Adapter:
         return Adapter.spans_from_edges(Adapter.span_edges(video_mask_row).cpu())  # one host sync
 
     @staticmethod
+    def single_span(sample: int, spans: list[tuple[int, int]]) -> tuple[int, int] | None:
+        """The one video span of ``sample`` (None without video); several videos are not supported."""
+        if not spans:
+            return None
+        if len(spans) > 1:
+            raise NotImplementedError(
+                f"sample {sample} holds {len(spans)} videos; hieravid prunes one video per sample"
+            )
+        return spans[0]
+
+    @staticmethod
     def span_edges(video_mask_row: Tensor) -> Tensor:
         """``[S + 1]`` int8 on the mask's device: +1 where a run of True starts, -1 one past where it ends."""
         row = video_mask_row.flatten().to(torch.int8)

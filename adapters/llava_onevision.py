@@ -74,15 +74,11 @@ class LlavaOnevisionAdapter(Adapter):
                 edges, flags = host[: edges.numel()], host[edges.numel() :].bool()
             else:
                 edges = edges.cpu()
-            spans = self.spans_from_edges(edges)
-            if not spans:
+            span = self.single_span(sample, self.spans_from_edges(edges))
+            if span is None:
                 layouts.append(None)
                 continue
-            if len(spans) > 1:
-                raise NotImplementedError(
-                    f"sample {sample} holds {len(spans)} videos; hieravid prunes one video per sample"
-                )
-            start, end = spans[0]
+            start, end = span
             # Split the span on the host, then copy the two index lists to the device without waiting for it.
             positions = torch.arange(start, end)
             if newline is not None:

@@ -57,20 +57,16 @@ class Qwen2VLAdapter(Adapter):
         next_grid = 0
         layouts: list[VideoLayout | None] = []
         for sample in range(batch):
-            spans = self.video_spans(call.video_mask[sample])
-            if not spans:
+            span = self.single_span(sample, self.video_spans(call.video_mask[sample]))
+            if span is None:
                 layouts.append(None)
                 continue
-            if len(spans) > 1:
-                raise NotImplementedError(
-                    f"sample {sample} holds {len(spans)} videos; hieravid prunes one video per sample"
-                )
             if next_grid >= len(grids):
                 raise AdapterError(f"video_grid_thw has {len(grids)} rows but sample {sample} holds another video")
             frames, height, width = grids[next_grid]
             next_grid += 1
             rows, cols = height // merge, width // merge
-            start, end = spans[0]
+            start, end = span
             if end - start != frames * rows * cols:
                 raise AdapterError(
                     f"sample {sample}: {end - start} video tokens but video_grid_thw {grids[next_grid - 1]} with "
@@ -93,15 +89,11 @@ class Qwen2VLAdapter(Adapter):
         device = inputs_embeds.device
         layouts: list[VideoLayout | None] = []
         for sample in range(inputs_embeds.shape[0]):
-            spans = self.video_spans(call.video_mask[sample])
-            if not spans:
+            span = self.single_span(sample, self.video_spans(call.video_mask[sample]))
+            if span is None:
                 layouts.append(None)
                 continue
-            if len(spans) > 1:
-                raise NotImplementedError(
-                    f"sample {sample} holds {len(spans)} videos; hieravid prunes one video per sample"
-                )
-            start, end = spans[0]
+            start, end = span
             count = end - start
             # The last two rows are height and width (a leading text row is generate's extra).
             height, width = positions[-2:, 0 if positions.shape[1] == 1 else sample, start:end].to(device)
