@@ -53,11 +53,15 @@ class Qwen2VLAdapter(Adapter):
         if grid_thw is None:
             return self._locate_from_positions(call, inputs_embeds)
         merge = self.spatial_merge_size()
-        grids = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
+        # One host sync reads every sample's video runs and the grid together.
+        edges = torch.stack([self.span_edges(call.video_mask[sample]) for sample in range(batch)]).long()
+        host = torch.cat([edges.flatten(), grid_thw.to(device=edges.device, dtype=torch.long).flatten()]).cpu()
+        edges_h = host[: edges.numel()].view(edges.shape)
+        grids = [tuple(int(v) for v in row) for row in host[edges.numel() :].view(-1, 3).tolist()]
         next_grid = 0
         layouts: list[VideoLayout | None] = []
         for sample in range(batch):
-            span = self.single_span(sample, self.video_spans(call.video_mask[sample]))
+            span = self.single_span(sample, self.spans_from_edges(edges_h[sample]))
             if span is None:
                 layouts.append(None)
                 continue
@@ -74,7 +78,7 @@ class Qwen2VLAdapter(Adapter):
                 )
             frame_index = torch.arange(start, end, device=inputs_embeds.device).view(frames, rows * cols)
             empty = torch.empty(0, dtype=torch.long, device=inputs_embeds.device)
-            layouts.append(VideoLayout(frame_index, empty, rows, cols, "none"))
+            layouts.append(VideoLayout(frame_index, empty, rows, cols, "none", known_span=span))
         return layouts
 
     def _locate_from_positions(self, call: MultimodalCall, inputs_embeds: Tensor) -> list[VideoLayout | None]:

@@ -6,7 +6,8 @@ the same classes so the whole path also runs (slowly, meaninglessly for speed) o
 
 Measurements (median of ``runs`` after ``warmup``, batch 1):
 
-- ``llm_prefill_ms``: the language model's prefill (CUDA events around the LM call);
+- ``llm_prefill_ms``: the language model's prefill (CUDA events around the LM call, hieravid's segment level
+  included);
 - ``ttft_ms``: one full forward of the prompt (vision tower + projector + LLM + LM head);
 - ``decode_ms_per_token``: (time of generate(1 + N tokens) − time of generate(1 token)) / N;
 - ``peak_memory_bytes``: peak allocated during generate; ``kv_cache_bytes`` after prefill;
@@ -196,7 +197,8 @@ class _Timer:
 
 @contextlib.contextmanager
 def _llm_timer(case: SyntheticCase, timer: _Timer, sink: list[float]) -> Iterator[None]:
-    """Record the language model's forward time (prefill calls only: more than one query token)."""
+    """Record the language model's forward time (prefill calls only: more than one query token), including
+    the work of hieravid's hooks on the language model (locating the video, the segment level)."""
     language_model = case.model.model.language_model
     starts: list[Any] = []
 
@@ -211,7 +213,8 @@ def _llm_timer(case: SyntheticCase, timer: _Timer, sink: list[float]) -> Iterato
             timer.sync()
             sink.append(timer.elapsed_ms(start, end))
 
-    handles = [language_model.register_forward_pre_hook(before, with_kwargs=True),
+    # prepend: start the clock before hieravid's own pre-hook, so the segment level counts as prefill time.
+    handles = [language_model.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
                language_model.register_forward_hook(after, with_kwargs=True)]
     try:
         yield

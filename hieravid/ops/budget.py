@@ -60,7 +60,7 @@ def segment_budgets(
         mv = torch.nan_to_num(marginal_values.to(device=n.device, dtype=torch.float64), nan=0.0)
         kappa = ((1.0 - prune_ratio) + scale * mv).clamp(min_keep, max_keep)
     else:
-        kappa = torch.full(n.shape, 1.0 - prune_ratio, dtype=torch.float64, device=n.device)
+        kappa = torch.full_like(n, 1.0 - prune_ratio, dtype=torch.float64)
     k = torch.floor(n.double() * kappa + FLOOR_GUARD).to(torch.int64)
     k = torch.maximum(k, n.clamp_max(min_tokens))
     return torch.minimum(k, n)

@@ -147,10 +147,9 @@ def frame_level(
         min_tokens=min_tokens,
     )
     options = dict(selector_options)
-    if selector == "dpp":
-        options.setdefault("counts", counts_h)
-        if max_block is not None:
-            options["max_block"] = max_block
+    if selector == "dpp" and max_block is not None:
+        options["max_block"] = max_block
+    options.setdefault("counts", counts_h)
     local = select_tokens(selector, hidden, relevance, seg, budgets, generator=generator, **options)
     # A host-to-device copy that does not wait for the device (the host tensor is not reused).
     return FrameLevelResult(

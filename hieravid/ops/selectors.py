@@ -3,8 +3,11 @@
 Every selector has the signature
 ``(features, relevance, segment_ids, budgets, *, generator=None, **options) -> LongTensor`` and returns
 ascending local indices of the kept tokens, ``min(budgets[g], n_g)`` of them per segment ``g``.
-Selectors are vectorised over segments (sorts and cumulative sums, no Python loop over segments); each
-needs one host sync to size its output.
+Selectors are vectorised over segments (sorts and cumulative sums, no Python loop over segments). Sizing
+the output needs the total ``Σ_g min(budgets[g], n_g)``: the built-in selectors take an optional ``counts``
+keyword (``[G]`` segment sizes); with ``counts`` and ``budgets`` on the host they never synchronise with
+the device, otherwise they read the total once. :func:`select_tokens` passes ``counts`` to the selectors
+that declare it.
 
 Built-in: ``dpp`` (HieraVid), ``topk_relevance``, ``binned_relevance``, ``uniform``, ``random``.
 Register more with :func:`register_selector`.
@@ -12,6 +15,8 @@ Register more with :func:`register_selector`.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -77,9 +82,14 @@ def select_tokens(
     budgets: Tensor,
     *,
     generator: torch.Generator | None = None,
+    counts: Tensor | None = None,
     **options: Any,
 ) -> Tensor:
     """Run the selector registered as ``name``.
+
+    ``counts`` (``[G]`` token count of each segment, equal to the counts of ``segment_ids``) is passed on
+    to selectors that take a ``counts`` keyword; with host ``counts`` and ``budgets`` they size their
+    output without a device sync.
 
     Raises:
         UnknownSelectorError: (a ``KeyError``) when ``name`` is not registered; the message lists the
@@ -90,11 +100,28 @@ def select_tokens(
     except KeyError:
         known = ", ".join(sorted(SELECTORS))
         raise UnknownSelectorError(f"unknown selector {name!r}; known selectors: {known}") from None
+    if counts is not None and _takes_counts(fn):
+        options["counts"] = counts
     return fn(features, relevance, segment_ids, budgets, generator=generator, **options)
 
 
+@functools.lru_cache(maxsize=64)
+def _takes_counts(fn: Callable[..., Any]) -> bool:
+    return "counts" in inspect.signature(fn).parameters
+
+
+def _total(k: Tensor, budgets: Tensor, counts: Tensor | None) -> int:
+    """``Σ_g min(budgets[g], n_g)``: on the host from host ``budgets`` and ``counts``, else read from ``k``."""
+    if counts is not None and counts.device.type == "cpu" and budgets.device.type == "cpu":
+        if counts.shape != budgets.shape:
+            raise ValueError(f"counts must have shape {tuple(budgets.shape)}, got {tuple(counts.shape)}")
+        return int(torch.minimum(budgets.to(torch.int64).clamp_min(0), counts.to(torch.int64)).sum())
+    return int(k.sum())  # one host sync
+
+
 def _positional_layout(
-    name: str, features: Tensor, relevance: Tensor, segment_ids: Tensor, budgets: Tensor, options: dict[str, Any]
+    name: str, features: Tensor, relevance: Tensor, segment_ids: Tensor, budgets: Tensor, options: dict[str, Any],
+    counts: Tensor | None = None,
 ) -> tuple[int, torch.device, Tensor, Tensor, int, Tensor, Tensor, Tensor] | None:
     """Shared start of the position-based selectors: validate, then per token its in-segment position,
     segment id, the total budget, its segment's size and budget (None when nothing can be selected)."""
@@ -104,9 +131,10 @@ def _positional_layout(
     device = features.device
     if n == 0 or budgets.shape[0] == 0:
         return None
+    host_counts = counts
     pos, counts, k = _segment_layout(segment_ids, budgets, device)
     seg = segment_ids.to(device=device, dtype=torch.int64)
-    return n, device, pos, seg, int(k.sum()), counts[seg], k[seg], k
+    return n, device, pos, seg, _total(k, budgets, host_counts), counts[seg], k[seg], k
 
 
 def _segment_layout(segment_ids: Tensor, budgets: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -135,7 +163,7 @@ def _check(features: Tensor, relevance: Tensor, segment_ids: Tensor, budgets: Te
     return n
 
 
-def _topk_by_score(scores: Tensor, segment_ids: Tensor, budgets: Tensor) -> Tensor:
+def _topk_by_score(scores: Tensor, segment_ids: Tensor, budgets: Tensor, host_counts: Tensor | None = None) -> Tensor:
     """Per segment, the ``k_g`` highest scores (ties → lower index); ascending indices."""
     device = scores.device
     n = scores.shape[0]
@@ -145,7 +173,7 @@ def _topk_by_score(scores: Tensor, segment_ids: Tensor, budgets: Tensor) -> Tens
     seg = segment_ids.to(device=device, dtype=torch.int64)
     counts = torch.zeros(G, dtype=torch.int64, device=device).index_add_(0, seg, torch.ones_like(seg))
     k = torch.minimum(budgets.to(device=device, dtype=torch.int64).clamp_min(0), counts)
-    total = int(k.sum())
+    total = _total(k, budgets, host_counts)
     by_score = torch.sort(sanitize_scores(scores), descending=True, stable=True).indices
     by_seg = by_score[torch.sort(seg[by_score], stable=True).indices]  # (segment, score desc, index)
     seg_start = torch.cumsum(counts, 0) - counts
@@ -193,13 +221,14 @@ def topk_relevance_selector(
     budgets: Tensor,
     *,
     generator: torch.Generator | None = None,
+    counts: Tensor | None = None,
     **options: Any,
 ) -> Tensor:
     """Per segment, the ``k_g`` tokens of highest relevance (ties → lower index; NaN lowest)."""
     _check(features, relevance, segment_ids, budgets)
     if options:
         raise TypeError(f"topk_relevance selector got unknown options {sorted(options)}")
-    return _topk_by_score(relevance.to(features.device), segment_ids, budgets)
+    return _topk_by_score(relevance.to(features.device), segment_ids, budgets, counts)
 
 
 @register_selector("binned_relevance")
@@ -210,12 +239,13 @@ def binned_relevance_selector(
     budgets: Tensor,
     *,
     generator: torch.Generator | None = None,
+    counts: Tensor | None = None,
     **options: Any,
 ) -> Tensor:
     """Per segment, split its tokens (in index order) into ``k_g`` contiguous near-equal bins
     (bin ``b`` = in-segment positions ``[⌊b·n_g/k_g⌋, ⌊(b+1)·n_g/k_g⌋)``) and keep the highest-relevance
     token of each bin (ties → lower index)."""
-    layout = _positional_layout("binned_relevance", features, relevance, segment_ids, budgets, options)
+    layout = _positional_layout("binned_relevance", features, relevance, segment_ids, budgets, options, counts)
     if layout is None:
         return torch.zeros(0, dtype=torch.int64, device=features.device)
     n, device, pos, seg, total, n_tok, k_tok, k = layout
@@ -241,11 +271,12 @@ def uniform_selector(
     budgets: Tensor,
     *,
     generator: torch.Generator | None = None,
+    counts: Tensor | None = None,
     **options: Any,
 ) -> Tensor:
     """Per segment, ``k_g`` evenly spaced tokens: in-segment positions ``⌊(2i+1)·n_g / (2k_g)⌋`` for
     ``i = 0..k_g-1`` (the centres of ``k_g`` equal bins). Ignores features and relevance."""
-    layout = _positional_layout("uniform", features, relevance, segment_ids, budgets, options)
+    layout = _positional_layout("uniform", features, relevance, segment_ids, budgets, options, counts)
     if layout is None:
         return torch.zeros(0, dtype=torch.int64, device=features.device)
     _, _, pos, _, total, n_tok, k_tok, _ = layout
@@ -267,6 +298,7 @@ def random_selector(
     budgets: Tensor,
     *,
     generator: torch.Generator | None = None,
+    counts: Tensor | None = None,
     **options: Any,
 ) -> Tensor:
     """Per segment, ``k_g`` tokens chosen uniformly at random without replacement.
@@ -278,5 +310,5 @@ def random_selector(
     if options:
         raise TypeError(f"random selector got unknown options {sorted(options)}")
     gen_device = generator.device if generator is not None else features.device
-    keys = torch.rand(n, generator=generator, device=gen_device).to(features.device)
-    return _topk_by_score(keys, segment_ids, budgets)
+    keys = torch.rand(n, generator=generator, device=gen_device).to(features.device, non_blocking=True)
+    return _topk_by_score(keys, segment_ids, budgets, counts)

@@ -41,7 +41,17 @@ from torch import Tensor, nn
 
 from hieravid.errors import AdapterError
 from hieravid.runtime.compat import cache_from_kwargs, cache_from_output, causal_mask
-from hieravid.runtime.state import CONTENT, NEWLINE, PAD, TEXT, Coords, Request, RequestStats, StageStats
+from hieravid.runtime.state import (
+    CONTENT,
+    NEWLINE,
+    PAD,
+    TEXT,
+    Coords,
+    Request,
+    RequestStats,
+    SampleCounts,
+    StageStats,
+)
 
 if TYPE_CHECKING:
     from hieravid.adapters.base import Adapter, MultimodalCall, VideoLayout
@@ -306,12 +316,18 @@ class Pruner:
         merged: list[tuple[Tensor, Tensor] | None] = []
         stats: dict[str, list[Any]] = {"videos": [], "num_segments": [], "frame_segment_ids": [],
                                        "marginal_values": [], "input_kept_positions": [], "layouts": []}
+        counts: list[int] = []
+        # Per sample, what the frame-level budgets need, read from the device in the one sync below.
+        to_read: list[tuple[int, Tensor, Tensor]] = []
         for sample, layout in enumerate(layouts):
             kind = torch.full((length,), TEXT, dtype=torch.int8, device=device)
             seg = torch.full((length,), -1, dtype=torch.long, device=device)
             keep = torch.ones(length, dtype=torch.bool, device=device)
             if layout is None:
                 request.marginal_values.append(torch.zeros(1, device=device))
+                request.schedule.append(SampleCounts(torch.zeros(1, dtype=torch.long),
+                                                     torch.zeros(1, dtype=torch.float64), 0, length))
+                counts.append(length)
                 for key in stats:
                     stats[key].append(0 if key == "num_segments" else None)
                 merged.append(None)
@@ -331,6 +347,17 @@ class Pruner:
                     kept_content = content
                     merged.append(None)
                 request.marginal_values.append(marginal.to(device))
+                # Shapes are known on the host: rows kept, content kept, newlines.
+                kept, newlines = int(kept_content.numel()), int(layout.newline_index.numel())
+                counts.append(length - int(content.numel()) + kept)
+                groups = int(marginal.numel())
+                request.schedule.append(SampleCounts(
+                    torch.tensor([kept]), torch.zeros(1, dtype=torch.float64), newlines, counts[-1] - kept - newlines
+                ))
+                if segment.enabled and groups > 1 and any(stage.per_segment for stage in self.stages):
+                    tokens = torch.zeros(groups, dtype=torch.long, device=device)
+                    tokens.index_add_(0, token_segments.to(device), torch.ones_like(token_segments, device=device))
+                    to_read.append((sample, tokens, marginal))
                 keep[content] = False
                 keep[kept_content] = True
                 kind[kept_content] = CONTENT
@@ -347,23 +374,16 @@ class Pruner:
             kinds.append(kind)
             segs.append(seg)
 
-        # The one host sync of the segment level: rows kept per sample and, with a mask, its two checks.
         keep_all, kind_stack = torch.stack(keeps), torch.stack(kinds)
-        if mask is None:
-            counts, right_padded, prompt_unmasked = keep_all.sum(dim=1).tolist(), False, True
-        else:
-            flags = torch.stack([~mask2d[:, -1].all(), mask2d.all()]).long()
-            host = torch.cat([keep_all.sum(dim=1), flags]).tolist()
-            counts, right_padded, prompt_unmasked = host[:batch], bool(host[batch]), bool(host[batch + 1])
+        right_padded, prompt_unmasked = self._read_segment_meta(request, mask2d if mask is not None else None, to_read)
         if right_padded:
             raise NotImplementedError("right-padded batches are not supported; pad on the left (generate's default)")
         index, valid = _pack(keep_all, kind_stack, counts, query_rows)
-        kind_all = kind_stack.gather(1, index)
-        kind_all[~valid] = PAD
-        seg_all = torch.stack(segs).gather(1, index)
-        seg_all[~valid] = -1
+        kind_all = torch.where(valid, kind_stack.gather(1, index), PAD)
+        seg_all = torch.where(valid, torch.stack(segs).gather(1, index), -1)
         positions0 = torch.arange(index.shape[1], device=device).unsqueeze(0).expand(batch, -1)
-        coords = Coords(src=index, idx0=positions0.contiguous(), orig=index, valid=valid, kind=kind_all, seg=seg_all)
+        coords = Coords(src=index, idx0=positions0.contiguous(), orig=index, valid=valid, kind=kind_all, seg=seg_all,
+                        counts=tuple(sample.video for sample in request.schedule), all_valid=min(counts) == max(counts))
         request.coords = [coords]
         request.mask2d = mask2d
         request.prompt_unmasked = prompt_unmasked
@@ -389,6 +409,31 @@ class Pruner:
         kwargs["attention_mask"] = request.translate_mask(0).to(mask_dtype)
         kwargs["position_ids"] = _gather_positions(position_ids, index)
         return ((), kwargs)
+
+    @staticmethod
+    def _read_segment_meta(
+        request: Request, mask2d: Tensor | None, to_read: list[tuple[int, Tensor, Tensor]]
+    ) -> tuple[bool, bool]:
+        """The one host sync of the segment level (none when there is nothing to read): the mask's two checks
+        (right padding, any padding) and, per sample with several segments, its per-segment content counts and
+        marginal values, stored in ``request.schedule``. Returns ``(right_padded, prompt_unmasked)``."""
+        parts: list[Tensor] = []
+        if mask2d is not None:
+            parts.append(torch.stack([~mask2d[:, -1].all(), mask2d.all()]).double())
+        for _, tokens, marginal in to_read:
+            parts += [tokens.double(), marginal.to(device=tokens.device, dtype=torch.float64)]
+        if not parts:
+            return False, True
+        host = torch.cat([part.to(parts[0].device) for part in parts]).cpu()
+        right_padded, prompt_unmasked = (bool(host[0]), bool(host[1])) if mask2d is not None else (False, True)
+        offset = 2 if mask2d is not None else 0
+        for sample, tokens, _ in to_read:
+            groups = tokens.numel()
+            counts = request.schedule[sample]
+            counts.segment_tokens = host[offset : offset + groups].long()
+            counts.marginal_values = host[offset + groups : offset + 2 * groups].clone()
+            offset += 2 * groups
+        return right_padded, prompt_unmasked
 
     # ------------------------------------------------------------------ continuation
     def _continue(self, request: Request, kwargs: dict, reference: Tensor) -> tuple | None:
@@ -551,48 +596,30 @@ class Pruner:
         batch = coords.src.shape[0]
         kind = coords.kind
         content = kind == CONTENT
-        video = content | (kind == NEWLINE)
         keep = (kind == TEXT) | ((kind == NEWLINE) & (not drop_newlines))
-        # The one host sync of the stage: per sample, its content/video/always-kept row counts and, per
-        # segment, its content-token count and marginal value (what the budgets need), in one read.
-        if stage.per_segment:
-            groups = [int(request.marginal_values[sample].numel()) for sample in range(batch)]
-        else:
-            groups = [1] * batch
-        width = max(groups)
-        seg_ids = torch.where(content, coords.seg, torch.zeros_like(coords.seg)).clamp(0, width - 1)
-        seg_counts = torch.zeros(batch, width, dtype=torch.long, device=device)
-        seg_counts.scatter_add_(1, seg_ids, content.long())
-        marginal = torch.zeros(batch, width, dtype=torch.float64, device=device)
-        if stage.per_segment:
-            for sample in range(batch):
-                marginal[sample, : groups[sample]] = request.marginal_values[sample].to(device=device,
-                                                                                         dtype=torch.float64)
-        meta = torch.cat([
-            torch.stack([content.sum(dim=1), video.sum(dim=1), keep.sum(dim=1)]).double().flatten(),
-            seg_counts.double().flatten(),
-            marginal.flatten(),
-        ]).cpu()
-        sizes = meta[: 3 * batch].long().tolist()
-        n_content, before, n_base = sizes[:batch], sizes[batch : 2 * batch], sizes[2 * batch :]
-        seg_counts_h = meta[3 * batch : 3 * batch + batch * width].long().view(batch, width)
-        marginal_h = meta[3 * batch + batch * width :].view(batch, width)
-
-        content_rank = content.cumsum(1)
-        candidates_all = _compact(content, content_rank, max(n_content))
+        # Every count is known on the host (request.schedule): the stage never waits for the device.
+        schedule = request.schedule
+        n_content = [counts.content for counts in schedule]
+        before = [counts.video for counts in schedule]
+        n_base = [counts.text + (0 if drop_newlines else counts.newlines) for counts in schedule]
+        candidates_all = _compact(content, content.cumsum(1), max(n_content))
         kept: list[int] = []
         budgets: list[tuple[int, ...]] = []
         for sample in range(batch):
+            counts = schedule[sample]
             if not n_content[sample]:
                 kept.append(0)
                 budgets.append(())
                 continue
             candidates = candidates_all[sample, : n_content[sample]]
-            segment_ids = coords.seg[sample, candidates]
-            sample_marginal = request.marginal_values[sample]
-            if not stage.per_segment:
-                segment_ids = torch.zeros_like(segment_ids)
+            if stage.per_segment:
+                segment_ids = coords.seg[sample, candidates]
+                sample_marginal = request.marginal_values[sample]
+                host_meta = (counts.segment_tokens, counts.marginal_values)
+            else:
+                segment_ids = torch.zeros_like(candidates)
                 sample_marginal = torch.zeros(1, device=device)
+                host_meta = (counts.segment_tokens.sum().view(1), torch.zeros(1, dtype=torch.float64))
             generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
             block = n_content[sample] if max_block is None else (None if max_block == "unset" else max_block)
             result = frame_level(
@@ -609,13 +636,18 @@ class Pruner:
                 max_keep=stage.max_keep,
                 generator=generator,
                 max_block=block,
-                host_meta=(seg_counts_h[sample, : groups[sample]], marginal_h[sample, : groups[sample]]),
+                host_meta=host_meta,
                 **options,
             )
             keep[sample, candidates[result.local_keep]] = True
             kept.append(int(result.local_keep.numel()))
-            host_budgets = result.host_budgets if result.host_budgets is not None else result.budgets
+            host_budgets = result.host_budgets if result.host_budgets is not None else result.budgets.cpu()
             budgets.append(tuple(_to_list(host_budgets)))
+            # A selector keeps exactly its (clamped) budgets: the next stage's counts follow on the host.
+            counts.segment_tokens = host_budgets.to(torch.int64) if stage.per_segment else torch.tensor([kept[-1]])
+        if drop_newlines:
+            for counts in schedule:
+                counts.newlines = 0
         # Kept rows, kept video tokens (content and, unless dropped, newlines) known on the host by count.
         rows = [base + k for base, k in zip(n_base, kept)]
         after = [k + (0 if drop_newlines else video_count - content_count)
@@ -626,10 +658,8 @@ class Pruner:
         kept_positions = [video_orig[sample, : after[sample]] for sample in range(batch)]
         if coords.counts is None:
             coords.counts = tuple(before)
-        kind_all = coords.kind.gather(1, selection)
-        kind_all[~valid] = PAD
-        seg_all = coords.seg.gather(1, selection)
-        seg_all[~valid] = -1
+        kind_all = torch.where(valid, coords.kind.gather(1, selection), PAD)
+        seg_all = torch.where(valid, coords.seg.gather(1, selection), -1)
         new_coords = Coords(
             src=selection,
             idx0=coords.idx0.gather(1, selection),

@@ -136,6 +136,33 @@ class Coords:
 
 
 @dataclass
+class SampleCounts:
+    """Host-side counts of one sample in the current coordinate system, known from the segment level on.
+
+    The frame-level budgets depend only on the per-segment counts and the marginal values (both read once at
+    the segment level), and a selector keeps exactly its budgets, so every later count follows on the host:
+    the stages never wait for the device.
+    """
+
+    segment_tokens: Tensor
+    """``[G]`` int64 (CPU) content tokens of each segment (``[1]`` when budgets are not per segment)."""
+    marginal_values: Tensor
+    """``[G]`` float64 (CPU) segment marginal values (zeros when budgets are not per segment)."""
+    newlines: int
+    """Newline rows of the video still in the sequence."""
+    text: int
+    """Rows that are neither video content nor newlines (text and other special tokens)."""
+
+    @property
+    def content(self) -> int:
+        return int(self.segment_tokens.sum())
+
+    @property
+    def video(self) -> int:
+        return self.content + self.newlines
+
+
+@dataclass
 class Request:
     """Mutable state of one request (a prefill and the calls that continue its cache).
 
@@ -150,6 +177,8 @@ class Request:
     phase: Literal["idle", "prefill", "continuation"] = "idle"
     coords: list[Coords] = field(default_factory=list)
     marginal_values: list[Tensor] = field(default_factory=list)
+    schedule: list[SampleCounts] = field(default_factory=list)
+    """Per sample, its row counts on the host: what lets the frame-level stages run without a device sync."""
     mask2d: Tensor | None = None
     """The current call's 2-D attention mask in original coordinates (bool)."""
     prompt_unmasked: bool = False
