@@ -94,6 +94,52 @@ def analyse(trace: dict[str, Any], gap_us: float) -> dict[str, Any]:
     }
 
 
+def host_and_device_marks(case: Any, runs: int = 3) -> list[dict[str, Any]]:
+    """Without the profiler: when the host reached each decoder layer (and the language model) and when the
+    GPU did, in ms from the forward's start (median of ``runs``). Where ``gpu_ms - host_ms`` is near 0 the GPU
+    was waiting for the host; a large positive lead means the host was ahead (launch cost hidden)."""
+    import time
+
+    import torch
+
+    language_model = case.model.model.language_model
+    points: list[tuple[str, Any]] = [("language_model", language_model)]
+    points += [(f"layer_{index}", layer) for index, layer in enumerate(language_model.layers)]
+    rows: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in points}
+    rows["end"] = []
+    for _ in range(runs):
+        marks: list[tuple[str, float, Any]] = []
+
+        def mark(name: str, marks: list[tuple[str, float, Any]] = marks) -> None:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            marks.append((name, time.perf_counter(), event))
+
+        handles = [module.register_forward_pre_hook(lambda *_, name=name: mark(name),
+                                                    prepend=name == "language_model")
+                   for name, module in points]
+        try:
+            torch.cuda.synchronize()
+            mark("start")
+            case.model(**case.inputs, use_cache=True, logits_to_keep=1)
+            mark("end")
+            torch.cuda.synchronize()
+        finally:
+            for handle in handles:
+                handle.remove()
+        _, host0, event0 = marks[0]
+        for name, host, event in marks[1:]:
+            rows[name].append(((host - host0) * 1000.0, event0.elapsed_time(event)))
+    out = []
+    for name, values in rows.items():
+        if values:
+            host = sorted(v[0] for v in values)[len(values) // 2]
+            gpu = sorted(v[1] for v in values)[len(values) // 2]
+            out.append({"mark": name, "host_ms": round(host, 3), "gpu_ms": round(gpu, 3),
+                        "gpu_lead_ms": round(gpu - host, 3)})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llava-onevision-7b")
@@ -124,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             case.model(**case.inputs, use_cache=True, logits_to_keep=1)
         if cuda:
             torch.cuda.synchronize()
+        marks = host_and_device_marks(case) if cuda else []
         with profile(activities=activities, with_stack=True) as profiler:
             case.model(**case.inputs, use_cache=True, logits_to_keep=1)
             if cuda:
@@ -136,10 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.trace:
             with open(path, "rb") as source, gzip.open(args.trace, "wb") as target:
                 target.write(source.read())
-    summary = {"model": args.model, "policy": args.policy, **analyse(trace, args.gap_us)}
+    summary = {"model": args.model, "policy": args.policy, **analyse(trace, args.gap_us), "marks": marks}
     with open(args.out, "w") as out:
         json.dump(summary, out, indent=2)
-    print(json.dumps({k: v for k, v in summary.items() if k != "largest_gaps"}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("largest_gaps", "marks")}, indent=2))
+    for row in marks:
+        print(f"{row['mark']:>16}  host {row['host_ms']:8.2f}  gpu {row['gpu_ms']:8.2f}  "
+              f"lead {row['gpu_lead_ms']:7.2f}")
     return 0
 
 

@@ -66,7 +66,8 @@ class SyncSpy(TorchFunctionMode):
     On a CPU run every tensor is a CPU tensor, so the spy tracks which tensors would be *host* tensors on
     a GPU run: results of ``.cpu()``, factories without a ``device`` argument, and anything computed only
     from host tensors. Reads of the other (device) tensors count: ``item``, ``tolist``, ``__bool__``,
-    ``__int__``, ``nonzero``, ``equal``, ``cpu``, boolean-mask indexing, …; ``any``/``all`` count only
+    ``__int__``, ``nonzero``, ``equal``, ``cpu``, boolean-mask indexing, ``x[tensor_index] = scalar`` (the
+    scalar is copied to the device with a blocking copy), …; ``any``/``all`` count only
     when their result is read (through ``__bool__``, counted there). Blocking host-to-device copies
     (``.to(device)`` of a host tensor without ``non_blocking``) count too, as ``h2d``.
     """
@@ -86,6 +87,10 @@ class SyncSpy(TorchFunctionMode):
             masked = name == "__getitem__" and any(t.dtype == torch.bool for t in _tensors(args[1:]))
             if (name in READS and name not in ("any", "all")) or masked:
                 self.counts[(_site(), "bool-index" if masked else name)] += 1
+            elif name == "__setitem__" and len(args) == 3 and not isinstance(args[2], torch.Tensor) \
+                    and _tensors(args[1]):
+                # ``x[index] = scalar`` with a tensor index copies the scalar to the device and waits for it.
+                self.counts[(_site(), "scalar-index-put")] += 1
         target = _device_argument(args[1:] if receiver is not None else args, kwargs)
         if name in COPIES and receiver is not None and _is_host(receiver) and target not in (None, "cpu") \
                 and not kwargs.get("non_blocking", False):

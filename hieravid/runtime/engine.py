@@ -358,10 +358,9 @@ class Pruner:
                     tokens = torch.zeros(groups, dtype=torch.long, device=device)
                     tokens.index_add_(0, token_segments.to(device), torch.ones_like(token_segments, device=device))
                     to_read.append((sample, tokens, marginal))
-                keep[content] = False
-                keep[kept_content] = True
-                kind[kept_content] = CONTENT
-                kind[layout.newline_index] = NEWLINE
+                # index_fill_, not ``x[index] = scalar``: that copies the scalar to the device and waits for it.
+                keep.index_fill_(0, content, False).index_fill_(0, kept_content, True)
+                kind.index_fill_(0, kept_content, CONTENT).index_fill_(0, layout.newline_index, NEWLINE)
                 seg[kept_content] = token_segments.to(device)
                 video_positions = torch.cat([kept_content, layout.newline_index]).sort().values
                 stats["videos"].append(layout.describe())
@@ -406,7 +405,8 @@ class Pruner:
             embeds[sample, target] = features.to(embeds.dtype)
         mask_dtype = mask.dtype if isinstance(mask, Tensor) else torch.long
         kwargs["inputs_embeds"] = embeds
-        kwargs["attention_mask"] = request.translate_mask(0).to(mask_dtype)
+        # No padding anywhere: no mask, as the model had none (building one from an all-ones mask syncs).
+        kwargs["attention_mask"] = None if request.stage_all_valid[0] else request.translate_mask(0).to(mask_dtype)
         kwargs["position_ids"] = _gather_positions(position_ids, index)
         return ((), kwargs)
 
@@ -639,7 +639,7 @@ class Pruner:
                 host_meta=host_meta,
                 **options,
             )
-            keep[sample, candidates[result.local_keep]] = True
+            keep[sample].index_fill_(0, candidates[result.local_keep], True)
             kept.append(int(result.local_keep.numel()))
             host_budgets = result.host_budgets if result.host_budgets is not None else result.budgets.cpu()
             budgets.append(tuple(_to_list(host_budgets)))

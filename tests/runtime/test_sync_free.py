@@ -85,3 +85,14 @@ def test_every_builtin_selector_runs_without_a_sync(tiny_sdpa, tmp_path: Path) -
     policy.write_text(MIXED_SELECTORS)
     counts = _syncs(tiny_sdpa, str(policy))
     assert not any(any(part in site for part in STAGE_SITES) for site, _ in counts)
+
+
+def test_spy_sees_a_scalar_index_put() -> None:
+    """``x[index] = scalar`` copies the scalar to the device and waits on a GPU; ``index_fill_`` does not."""
+    spy = SyncSpy()
+    with spy:
+        target = torch.zeros(4, device="cpu")
+        index = torch.tensor([1, 2], device="cpu")
+        target[index] = 1.0
+        target.index_fill_(0, index, 2.0)
+    assert [name for _, name in spy.counts] == ["scalar-index-put"]
