@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from hieravid.ops import (
+    SegmentLevelGraphs,
     compose_keep,
     dpp_select,
     frame_level,
@@ -93,6 +94,7 @@ class Prefill:
 
     def __init__(self, frames: int, seed: int = 0) -> None:
         self.frames = scene_video(frames, max(1, frames // 4), seed)
+        self.graphs = SegmentLevelGraphs()
         n_video = frames * TOKENS_PER_FRAME
         g = torch.Generator(device=DEVICE).manual_seed(seed + 1)
         seq = n_video + TEXT_TOKENS
@@ -103,7 +105,7 @@ class Prefill:
 
     def run(self, *, backend: str = "auto", max_block: int | None = None, graph: bool = False) -> dict[str, Any]:
         """All pruning work of the prefill; returns the final keep indices (original positions)."""
-        seg = segment_level(self.frames, use_cuda_graph=graph)
+        seg = segment_level(self.frames, cuda_graphs=self.graphs if graph else None)
         keep = seg.kept_index  # original video positions kept after the segment level
         seg_ids = seg.token_segment_ids
         n_text = TEXT_TOKENS
@@ -313,8 +315,9 @@ def main() -> int:
 
     T["prefill_32f"] = {be: bench(lambda be=be: p32.run(backend=be), iters=iters) for be in {"torch_graph", auto}}
     graph_ok = True
+    graphs = SegmentLevelGraphs()
     try:
-        T["segment_level_32f_graph"] = bench(lambda: segment_level(p32.frames, use_cuda_graph=True), iters=iters)
+        T["segment_level_32f_graph"] = bench(lambda: segment_level(p32.frames, cuda_graphs=graphs), iters=iters)
         log("segment level 32f (CUDA graph)", T["segment_level_32f_graph"])
         T["prefill_32f"][f"{auto}+segment_graph"] = bench(lambda: p32.run(backend=auto, graph=True), iters=iters)
     except Exception as exc:  # report and go on with the eager segment level
@@ -383,7 +386,7 @@ def main() -> int:
         counts: dict[str, int] = {}
         for name, fn in (
             ("segment_level", lambda: segment_level(p32.frames)),
-            ("segment_level_graph", lambda: segment_level(p32.frames, use_cuda_graph=graph_ok)),
+            ("segment_level_graph", lambda: segment_level(p32.frames, cuda_graphs=graphs if graph_ok else None)),
             ("stage1", lambda: frame_level(h, attn, seg_ids, mv, STAGE_RATIOS[0])),
         ):
             fn()

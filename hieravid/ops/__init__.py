@@ -41,6 +41,7 @@ from hieravid.ops.relevance import RelevanceSign, last_query_attention, normaliz
 from hieravid.ops.segment import (
     FIRST_FRAME_SIMILARITY,
     MergeResult,
+    SegmentLevelGraphs,
     SegmentLevelResult,
     adjacent_frame_similarity,
     frame_redundancy,
@@ -70,6 +71,7 @@ __all__ = [
     "InputOperator",
     "MergeResult",
     "RelevanceSign",
+    "SegmentLevelGraphs",
     "SegmentLevelResult",
     "Selector",
     "UnknownInputOperatorError",

@@ -32,6 +32,7 @@ Conventions shared by the peers:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -41,6 +42,7 @@ from torch import Tensor
 from hieravid.errors import HieravidError
 from hieravid.ops._util import NORM_EPS, floor_product, mask_to_indices
 from hieravid.ops.segment import (
+    SegmentLevelGraphs,
     SegmentLevelResult,
     _check_frames,
     adjacent_frame_similarity,
@@ -98,11 +100,13 @@ def register_input_operator(name: str) -> Callable[[InputOperator], InputOperato
     return deco
 
 
-def input_level(kind: str, frames: Tensor, **options: Any) -> SegmentLevelResult:
+def input_level(kind: str, frames: Tensor, *, cuda_graphs: SegmentLevelGraphs | None = None,
+                **options: Any) -> SegmentLevelResult:
     """Run the input-level operator registered as ``kind`` on one video.
 
     ``options`` are the operator's keyword arguments (a plan's ``SegmentPlan.options``: for ``hieravid``
     the segment level's thresholds and ``merge_ratio``, for the peers ``prune_ratio`` and their own).
+    ``cuda_graphs`` goes to operators that take a ``cuda_graphs`` keyword (the segment level).
 
     Raises:
         UnknownInputOperatorError: (a ``KeyError``) when ``kind`` is not registered; the message lists them.
@@ -112,6 +116,8 @@ def input_level(kind: str, frames: Tensor, **options: Any) -> SegmentLevelResult
     except KeyError:
         known = ", ".join(sorted(INPUT_OPERATORS))
         raise UnknownInputOperatorError(f"unknown input-level operator {kind!r}; known: {known}") from None
+    if cuda_graphs is not None and "cuda_graphs" in inspect.signature(fn).parameters:
+        options["cuda_graphs"] = cuda_graphs
     return fn(frames, **options)
 
 

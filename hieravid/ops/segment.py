@@ -19,6 +19,7 @@ from hieravid.ops._util import NORM_EPS, floor_product, mask_to_indices
 __all__ = [
     "FIRST_FRAME_SIMILARITY",
     "MergeResult",
+    "SegmentLevelGraphs",
     "SegmentLevelResult",
     "adjacent_frame_similarity",
     "frame_redundancy",
@@ -312,7 +313,7 @@ def segment_level(
     merge_ratio: float = 0.5,
     marginal_value_weight: float = 0.5,
     merge: bool = True,
-    use_cuda_graph: bool = False,
+    cuda_graphs: SegmentLevelGraphs | None = None,
 ) -> SegmentLevelResult:
     """The whole segment level (SPEC §2.1) on one video.
 
@@ -321,8 +322,8 @@ def segment_level(
     when ``merge`` is False or the ratio is 0). All shapes are static (they depend on ``F, P, D`` and the
     ratio only); a single host synchronisation at the end reads the number of segments.
 
-    ``use_cuda_graph=True`` (CUDA only) captures the whole computation once per input shape, dtype and
-    parameter set in a CUDA graph and replays it afterwards (a bounded cache of 4 graphs; results are
+    ``cuda_graphs`` (CUDA inputs only; ignored on other devices): a :class:`SegmentLevelGraphs` that captures
+    the whole computation once per input shape, dtype and parameter set and replays it afterwards (results
     identical to the eager path). Worth it when videos of one geometry are processed repeatedly: it
     removes the per-operator launch cost, which dominates at these sizes.
 
@@ -333,9 +334,9 @@ def segment_level(
         A :class:`SegmentLevelResult`.
     """
     _check_frames(frames)
-    if use_cuda_graph and frames.is_cuda:
-        return _graphed_segment_level(
-            frames, similarity_threshold, segment_threshold, merge_ratio, marginal_value_weight, merge
+    if cuda_graphs is not None and frames.is_cuda:
+        return cuda_graphs.run(
+            frames, similarity_threshold, segment_threshold, merge_ratio if merge else 0.0, marginal_value_weight
         )
     out = _segment_level_padded(
         frames, similarity_threshold, segment_threshold, merge_ratio if merge else 0.0, marginal_value_weight
@@ -399,21 +400,40 @@ class _GraphedSegmentLevel:
         return _finish_segment_level({k: v.clone() for k, v in self.out.items()})
 
 
-_SEGMENT_GRAPHS: OrderedDict[tuple[Any, ...], _GraphedSegmentLevel] = OrderedDict()
-_SEGMENT_GRAPHS_SIZE = 4
+class SegmentLevelGraphs:
+    """CUDA graphs of :func:`segment_level`, one per input shape, dtype, device and parameter set.
 
+    Pass an instance as ``segment_level(..., cuda_graphs=graphs)``: the first call of a geometry captures
+    the whole computation (about 200 small kernels) and later calls replay it, which removes the
+    per-operator launch cost that dominates at these sizes. Results are identical to the eager path. The
+    owner decides the lifetime (the runtime keeps one per :class:`~hieravid.runtime.PruningHandle`); each
+    graph holds its static input and output buffers and a private memory pool, so at most ``size`` graphs
+    are kept (least recently used dropped).
+    """
 
-def _graphed_segment_level(
-    frames: Tensor, tau: float, beta: float, ratio: float, weight: float, merge: bool
-) -> SegmentLevelResult:
-    params = (float(tau), float(beta), float(ratio) if merge else 0.0, float(weight))
-    key = (tuple(frames.shape), frames.dtype, str(frames.device), params)
-    runner = _SEGMENT_GRAPHS.get(key)
-    if runner is None:
-        runner = _GraphedSegmentLevel(frames, params)
-        _SEGMENT_GRAPHS[key] = runner
-        while len(_SEGMENT_GRAPHS) > _SEGMENT_GRAPHS_SIZE:
-            _SEGMENT_GRAPHS.popitem(last=False)
-    else:
-        _SEGMENT_GRAPHS.move_to_end(key)
-    return runner(frames)
+    def __init__(self, size: int = 4) -> None:
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self.size = size
+        self._graphs: OrderedDict[tuple[Any, ...], _GraphedSegmentLevel] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def clear(self) -> None:
+        """Drop every graph (and the memory it holds)."""
+        self._graphs.clear()
+
+    def run(self, frames: Tensor, tau: float, beta: float, ratio: float, weight: float) -> SegmentLevelResult:
+        """The segment level of ``frames`` (CUDA) through the graph of its geometry, captured if needed."""
+        params = (float(tau), float(beta), float(ratio), float(weight))
+        key = (tuple(frames.shape), frames.dtype, str(frames.device), params)
+        runner = self._graphs.get(key)
+        if runner is None:
+            runner = _GraphedSegmentLevel(frames, params)
+            self._graphs[key] = runner
+            while len(self._graphs) > self.size:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+        return runner(frames)

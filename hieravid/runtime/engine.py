@@ -121,7 +121,9 @@ def _to_list(tensor: Tensor) -> list[int]:
 class Pruner:
     """Owns the hooks and per-request state of one :class:`~hieravid.runtime.PruningHandle`."""
 
-    def __init__(self, model: nn.Module, adapter: Adapter, plan: PruningPlan) -> None:
+    def __init__(self, model: nn.Module, adapter: Adapter, plan: PruningPlan, *, cuda_graphs: bool = True) -> None:
+        from hieravid.ops.segment import SegmentLevelGraphs
+
         self.model = model
         self.adapter = adapter
         self.plan = plan
@@ -137,6 +139,8 @@ class Pruner:
         self.last_stats: RequestStats | None = None
         self.warned_no_video = False
         self._lm_signature = inspect.signature(self.language_model.forward)
+        # Owned here, dropped with the handle: the segment level's CUDA graphs (one per video geometry).
+        self.segment_graphs = SegmentLevelGraphs() if cuda_graphs else None
 
     # ================================================================== installation
     def install(self, register: Any) -> None:
@@ -335,7 +339,7 @@ class Pruner:
                 content = layout.frame_index.flatten()
                 frames = inputs_embeds[sample][layout.frame_index]
                 if segment.enabled:  # HieraVid's segment level or a peer's input operator (one segment)
-                    result = input_level(segment.kind, frames, **segment.options)
+                    result = input_level(segment.kind, frames, cuda_graphs=self.segment_graphs, **segment.options)
                     frame_segments, token_segments = result.frame_segment_ids, result.token_segment_ids
                     marginal = result.marginal_values
                     kept_content = content[result.kept_index]

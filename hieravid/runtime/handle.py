@@ -32,11 +32,11 @@ class PruningHandle:
         adapter: the adapter instance handling the architecture.
     """
 
-    def __init__(self, model: nn.Module, adapter: Adapter, plan: PruningPlan) -> None:
+    def __init__(self, model: nn.Module, adapter: Adapter, plan: PruningPlan, *, cuda_graphs: bool = True) -> None:
         self.model = model
         self.adapter = adapter
         self.plan = plan
-        self._pruner = Pruner(model, adapter, plan)
+        self._pruner = Pruner(model, adapter, plan, cuda_graphs=cuda_graphs)
         self._pruner.handle = self  # type: ignore[attr-defined]
         self._hooks: list[RemovableHandle] = []
         self._active = False
@@ -157,6 +157,7 @@ def apply(
     policy_or_plan: Policy | PruningPlan | str | Path,
     *,
     replace: bool = False,
+    cuda_graphs: bool = True,
 ) -> PruningHandle:
     """Install a pruning policy (or a compiled plan) on a transformers model.
 
@@ -166,6 +167,10 @@ def apply(
         policy_or_plan: a :class:`~hieravid.policy.Policy`, a YAML path or text, or a
             :class:`~hieravid.plan.PruningPlan` (compiled for this model's depth and type).
         replace: replace a plan already installed on ``model`` instead of raising.
+        cuda_graphs: on CUDA, run HieraVid's segment level through CUDA graphs owned by the handle (one per
+            video geometry, captured at its first prefill; identical results, ~200 kernel launches fewer per
+            prefill). Each graph keeps its buffers (about three times the video's embeddings) until the
+            handle is removed; pass False to trade that memory for launch time.
 
     Returns:
         A :class:`PruningHandle`; ``handle.remove()`` (or leaving a ``with`` block) restores the model.
@@ -187,7 +192,7 @@ def apply(
     adapter = adapter_class(model)
     adapter.validate()
     plan = _resolve_plan(policy_or_plan, model, adapter, model_type)
-    handle = PruningHandle(model, adapter, plan)
+    handle = PruningHandle(model, adapter, plan, cuda_graphs=cuda_graphs)
     if existing is not None:
         existing.remove()
     try:

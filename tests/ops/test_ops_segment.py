@@ -8,6 +8,7 @@ from ops_reference import ref_marginal_values, ref_merge, ref_segments, ref_simi
 
 from hieravid.ops import (
     FIRST_FRAME_SIMILARITY,
+    SegmentLevelGraphs,
     adjacent_frame_similarity,
     frame_redundancy,
     merge_redundant_tokens,
@@ -251,10 +252,12 @@ def test_bad_inputs():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_segment_level_cuda_graph_matches_eager(dtype):
+    graphs = SegmentLevelGraphs()
     for seed in range(3):  # the second and third calls replay the captured graph on new inputs
         frames = scene_video(12, 9, 32, seed, scenes=4).to("cuda", dtype)
         eager = segment_level(frames)
-        graphed = segment_level(frames, use_cuda_graph=True)
+        graphed = segment_level(frames, cuda_graphs=graphs)
+        assert len(graphs) == 1
         assert graphed.num_segments == eager.num_segments
         for name in (
             "kept_index",
@@ -269,8 +272,15 @@ def test_segment_level_cuda_graph_matches_eager(dtype):
             assert torch.equal(getattr(graphed, name), getattr(eager, name)), name
 
 
-def test_segment_level_cuda_graph_flag_is_ignored_on_cpu():
+def test_segment_level_cuda_graphs_are_ignored_on_cpu():
     frames = scene_video(5, 4, 8, 0)
-    a = segment_level(frames, use_cuda_graph=True)
+    graphs = SegmentLevelGraphs()
+    a = segment_level(frames, cuda_graphs=graphs)
     b = segment_level(frames)
     assert torch.equal(a.kept_index, b.kept_index) and torch.equal(a.features, b.features)
+    assert len(graphs) == 0
+
+
+def test_segment_level_graphs_reject_an_empty_cache():
+    with pytest.raises(ValueError, match="size must be >= 1"):
+        SegmentLevelGraphs(size=0)
