@@ -273,8 +273,11 @@ def _pruning_overhead(case: SyntheticCase, run: Callable[[], Any], timer: _Timer
 
 
 def bench_policy(case: SyntheticCase, policy: str | None, *, runs: int = 5, warmup: int = 2,
-                 decode_tokens: int = 64, device: str = "cuda") -> tuple[PolicyResult, Any]:
-    """Measure one policy (``None`` = unpruned) on a built case. Returns the result and the plan."""
+                 decode_tokens: int = 64, device: str = "cuda", cuda_graphs: bool = False,
+                 ) -> tuple[PolicyResult, Any]:
+    """Measure one policy (``None`` = unpruned) on a built case. Returns the result and the plan.
+
+    ``cuda_graphs`` is passed to :func:`hieravid.runtime.apply` (the segment level through CUDA graphs)."""
     import torch
 
     from hieravid.plan import compile_plan
@@ -284,7 +287,7 @@ def bench_policy(case: SyntheticCase, policy: str | None, *, runs: int = 5, warm
     timer = _Timer(device)
     plan = compile_plan(policy or _NONE_POLICY, case.spec())
     model, inputs = case.model, case.inputs
-    handle = apply(model, plan) if policy is not None else contextlib.nullcontext()
+    handle = apply(model, plan, cuda_graphs=cuda_graphs) if policy is not None else contextlib.nullcontext()
     llm_times: list[float] = []
     with handle, torch.inference_mode():
 
@@ -365,7 +368,7 @@ def run_benchmark(models: Sequence[str], policies: Sequence[str], *, frames: int
                   device: str = "cuda", dtype: str = "bfloat16", runs: int = 5, warmup: int = 2,
                   decode_tokens: int = 64, log: Callable[[str], None] = print,
                   checkpoint: Callable[[dict[str, Any]], None] | None = None, cudnn_sdp: bool = False,
-                  ) -> dict[str, Any]:
+                  cuda_graphs: bool = False) -> dict[str, Any]:
     """Benchmark the unpruned model and each policy on each model; returns a JSON-ready report.
 
     ``checkpoint`` (if given) receives the partial report after each model, so a long run that is
@@ -375,11 +378,11 @@ def run_benchmark(models: Sequence[str], policies: Sequence[str], *, frames: int
 
     report: dict[str, Any] = {"environment": environment_info(device), "settings": {
         "size": size, "dtype": dtype, "runs": runs, "warmup": warmup, "decode_tokens": decode_tokens,
-        "batch": 1, "attention": "sdpa", "cudnn_sdp": cudnn_sdp}, "models": []}
+        "batch": 1, "attention": "sdpa", "cudnn_sdp": cudnn_sdp, "cuda_graphs": cuda_graphs}, "models": []}
     with sdpa_backends(cudnn_sdp):
         for name in models:
             _bench_model(report, name, policies, frames=frames, size=size, device=device, dtype=dtype, runs=runs,
-                         warmup=warmup, decode_tokens=decode_tokens, log=log)
+                         warmup=warmup, decode_tokens=decode_tokens, log=log, cuda_graphs=cuda_graphs)
             if checkpoint is not None:
                 checkpoint(report)
     return report
@@ -387,7 +390,7 @@ def run_benchmark(models: Sequence[str], policies: Sequence[str], *, frames: int
 
 def _bench_model(report: dict[str, Any], name: str, policies: Sequence[str], *, frames: int | None, size: str,
                  device: str, dtype: str, runs: int, warmup: int, decode_tokens: int,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], cuda_graphs: bool = False) -> None:
     import gc
 
     import torch
@@ -398,7 +401,7 @@ def _bench_model(report: dict[str, Any], name: str, policies: Sequence[str], *, 
     entries = [baseline]
     for policy in policies:
         result, plan = bench_policy(case, policy, runs=runs, warmup=warmup, decode_tokens=decode_tokens,
-                                    device=device)
+                                    device=device, cuda_graphs=cuda_graphs)
         result.ideal_llm_prefill_ms = baseline.llm_prefill_ms * plan.flops_ratio
         result.prefill_vs_ideal = result.llm_prefill_ms / result.ideal_llm_prefill_ms
         result.ttft_speedup = baseline.ttft_ms / result.ttft_ms
@@ -420,7 +423,7 @@ def _bench_model(report: dict[str, Any], name: str, policies: Sequence[str], *, 
 
 def run_frames_sweep(name: str, frames_list: Sequence[int], policy: str, *, size: str = "full",
                      device: str = "cuda", dtype: str = "bfloat16", runs: int = 5, warmup: int = 2,
-                     log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+                     log: Callable[[str], None] = print, cuda_graphs: bool = False) -> list[dict[str, Any]]:
     """LLM prefill time of the unpruned model and ``policy`` for each frame count."""
     import gc
 
@@ -428,7 +431,8 @@ def run_frames_sweep(name: str, frames_list: Sequence[int], policy: str, *, size
     for frames in frames_list:
         case = build_case(name, frames=frames, size=size, device=device, dtype=dtype)
         unpruned, _ = bench_policy(case, None, runs=runs, warmup=warmup, decode_tokens=0, device=device)
-        pruned, plan = bench_policy(case, policy, runs=runs, warmup=warmup, decode_tokens=0, device=device)
+        pruned, plan = bench_policy(case, policy, runs=runs, warmup=warmup, decode_tokens=0, device=device,
+                                    cuda_graphs=cuda_graphs)
         rows.append({"frames": frames, "video_tokens": case.spec().video_tokens,
                      "unpruned_prefill_ms": unpruned.llm_prefill_ms, "pruned_prefill_ms": pruned.llm_prefill_ms,
                      "ideal_prefill_ms": unpruned.llm_prefill_ms * plan.flops_ratio, "flops_ratio": plan.flops_ratio})
@@ -467,8 +471,9 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
 def format_report(report: dict[str, Any]) -> str:
     """A readable table of a benchmark report."""
     env = report["environment"]
+    graphs = " · segment level in CUDA graphs" if report.get("settings", {}).get("cuda_graphs") else ""
     lines = [f"hieravid bench — {env.get('gpu') or env['device']}, torch {env['torch']}, "
-             f"transformers {env['transformers']}, {env['date']}"]
+             f"transformers {env['transformers']}, {env['date']}{graphs}"]
     header = ("policy", "retention", "FLOPs", "prefill ms", "ideal ms", "vs ideal", "TTFT ms", "TTFT ×",
               "decode ms/tok", "peak GiB", "KV MiB", "overhead ms")
     for entry in report["models"]:
@@ -502,7 +507,8 @@ def write_report(report: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def profile_prefill(case: SyntheticCase, policy: str, *, device: str = "cuda", top: int = 15) -> dict[str, Any]:
+def profile_prefill(case: SyntheticCase, policy: str, *, device: str = "cuda", top: int = 15,
+                    cuda_graphs: bool = False) -> dict[str, Any]:
     """Profile one pruned prefill: the operators that take the most device time, and hieravid's ranges."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -511,7 +517,7 @@ def profile_prefill(case: SyntheticCase, policy: str, *, device: str = "cuda", t
 
     timer = _Timer(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if timer.cuda else [])
-    with apply(case.model, policy), torch.inference_mode():
+    with apply(case.model, policy, cuda_graphs=cuda_graphs), torch.inference_mode():
         for _ in range(2):
             case.model(**case.inputs, use_cache=True, logits_to_keep=1)
         timer.sync()

@@ -121,7 +121,7 @@ def _to_list(tensor: Tensor) -> list[int]:
 class Pruner:
     """Owns the hooks and per-request state of one :class:`~hieravid.runtime.PruningHandle`."""
 
-    def __init__(self, model: nn.Module, adapter: Adapter, plan: PruningPlan, *, cuda_graphs: bool = True) -> None:
+    def __init__(self, model: nn.Module, adapter: Adapter, plan: PruningPlan, *, cuda_graphs: bool = False) -> None:
         from hieravid.ops.segment import SegmentLevelGraphs
 
         self.model = model

@@ -1,0 +1,65 @@
+"""`hieravid bench` end to end on the tiny models (CPU): the report's fields, the table, the sweep plot and the
+profile. Speed itself is measured on a GPU (benchmarks/results/), never asserted here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hieravid.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, Path]:
+    out = tmp_path_factory.mktemp("bench") / "report.json"
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["bench", "--size", "tiny", "--device", "cpu", "--dtype", "float32", "--runs", "1",
+                     "--warmup", "0", "--decode-tokens", "2", "--model", "llava-onevision-7b", "--policy",
+                     str(ROOT / "policies" / "hieravid-30.yaml"), "--sweep", "8,16", "--profile", "--cuda-graphs",
+                     "--out", str(out)])
+    assert code == 0
+    return json.loads(out.read_text()), printed.getvalue(), out
+
+
+def test_report_holds_every_measurement(tiny_report) -> None:
+    report, _, _ = tiny_report
+    assert report["settings"]["cuda_graphs"] is True and report["settings"]["runs"] == 1
+    (model,) = report["models"]
+    unpruned, pruned = model["results"]
+    assert unpruned["policy"] == "unpruned" and pruned["policy"] == "hieravid-30"
+    for key in ("llm_prefill_ms", "ttft_ms", "decode_ms_per_token", "kv_cache_bytes"):
+        assert pruned[key] is not None and unpruned[key] is not None, key
+    assert pruned["kv_cache_bytes"] < unpruned["kv_cache_bytes"]
+    assert 0.2 < pruned["retention"] < 0.4 and 0 < pruned["flops_ratio"] < pruned["retention"] + 0.05
+    assert pruned["ideal_llm_prefill_ms"] == pytest.approx(unpruned["llm_prefill_ms"] * pruned["flops_ratio"])
+    assert pruned["prefill_vs_ideal"] == pytest.approx(pruned["llm_prefill_ms"] / pruned["ideal_llm_prefill_ms"])
+    assert set(pruned["pruning_overhead_ms"]) >= {"hieravid/segment_level", "hieravid/stage_1"}
+    assert len(pruned["realised_video_tokens"]) == model["spec"]["num_layers"]
+
+
+def test_sweep_profile_and_table(tiny_report) -> None:
+    report, printed, out = tiny_report
+    plots = list(out.parent.glob("*.png"))
+    assert len(plots) == 1 and plots[0].stat().st_size > 1000
+    rows = report["frames_sweep"]["rows"]
+    assert [row["frames"] for row in rows] == [8, 16]
+    assert all(row["pruned_prefill_ms"] > 0 and 0 < row["flops_ratio"] < 1 for row in rows)
+    assert report["profile"]["top_ops"] and "hieravid/stage_1" in report["profile"]["hieravid_ranges_ms"]
+    assert "segment level in CUDA graphs" in printed and "hieravid-30" in printed and "vs ideal" in printed
+
+
+def test_help_documents_the_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--model", "--policy", "--frames", "--runs", "--warmup", "--decode-tokens", "--sweep",
+                   "--profile", "--out", "--cudnn-sdp", "--cuda-graphs"):
+        assert option in text, option
