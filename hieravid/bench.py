@@ -9,7 +9,10 @@ Measurements (median of ``runs`` after ``warmup``, batch 1):
 - ``llm_prefill_ms``: the language model's prefill (CUDA events around the LM call, hieravid's segment level
   included);
 - ``ttft_ms``: one full forward of the prompt (vision tower + projector + LLM + LM head);
-- ``decode_ms_per_token``: (time of generate(1 + N tokens) − time of generate(1 token)) / N;
+- ``decode_step_ms``: median time of N single-token decode steps driven by hand after the prefill (the
+  model's own decode step; ``decode_speedup`` compares these);
+- ``decode_ms_per_token``: (time of generate(1 + N tokens) − time of generate(1 token)) / N (what
+  ``generate`` adds included; noisier: a difference of two timings that include the prefill);
 - ``peak_memory_bytes``: peak allocated during generate; ``kv_cache_bytes`` after prefill;
 - ``pruning_overhead_ms``: GPU time of hieravid's own work, by level (from the profiler ranges the
   runtime emits);
@@ -240,6 +243,7 @@ class PolicyResult:
     llm_prefill_ms: float
     ttft_ms: float
     decode_ms_per_token: float | None
+    decode_step_ms: float | None
     peak_memory_bytes: int | None
     kv_cache_bytes: int
     retention: float
@@ -306,9 +310,14 @@ def bench_policy(case: SyntheticCase, policy: str | None, *, runs: int = 5, warm
         stats = getattr(handle, "last_request", None)
         realised = [counts[0] for counts in stats.layer_video_tokens] if stats is not None else []
         del output
-        decode = None
+        decode = decode_step = None
         peak = None
         if decode_tokens > 0:
+            loop = _DecodeLoop(model, inputs)
+            for _ in range(2):
+                loop.step()
+            decode_step = _median([timer.time(loop.step) for _ in range(decode_tokens)])
+            del loop
             generate(2)
             short = [timer.time(lambda: generate(1)) for _ in range(max(1, runs // 2))]
             long = [timer.time(lambda: generate(1 + decode_tokens)) for _ in range(max(1, runs // 2))]
@@ -321,7 +330,8 @@ def bench_policy(case: SyntheticCase, policy: str | None, *, runs: int = 5, warm
         overhead = _pruning_overhead(case, forward, timer) if policy is not None else {}
     result = PolicyResult(
         policy=plan.policy.name, llm_prefill_ms=_median(llm_times), ttft_ms=_median(ttfts),
-        decode_ms_per_token=decode, peak_memory_bytes=peak, kv_cache_bytes=kv_bytes, retention=plan.retention,
+        decode_ms_per_token=decode, decode_step_ms=decode_step, peak_memory_bytes=peak, kv_cache_bytes=kv_bytes,
+        retention=plan.retention,
         flops_ratio=plan.flops_ratio, realised_video_tokens=realised, pruning_overhead_ms=overhead,
     )
     return result, plan
@@ -405,8 +415,8 @@ def _bench_model(report: dict[str, Any], name: str, policies: Sequence[str], *, 
         result.ideal_llm_prefill_ms = baseline.llm_prefill_ms * plan.flops_ratio
         result.prefill_vs_ideal = result.llm_prefill_ms / result.ideal_llm_prefill_ms
         result.ttft_speedup = baseline.ttft_ms / result.ttft_ms
-        if result.decode_ms_per_token and baseline.decode_ms_per_token:
-            result.decode_speedup = baseline.decode_ms_per_token / result.decode_ms_per_token
+        if result.decode_step_ms and baseline.decode_step_ms:
+            result.decode_speedup = baseline.decode_step_ms / result.decode_step_ms
         entries.append(result)
         log(f"  {result.policy}: prefill {result.llm_prefill_ms:.1f} ms (ideal {result.ideal_llm_prefill_ms:.1f})"
             f", TTFT {result.ttft_ms:.1f} ms")
@@ -475,7 +485,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"hieravid bench — {env.get('gpu') or env['device']}, torch {env['torch']}, "
              f"transformers {env['transformers']}, {env['date']}{graphs}"]
     header = ("policy", "retention", "FLOPs", "prefill ms", "ideal ms", "vs ideal", "TTFT ms", "TTFT ×",
-              "decode ms/tok", "peak GiB", "KV MiB", "overhead ms")
+              "decode ms/step", "generate ms/tok", "peak GiB", "KV MiB", "overhead ms")
     for entry in report["models"]:
         lines.append("")
         lines.append(f"{entry['model']}: {entry['frames']} frames, {entry['prompt_tokens']} prompt tokens")
@@ -489,7 +499,8 @@ def format_report(report: dict[str, Any]) -> str:
                 result["policy"], fmt(result["retention"], ".3f"), fmt(result["flops_ratio"], ".3f"),
                 fmt(result["llm_prefill_ms"], ".1f"), fmt(result["ideal_llm_prefill_ms"], ".1f"),
                 fmt(result["prefill_vs_ideal"], ".2f"), fmt(result["ttft_ms"], ".1f"),
-                fmt(result["ttft_speedup"], ".2f"), fmt(result["decode_ms_per_token"], ".2f"),
+                fmt(result["ttft_speedup"], ".2f"), fmt(result.get("decode_step_ms"), ".2f"),
+                fmt(result["decode_ms_per_token"], ".2f"),
                 fmt(None if result["peak_memory_bytes"] is None else result["peak_memory_bytes"] / 2**30, ".2f"),
                 fmt(result["kv_cache_bytes"] / 2**20, ".1f"), fmt(overhead, ".2f"),
             ))
@@ -538,6 +549,31 @@ def profile_prefill(case: SyntheticCase, policy: str, *, device: str = "cuda", t
             "host_syncs": syncs}
 
 
+class _DecodeLoop:
+    """Single-token decode steps driven by hand (no ``generate``): the prefill runs once at construction,
+    then each :meth:`step` feeds the greedy token back with the grown 2-D mask and the returned cache."""
+
+    def __init__(self, model: Any, inputs: dict[str, Any]) -> None:
+        from hieravid.runtime.compat import cache_from_output
+
+        self.model = model
+        output = model(**inputs, use_cache=True, logits_to_keep=1)
+        self.cache = cache_from_output(output)
+        self.mask = inputs["attention_mask"]
+        self.token = output.logits[:, -1:].argmax(-1)
+
+    def step(self) -> None:
+        import torch
+
+        from hieravid.runtime.compat import cache_argument, cache_from_output
+
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        out = self.model(input_ids=self.token, attention_mask=self.mask, **cache_argument(self.model, self.cache),
+                         use_cache=True)
+        self.cache = cache_from_output(out)
+        self.token = out.logits[:, -1:].argmax(-1)
+
+
 def profile_decode(case: SyntheticCase, policy: str | None, *, steps: int = 16, device: str = "cuda",
                    top: int = 12) -> dict[str, Any]:
     """Time single-token decode steps driven by hand (no ``generate``), then profile one step.
@@ -549,32 +585,18 @@ def profile_decode(case: SyntheticCase, policy: str | None, *, steps: int = 16, 
     from torch.profiler import ProfilerActivity, profile
 
     from hieravid.runtime import apply
-    from hieravid.runtime.compat import cache_argument, cache_from_output
 
     timer = _Timer(device)
     model, inputs = case.model, case.inputs
     handle = apply(model, policy) if policy is not None else contextlib.nullcontext()
     with handle, torch.inference_mode():
-        output = model(**inputs, use_cache=True, logits_to_keep=1)
-        cache = cache_from_output(output)
-        mask = inputs["attention_mask"]
-        token = output.logits[:, -1:].argmax(-1)
-        step_times = []
-
-        def step() -> None:
-            nonlocal mask, token, cache
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = model(input_ids=token, attention_mask=mask, **cache_argument(model, cache), use_cache=True)
-            cache = cache_from_output(out)
-            token = out.logits[:, -1:].argmax(-1)
-
+        loop = _DecodeLoop(model, inputs)
         for _ in range(2):
-            step()
-        for _ in range(steps):
-            step_times.append(timer.time(step))
+            loop.step()
+        step_times = [timer.time(loop.step) for _ in range(steps)]
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if timer.cuda else [])
         with profile(activities=activities) as profiler:
-            step()
+            loop.step()
             timer.sync()
     averages = profiler.key_averages()
     cpu = sorted(averages, key=lambda event: event.self_cpu_time_total, reverse=True)[:top]

@@ -35,7 +35,7 @@ def test_report_holds_every_measurement(tiny_report) -> None:
     (model,) = report["models"]
     unpruned, pruned = model["results"]
     assert unpruned["policy"] == "unpruned" and pruned["policy"] == "hieravid-30"
-    for key in ("llm_prefill_ms", "ttft_ms", "decode_ms_per_token", "kv_cache_bytes"):
+    for key in ("llm_prefill_ms", "ttft_ms", "decode_ms_per_token", "decode_step_ms", "kv_cache_bytes"):
         assert pruned[key] is not None and unpruned[key] is not None, key
     assert pruned["kv_cache_bytes"] < unpruned["kv_cache_bytes"]
     assert 0.2 < pruned["retention"] < 0.4 and 0 < pruned["flops_ratio"] < pruned["retention"] + 0.05

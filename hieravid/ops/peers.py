@@ -32,6 +32,7 @@ Conventions shared by the peers:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -116,9 +117,14 @@ def input_level(kind: str, frames: Tensor, *, cuda_graphs: SegmentLevelGraphs | 
     except KeyError:
         known = ", ".join(sorted(INPUT_OPERATORS))
         raise UnknownInputOperatorError(f"unknown input-level operator {kind!r}; known: {known}") from None
-    if cuda_graphs is not None and "cuda_graphs" in inspect.signature(fn).parameters:
+    if cuda_graphs is not None and _takes_cuda_graphs(fn):
         options["cuda_graphs"] = cuda_graphs
     return fn(frames, **options)
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_cuda_graphs(fn: Callable[..., Any]) -> bool:
+    return "cuda_graphs" in inspect.signature(fn).parameters
 
 
 # ---------------------------------------------------------------------------------------------- helpers

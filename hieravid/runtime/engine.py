@@ -102,6 +102,8 @@ def _pack(keep: Tensor, kind: Tensor, counts: list[int], query_rows: int) -> tup
     device = keep.device
     rank = keep.cumsum(1)
     rows = _compact(keep, rank, length)
+    if min(counts) == length:  # no padding slot (e.g. batch 1): a dozen launches fewer
+        return rows, torch.ones_like(rows, dtype=torch.bool)
     count = rank[:, -1:]
     video = keep & (kind != TEXT)
     last_video = torch.where(video, rank, torch.zeros_like(rank)).amax(dim=1, keepdim=True)

@@ -41,9 +41,14 @@ def third_party(tmp_path, monkeypatch):
         importlib.metadata.EntryPoint("missing_type", "no_such_module_xyz:Adapter", ENTRY_POINT_GROUP),
     ]
 
+    real_entry_points = importlib.metadata.entry_points
+
     def fake_entry_points(**selection):
+        if selection.get("group") != ENTRY_POINT_GROUP:
+            # Other packages (e.g. Triton's backends, imported lazily by transformers) see the real table.
+            return real_entry_points(**selection)
         calls.append(selection)
-        return [point for point in points if point.group == selection.get("group")]
+        return importlib.metadata.EntryPoints(points)
 
     monkeypatch.setattr(importlib.metadata, "entry_points", fake_entry_points)
     yield calls
