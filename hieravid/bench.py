@@ -555,8 +555,12 @@ class _DecodeLoop:
 
     def __init__(self, model: Any, inputs: dict[str, Any]) -> None:
         from hieravid.runtime.compat import cache_from_output
+        from hieravid.runtime.registry import get_adapter
 
         self.model = model
+        # Explicit positions (the adapter's text positions after the prompt): models with M-RoPE cannot
+        # derive a decode step's positions from the 2-D mask alone (generate passes them too).
+        self.adapter = get_adapter(model.config.model_type)(model)
         output = model(**inputs, use_cache=True, logits_to_keep=1)
         self.cache = cache_from_output(output)
         self.mask = inputs["attention_mask"]
@@ -567,9 +571,10 @@ class _DecodeLoop:
 
         from hieravid.runtime.compat import cache_argument, cache_from_output
 
+        positions = self.adapter.default_position_ids(self.token, self.mask.shape[1])
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        out = self.model(input_ids=self.token, attention_mask=self.mask, **cache_argument(self.model, self.cache),
-                         use_cache=True)
+        out = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=positions,
+                         **cache_argument(self.model, self.cache), use_cache=True)
         self.cache = cache_from_output(out)
         self.token = out.logits[:, -1:].argmax(-1)
 

@@ -63,3 +63,17 @@ def test_help_documents_the_options(capsys: pytest.CaptureFixture[str]) -> None:
     for option in ("--model", "--policy", "--frames", "--runs", "--warmup", "--decode-tokens", "--sweep",
                    "--profile", "--out", "--cudnn-sdp", "--cuda-graphs"):
         assert option in text, option
+
+
+def test_qwen2_vl_decode_steps(tmp_path: Path) -> None:
+    """Hand-driven decode steps need explicit positions on M-RoPE models (regression: the H100 run failed)."""
+    import contextlib
+    import io
+
+    out = tmp_path / "qwen.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["bench", "--size", "tiny", "--device", "cpu", "--dtype", "float32", "--runs", "1", "--warmup",
+                     "0", "--decode-tokens", "2", "--model", "qwen2-vl-7b", "--policy",
+                     str(ROOT / "policies" / "hieravid-30.yaml"), "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["models"][0]["results"]
+    assert all(result["decode_step_ms"] > 0 for result in results)
