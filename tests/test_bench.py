@@ -77,3 +77,16 @@ def test_qwen2_vl_decode_steps(tmp_path: Path) -> None:
                      str(ROOT / "policies" / "hieravid-30.yaml"), "--out", str(out)]) == 0
     results = json.loads(out.read_text())["models"][0]["results"]
     assert all(result["decode_step_ms"] > 0 for result in results)
+
+
+def test_profile_decode_reports_steps_and_syncs() -> None:
+    from hieravid.bench import build_case, profile_decode
+
+    case = build_case("llava-onevision-7b", size="tiny", device="cpu", dtype="float32")
+    rows = [profile_decode(case, policy, steps=2, device="cpu")
+            for policy in (None, str(ROOT / "policies" / "hieravid-30.yaml"))]
+    assert rows[0]["policy"] == "unpruned"
+    for row in rows:
+        assert row["step_ms_median"] > 0 and row["top_cpu_ops"] and row["gpu_ms_per_step"] is None
+    # A pruned decode step reads the device no more often than the unpruned model's own step.
+    assert rows[1]["host_syncs_per_step"] <= rows[0]["host_syncs_per_step"]
