@@ -215,7 +215,7 @@ def greedy_map_dpp_order(
         )
     device = kernel.device
     valid = valid.to(device=device, dtype=torch.bool)
-    b = torch.minimum(budgets.to(device=device, dtype=torch.int64).clamp_min(0), valid.sum(dim=1))
+    b = torch.minimum(budgets.to(device=device, dtype=torch.int64, non_blocking=True).clamp_min(0), valid.sum(dim=1))
     steps = int(b.max()) if (max_steps is None and G > 0) else int(max_steps or 0)
     if steps < 0:
         raise ValueError(f"max_steps must be >= 0, got {steps}")

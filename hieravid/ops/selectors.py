@@ -143,7 +143,7 @@ def _segment_layout(segment_ids: Tensor, budgets: Tensor, device: torch.device) 
     n = segment_ids.shape[0]
     seg = segment_ids.to(device=device, dtype=torch.int64)
     counts = torch.zeros(G, dtype=torch.int64, device=device).index_add_(0, seg, torch.ones_like(seg))
-    k = torch.minimum(budgets.to(device=device, dtype=torch.int64).clamp_min(0), counts)
+    k = torch.minimum(budgets.to(device=device, dtype=torch.int64, non_blocking=True).clamp_min(0), counts)
     order = torch.sort(seg, stable=True).indices
     seg_start = torch.cumsum(counts, 0) - counts
     pos = torch.empty_like(seg)
@@ -172,7 +172,7 @@ def _topk_by_score(scores: Tensor, segment_ids: Tensor, budgets: Tensor, host_co
         return torch.zeros(0, dtype=torch.int64, device=device)
     seg = segment_ids.to(device=device, dtype=torch.int64)
     counts = torch.zeros(G, dtype=torch.int64, device=device).index_add_(0, seg, torch.ones_like(seg))
-    k = torch.minimum(budgets.to(device=device, dtype=torch.int64).clamp_min(0), counts)
+    k = torch.minimum(budgets.to(device=device, dtype=torch.int64, non_blocking=True).clamp_min(0), counts)
     total = _total(k, budgets, host_counts)
     by_score = torch.sort(sanitize_scores(scores), descending=True, stable=True).indices
     by_seg = by_score[torch.sort(seg[by_score], stable=True).indices]  # (segment, score desc, index)
