@@ -22,6 +22,11 @@ pre-hook gathers its input, a forward hook scatters its output back to full leng
 forward hook on the layer gathers its output; with ``after_mlp`` only the layer's output is gathered.
 No layer ever runs twice.
 
+Host syncs. A prefill reads the device only before layer 0 (the adapter locating the video, the segment
+level's number of segments, and one read of the per-segment counts and marginal values). From then on every
+count is known on the host (``Request.schedule``: a selector keeps exactly its budgets), so the stages only
+enqueue work and the host stays ahead of the GPU (``tests/runtime/test_sync_free.py``).
+
 Decode and continuation calls are never pruned: the 2-D mask (original coordinates, as ``generate``
 grows it) is translated into each stage's coordinates and the masks rebuilt against each stage's
 first cache layer; positions are the caller's (``generate`` extends the original ones) or continue from
