@@ -29,12 +29,16 @@ def _name(func: Any) -> str:
     return getattr(func, "__name__", str(func))
 
 
+#: Paths under the repository root that are not hieravid's code (virtual environments live there in CI).
+_NOT_OURS = ("/benchmarks/", "/tests/", "/.venv", "site-packages")
+
+
 def _site() -> str:
     for frame in reversed(traceback.extract_stack()[:-2]):
         if frame.filename.startswith("<"):
             continue
         path = os.path.abspath(frame.filename)
-        if path.startswith(ROOT) and not any(part in path for part in ("/benchmarks/", "/tests/", "/.venv/")):
+        if path.startswith(ROOT) and not any(part in path for part in _NOT_OURS):
             return f"{os.path.relpath(path, ROOT)}:{frame.lineno} ({frame.name})"
     return "<outside the repository>"
 
