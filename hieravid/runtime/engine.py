@@ -653,6 +653,13 @@ class Pruner:
             keep[sample].index_fill_(0, candidates[result.local_keep], True)
             kept.append(int(result.local_keep.numel()))
             host_budgets = result.host_budgets if result.host_budgets is not None else result.budgets.cpu()
+            if kept[-1] != int(host_budgets.sum()):
+                # The schedule below relies on it; a shape is known on the host, so checking costs no sync.
+                raise AdapterError(
+                    f"selector {stage.selector!r} kept {kept[-1]} tokens of sample {sample} at stage {stage_index + 1} "
+                    f"(layer {stage.layer}), but its budgets sum to {int(host_budgets.sum())}: a selector must keep "
+                    "exactly min(budgets[g], n_g) tokens of each segment g"
+                )
             budgets.append(tuple(_to_list(host_budgets)))
             # A selector keeps exactly its (clamped) budgets: the next stage's counts follow on the host.
             counts.segment_tokens = host_budgets.to(torch.int64) if stage.per_segment else torch.tensor([kept[-1]])

@@ -107,3 +107,29 @@ def test_cuda_graphs_option_gives_identical_outputs(tiny_llava) -> None:
         with apply(tiny_llava.model, str(POLICIES / "hieravid-30.yaml"), cuda_graphs=flag), torch.inference_mode():
             outputs[flag] = [tiny_llava.model(**inputs).logits for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(outputs[False], outputs[True]))
+
+
+def test_a_selector_that_breaks_its_budget_is_refused(tiny_llava, tmp_path: Path) -> None:
+    """The host-side schedule relies on selectors keeping exactly their budgets; a selector that keeps fewer
+    is named in a clear error (no silent drift of the counts), and the handle serves the next request."""
+    from hieravid.errors import AdapterError
+    from hieravid.ops.selectors import SELECTORS
+
+    policy = tmp_path / "uniform.yaml"
+    policy.write_text(MIXED_SELECTORS.replace("{kind: dpp, max_block: 8}", "{kind: uniform}"))
+    original = SELECTORS["uniform"]
+
+    def keeps_one_too_few(*args, **kwargs):
+        return original(*args, **kwargs)[:-1]
+
+    inputs = tiny_llava.inputs(seed=2)
+    with apply(tiny_llava.model, str(policy)) as handle, torch.inference_mode():
+        expected = tiny_llava.model(**inputs).logits
+        SELECTORS["uniform"] = keeps_one_too_few
+        try:
+            with pytest.raises(AdapterError, match=r"selector 'uniform' kept \d+ tokens of sample 0 at stage 2"):
+                tiny_llava.model(**inputs)
+        finally:
+            SELECTORS["uniform"] = original
+        assert torch.equal(tiny_llava.model(**inputs).logits, expected)
+        assert handle.last_request is not None and handle.last_request.pruned
