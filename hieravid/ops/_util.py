@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -13,6 +17,13 @@ FLOOR_GUARD = 1e-9
 
 #: Norm clamp used for every L2 normalisation (zero vectors stay zero instead of becoming NaN).
 NORM_EPS = 1e-12
+
+
+@functools.lru_cache(maxsize=128)
+def accepts_keyword(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` declares a parameter ``name`` (registries pass optional extras only to operators
+    that take them; cached, since it runs on every call)."""
+    return name in inspect.signature(fn).parameters
 
 
 def floor_product(n: int, ratio: float) -> int:

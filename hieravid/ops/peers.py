@@ -32,8 +32,6 @@ Conventions shared by the peers:
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -41,7 +39,7 @@ import torch
 from torch import Tensor
 
 from hieravid.errors import HieravidError
-from hieravid.ops._util import NORM_EPS, floor_product, mask_to_indices
+from hieravid.ops._util import NORM_EPS, accepts_keyword, floor_product, mask_to_indices
 from hieravid.ops.segment import (
     SegmentLevelGraphs,
     SegmentLevelResult,
@@ -117,14 +115,10 @@ def input_level(kind: str, frames: Tensor, *, cuda_graphs: SegmentLevelGraphs | 
     except KeyError:
         known = ", ".join(sorted(INPUT_OPERATORS))
         raise UnknownInputOperatorError(f"unknown input-level operator {kind!r}; known: {known}") from None
-    if cuda_graphs is not None and _takes_cuda_graphs(fn):
+    if cuda_graphs is not None and accepts_keyword(fn, "cuda_graphs"):
         options["cuda_graphs"] = cuda_graphs
     return fn(frames, **options)
 
-
-@functools.lru_cache(maxsize=64)
-def _takes_cuda_graphs(fn: Callable[..., Any]) -> bool:
-    return "cuda_graphs" in inspect.signature(fn).parameters
 
 
 # ---------------------------------------------------------------------------------------------- helpers

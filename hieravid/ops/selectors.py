@@ -15,8 +15,6 @@ Register more with :func:`register_selector`.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -24,7 +22,7 @@ import torch
 from torch import Tensor
 
 from hieravid.errors import HieravidError
-from hieravid.ops._util import mask_to_indices, sanitize_scores
+from hieravid.ops._util import accepts_keyword, mask_to_indices, sanitize_scores
 from hieravid.ops.dpp import DEFAULT_MAX_BLOCK, DPP_EPS, dpp_select
 
 __all__ = [
@@ -100,14 +98,9 @@ def select_tokens(
     except KeyError:
         known = ", ".join(sorted(SELECTORS))
         raise UnknownSelectorError(f"unknown selector {name!r}; known selectors: {known}") from None
-    if counts is not None and _takes_counts(fn):
+    if counts is not None and accepts_keyword(fn, "counts"):
         options["counts"] = counts
     return fn(features, relevance, segment_ids, budgets, generator=generator, **options)
-
-
-@functools.lru_cache(maxsize=64)
-def _takes_counts(fn: Callable[..., Any]) -> bool:
-    return "counts" in inspect.signature(fn).parameters
 
 
 def _total(k: Tensor, budgets: Tensor, counts: Tensor | None) -> int:
