@@ -12,8 +12,7 @@ model code or initialises CUDA.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from hieravid._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -39,14 +38,4 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [*_EXPORTS, "__version__"]
 
-def __getattr__(name: str) -> Any:
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'hieravid' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), extra=("__version__",))

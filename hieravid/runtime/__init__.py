@@ -10,8 +10,7 @@ Names are resolved lazily: importing this package imports neither transformers n
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from hieravid._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "apply": "hieravid.runtime.handle",
@@ -30,14 +29,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'hieravid.runtime' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
