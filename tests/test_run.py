@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from media import video_stream_without_frames
 
 from hieravid.trace import load_trace
 
@@ -70,26 +71,6 @@ def test_run_without_compare_prints_no_speedup(checkpoint: Path) -> None:
     assert "segments (1): frames 0-15" in result.stdout  # segment level off: one segment
 
 
-def _empty_video(path: Path) -> Path:
-    """A file with a declared video stream but no video packet (audio only)."""
-    import av
-    import numpy as np
-
-    with av.open(str(path), mode="w") as container:
-        video = container.add_stream("mpeg4", rate=8)
-        video.width = video.height = 32
-        video.pix_fmt = "yuv420p"
-        audio = container.add_stream("aac", rate=8000)
-        for index in range(4):
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 8000, index * 1024
-            for packet in audio.encode(frame):
-                container.mux(packet)
-        for packet in [*audio.encode(), *video.encode()]:
-            container.mux(packet)
-    return path
-
-
 BAD_INPUTS = {
     # case: (what to change in the good command line, fragment of the one-paragraph error)
     "corrupt video": ({"--video": "corrupt.mp4"}, "cannot read this file as a video"),
@@ -116,7 +97,7 @@ def test_bad_input_exits_2_with_one_paragraph(case: str, checkpoint: Path, tmp_p
     (tmp_path / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\xff" * 4000)
     (tmp_path / "notes.mp4").write_text("this is not a video\n" * 50)
     (tmp_path / "bad.yaml").write_text("version: 1\nkind: PruningPolicy\nname: bad\nframe: {selector: {kind: magic}}\n")
-    _empty_video(tmp_path / "empty.mkv")
+    video_stream_without_frames(tmp_path / "empty.mkv")
     (tmp_path / "folder").mkdir()
     options = {"--model": str(checkpoint), "--video": str(checkpoint / "demo.mp4"), "--question": "Q",
                "--policy": POLICY, "--frames": "8", "--max-new-tokens": "1"}

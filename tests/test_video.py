@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from media import video_stream_without_frames
 
 from hieravid.errors import HieravidError
 from hieravid.video import (
@@ -91,23 +92,6 @@ def test_read_video_reports_progress(tmp_path: Path) -> None:
     assert events[0] == -1 and events[-1] == -2 and sum(e for e in events if e > 0) >= 5
 
 
-def _video_stream_without_frames(path: Path) -> Path:
-    """A file with a declared video stream and audio packets only (mp4 drops the empty video stream)."""
-    with av.open(str(path), mode="w") as container:
-        video = container.add_stream("mpeg4", rate=8)
-        video.width = video.height = 32
-        video.pix_fmt = "yuv420p"
-        audio = container.add_stream("aac", rate=8000)
-        for index in range(4):
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 8000, index * 1024
-            for packet in audio.encode(frame):
-                container.mux(packet)
-        for packet in [*audio.encode(), *video.encode()]:
-            container.mux(packet)
-    return path
-
-
 def test_errors_missing_directory_corrupt_and_empty(tmp_path: Path) -> None:
     with pytest.raises(VideoError, match="not found"):
         read_video(tmp_path / "missing.mp4", 8)
@@ -118,9 +102,9 @@ def test_errors_missing_directory_corrupt_and_empty(tmp_path: Path) -> None:
     with pytest.raises(VideoError, match="cannot read this file as a video"):
         read_video(corrupt, 8)
     with pytest.raises(VideoError, match="holds no frames"):
-        read_video(_video_stream_without_frames(tmp_path / "empty.mkv"), 8)
+        read_video(video_stream_without_frames(tmp_path / "empty.mkv"), 8)
     with pytest.raises(VideoError, match="no video stream"):
-        read_video(_video_stream_without_frames(tmp_path / "audio.mp4"), 8)
+        read_video(video_stream_without_frames(tmp_path / "audio.mp4"), 8)
     assert issubclass(VideoError, HieravidError)
 
 
