@@ -32,8 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", default="tiny")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--all-reads", action="store_true",
-                        help="also count reads of host tensors (what a CPU spy cannot otherwise tell apart)")
+    parser.add_argument(
+        "--all-reads",
+        action="store_true",
+        help="also count reads of host tensors (what a CPU spy cannot otherwise tell apart)",
+    )
     args = parser.parse_args(argv)
 
     from hieravid.bench import build_case

@@ -27,16 +27,21 @@ def main() -> None:
     rows = []
     for model in args.model:
         case = build_case(model)
-        for cudnn in ((False, True) if args.compare_cudnn else (False,)):
+        for cudnn in (False, True) if args.compare_cudnn else (False,):
             torch.backends.cuda.enable_cudnn_sdp(cudnn)
             for policy in (None, args.policy, None, args.policy):  # twice, interleaved: the host drifts
                 result = profile_decode(case, policy, steps=args.steps)
                 result.update(model=model, cudnn_sdp=cudnn)
                 rows.append(result)
-                print(f"{model} cudnn_sdp={cudnn} {result['policy']}: {result['step_ms_median']:.2f} ms/step, "
-                      f"GPU {result['gpu_ms_per_step']:.2f} ms/step, {result['host_syncs_per_step']:.0f} host syncs; "
-                      "top CPU: " + ", ".join(f"{op['name']} {op['cpu_ms']:.2f}ms×{op['calls']:.0f}"
-                                              for op in result["top_cpu_ops"][:4]), flush=True)
+                print(
+                    f"{model} cudnn_sdp={cudnn} {result['policy']}: {result['step_ms_median']:.2f} ms/step, "
+                    f"GPU {result['gpu_ms_per_step']:.2f} ms/step, {result['host_syncs_per_step']:.0f} host syncs; "
+                    "top CPU: "
+                    + ", ".join(
+                        f"{op['name']} {op['cpu_ms']:.2f}ms×{op['calls']:.0f}" for op in result["top_cpu_ops"][:4]
+                    ),
+                    flush=True,
+                )
         del case
         torch.cuda.empty_cache()
     args.out.parent.mkdir(parents=True, exist_ok=True)

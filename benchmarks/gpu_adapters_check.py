@@ -45,17 +45,44 @@ def build_model(scale: str, vision_layers: int, device: torch.device, dtype: tor
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     if scale == "full":
-        text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                    num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6,
-                    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
-        vision = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=vision_layers,
-                      num_attention_heads=16, image_size=384, patch_size=14)
+        text = dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        )
+        vision = dict(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=16,
+            image_size=384,
+            patch_size=14,
+        )
         ids = dict(image_token_id=151646, video_token_id=151647)
     else:
-        text = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=512, max_position_embeddings=8192)
-        vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                      image_size=56, patch_size=14)
+        text = dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=8,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
+            max_position_embeddings=8192,
+        )
+        vision = dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=14,
+        )
         ids = dict(image_token_id=500, video_token_id=501)
     config = LlavaOnevisionConfig(
         text_config=dict(model_type="qwen2", bos_token_id=1, eos_token_id=2, pad_token_id=0, **text),
@@ -83,8 +110,9 @@ def build_inputs(model: Any, frames: int, device: torch.device, dtype: torch.dty
     ids = torch.cat([head, torch.full((video_tokens,), config.video_token_id), tail])[None]
     scenes = 4
     bases = torch.randn(scenes, 3, vision.image_size, vision.image_size, generator=generator)
-    pixels = torch.stack([bases[f * scenes // frames] + 0.1 * torch.randn(bases.shape[1:], generator=generator)
-                          for f in range(frames)])[None]
+    pixels = torch.stack(
+        [bases[f * scenes // frames] + 0.1 * torch.randn(bases.shape[1:], generator=generator) for f in range(frames)]
+    )[None]
     return {
         "input_ids": ids.to(device),
         "attention_mask": torch.ones_like(ids).to(device),
@@ -135,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vision-layers", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rtol", type=float, default=5e-2,
-                        help="bf16 tolerance: per-layer max |pruned - reference| / max |reference|")
+    parser.add_argument(
+        "--rtol", type=float, default=5e-2, help="bf16 tolerance: per-layer max |pruned - reference| / max |reference|"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -176,11 +205,16 @@ def main(argv: list[str] | None = None) -> int:
         hooks_before = hook_count(model)
 
         # ------------------------------------------------------------------ bit identity
-        keep_all = policy_from_dict({
-            "version": 1, "kind": "PruningPolicy", "name": "keep-all", "segment": {"merge_ratio": 0.0},
-            "frame": {"dynamic_budget": {"enabled": False}},
-            "layer": {"schedule": {"kind": "depth_fraction", "fractions": [0.25, 0.5], "prune_ratios": [0.0, 0.0]}},
-        })
+        keep_all = policy_from_dict(
+            {
+                "version": 1,
+                "kind": "PruningPolicy",
+                "name": "keep-all",
+                "segment": {"merge_ratio": 0.0},
+                "frame": {"dynamic_budget": {"enabled": False}},
+                "layer": {"schedule": {"kind": "depth_fraction", "fractions": [0.25, 0.5], "prune_ratios": [0.0, 0.0]}},
+            }
+        )
         for name, policy in (("none", load_policy(ROOT / "policies" / "none.yaml")), ("keep-all", keep_all)):
             handle = apply(model, policy)
             hidden = lm(**inputs).last_hidden_state
@@ -196,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
             }
             entry = checks[f"identity_{name}"]
             entry["pass"] = (
-                entry["hidden_bit_identical"] and entry["after_remove_bit_identical"]
-                and entry["no_handle_after_remove"] and entry["hooks_left_after_remove"] == 0
+                entry["hidden_bit_identical"]
+                and entry["after_remove_bit_identical"]
+                and entry["no_handle_after_remove"]
+                and entry["hooks_left_after_remove"] == 0
                 and (entry["generate_ids_identical"] or not base_deterministic)
             )
             print_check(f"identity_{name}")
@@ -205,8 +241,11 @@ def main(argv: list[str] | None = None) -> int:
 
         # ------------------------------------------------------------------ pruned vs reference
         plan = compile_plan(ROOT / "policies" / "hieravid-30.yaml", model, frames=args.frames)
-        results["plan"] = {"summary": plan.summary(), "layer_video_tokens": list(plan.layer_video_tokens),
-                           "retention": plan.retention}
+        results["plan"] = {
+            "summary": plan.summary(),
+            "layer_video_tokens": list(plan.layer_video_tokens),
+            "retention": plan.retention,
+        }
         handle = apply(model, plan)
         adapter = handle.adapter
         handle.remove()
@@ -227,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
             ref = reference.layer_outputs[index].float()
             same_rows = bool(torch.equal(positions[positions >= 0], reference.layer_positions[index]))
             error = (rows - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
-            layer_errors.append({"layer": index, "rows": int(ref.shape[0]), "same_rows": same_rows,
-                                 "max_rel_error": error})
+            layer_errors.append(
+                {"layer": index, "rows": int(ref.shape[0]), "same_rows": same_rows, "max_rel_error": error}
+            )
         last = logits[0, -1].float()
         ref_last = reference.logits[-1].float()
         cosine = torch.nn.functional.cosine_similarity(last, ref_last, dim=0).item()
@@ -245,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
             "rtol": args.rtol,
         }
         entry = checks["pruned_vs_reference"]
-        entry["pass"] = (all(e["same_rows"] for e in layer_errors) and entry["max_layer_rel_error"] <= args.rtol
-                         and cosine >= 0.99)
+        entry["pass"] = (
+            all(e["same_rows"] for e in layer_errors) and entry["max_layer_rel_error"] <= args.rtol and cosine >= 0.99
+        )
         print_check("pruned_vs_reference")
         del outputs, reference, lm_inputs, logits
 

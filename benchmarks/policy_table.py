@@ -55,9 +55,11 @@ def render() -> str:
     groups = policy_files()
     for model in MODELS:
         spec = load_spec(model)
-        parts.append(f"## {model}\n\n{spec.frames} frames × {spec.rows}×{spec.cols} tokens + "
-                     f"{spec.newline_tokens} newline(s): N_v = {spec.video_tokens} video tokens; "
-                     f"{spec.num_layers} layers.\n")
+        parts.append(
+            f"## {model}\n\n{spec.frames} frames × {spec.rows}×{spec.cols} tokens + "
+            f"{spec.newline_tokens} newline(s): N_v = {spec.video_tokens} video tokens; "
+            f"{spec.num_layers} layers.\n"
+        )
         for title, files in groups.items():
             plans = [compile_plan(path, model) for path in files]
             parts.append(f"### {title}\n\n{format_comparison(plans, markdown=True)}\n")

@@ -52,8 +52,9 @@ def analyse(trace: dict[str, Any], gap_us: float) -> dict[str, Any]:
     """Summarise GPU busy time, idle gaps and host syncs of one exported prefill trace."""
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
     kernels = sorted((e for e in events if e.get("cat") in _GPU_CATEGORIES), key=lambda e: e["ts"])
-    ranges = _interval_index([e for e in events if e.get("cat") == "user_annotation"
-                              and e["name"].startswith("hieravid/")])
+    ranges = _interval_index(
+        [e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("hieravid/")]
+    )
     python = _interval_index([e for e in events if e.get("cat") == "python_function" and _in_repository(e["name"])])
     runtime = [e for e in events if e.get("cat") == "cuda_runtime"]
     launches = {e["args"].get("correlation"): e for e in runtime if "correlation" in e.get("args", {})}
@@ -69,9 +70,15 @@ def analyse(trace: dict[str, Any], gap_us: float) -> dict[str, Any]:
             launch = launches.get(kernel.get("args", {}).get("correlation"))
             host_time = launch["ts"] if launch else start
             where = [r["name"] for r in _active(ranges, host_time)]
-            gaps.append({"gap_us": start - cursor, "at_us": cursor - kernels[0]["ts"],
-                         "range": where[-1] if where else "-", "next_kernel": kernel["name"][:80],
-                         "host_frame": _repo_frame(_active(python, host_time))})
+            gaps.append(
+                {
+                    "gap_us": start - cursor,
+                    "at_us": cursor - kernels[0]["ts"],
+                    "range": where[-1] if where else "-",
+                    "next_kernel": kernel["name"][:80],
+                    "host_frame": _repo_frame(_active(python, host_time)),
+                }
+            )
         busy += max(0.0, end - max(start, cursor))
         cursor = max(cursor, end)
     by_range: dict[str, float] = collections.defaultdict(float)
@@ -84,8 +91,12 @@ def analyse(trace: dict[str, Any], gap_us: float) -> dict[str, Any]:
         range_spans[event["name"]] += (end - start) / 1000.0
     syncs = collections.Counter(_repo_frame(_active(python, e["ts"])) for e in runtime if e["name"] in _SYNC_CALLS)
     return {
-        "gpu_span_ms": span / 1000.0, "gpu_busy_ms": busy / 1000.0, "gpu_idle_ms": (span - busy) / 1000.0,
-        "kernels": len(kernels), "gaps_over_threshold": len(gaps), "gap_threshold_us": gap_us,
+        "gpu_span_ms": span / 1000.0,
+        "gpu_busy_ms": busy / 1000.0,
+        "gpu_idle_ms": (span - busy) / 1000.0,
+        "kernels": len(kernels),
+        "gaps_over_threshold": len(gaps),
+        "gap_threshold_us": gap_us,
         "idle_ms_by_range": dict(sorted(by_range.items(), key=lambda item: -item[1])),
         "idle_ms_by_host_frame": dict(sorted(by_frame.items(), key=lambda item: -item[1])[:25]),
         "host_range_spans_ms": dict(range_spans),
@@ -115,9 +126,10 @@ def host_and_device_marks(case: Any, runs: int = 3) -> list[dict[str, Any]]:
             event.record()
             marks.append((name, time.perf_counter(), event))
 
-        handles = [module.register_forward_pre_hook(lambda *_, name=name: mark(name),
-                                                    prepend=name == "language_model")
-                   for name, module in points]
+        handles = [
+            module.register_forward_pre_hook(lambda *_, name=name: mark(name), prepend=name == "language_model")
+            for name, module in points
+        ]
         try:
             torch.cuda.synchronize()
             mark("start")
@@ -135,8 +147,9 @@ def host_and_device_marks(case: Any, runs: int = 3) -> list[dict[str, Any]]:
         if values:
             host = sorted(v[0] for v in values)[len(values) // 2]
             gpu = sorted(v[1] for v in values)[len(values) // 2]
-            out.append({"mark": name, "host_ms": round(host, 3), "gpu_ms": round(gpu, 3),
-                        "gpu_lead_ms": round(gpu - host, 3)})
+            out.append(
+                {"mark": name, "host_ms": round(host, 3), "gpu_ms": round(gpu, 3), "gpu_lead_ms": round(gpu - host, 3)}
+            )
     return out
 
 
@@ -144,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llava-onevision-7b")
     parser.add_argument("--frames", type=int, default=None)
-    parser.add_argument("--policy", default=os.path.join(ROOT, "policies", "hieravid-30.yaml"),
-                        help="policy YAML, or 'none' for the unpruned model")
+    parser.add_argument(
+        "--policy",
+        default=os.path.join(ROOT, "policies", "hieravid-30.yaml"),
+        help="policy YAML, or 'none' for the unpruned model",
+    )
     parser.add_argument("--size", choices=["full", "tiny"], default="full")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--gap-us", type=float, default=20.0)
@@ -188,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(summary, out, indent=2)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("largest_gaps", "marks")}, indent=2))
     for row in marks:
-        print(f"{row['mark']:>16}  host {row['host_ms']:8.2f}  gpu {row['gpu_ms']:8.2f}  "
-              f"lead {row['gpu_lead_ms']:7.2f}")
+        print(
+            f"{row['mark']:>16}  host {row['host_ms']:8.2f}  gpu {row['gpu_ms']:8.2f}  lead {row['gpu_lead_ms']:7.2f}"
+        )
     return 0
 
 

@@ -38,10 +38,24 @@ DEFAULT_FRAMES = {"llava-onevision-7b": 32, "llava-video-7b": 64, "qwen2-vl-7b":
 """Frames sampled from the video (Qwen2-VL packs two sampled frames into one temporal patch)."""
 
 _VIDEO_TOKEN, _IMAGE_TOKEN, _VISION_START, _VISION_END = 151656, 151655, 151652, 151653
-_QWEN2_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                      num_key_value_heads=4, vocab_size=152064, max_position_embeddings=131072)
-_TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=152064, max_position_embeddings=131072)
+_QWEN2_7B_TEXT = dict(
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=152064,
+    max_position_embeddings=131072,
+)
+_TINY_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=152064,
+    max_position_embeddings=131072,
+)
 _PROMPT_HEAD, _PROMPT_TAIL = 14, 40
 """Text tokens around the video: a chat template's system turn before, the question after."""
 
@@ -78,16 +92,34 @@ def _onevision_config(size: str) -> Any:
     from transformers import LlavaOnevisionConfig
 
     if size == "full":
-        vision = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
-                      num_hidden_layers=26, num_attention_heads=16, image_size=384, patch_size=14)
+        vision = dict(
+            model_type="siglip_vision_model",
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=26,
+            num_attention_heads=16,
+            image_size=384,
+            patch_size=14,
+        )
         text = _QWEN2_7B_TEXT
     else:
-        vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, image_size=56, patch_size=4)
+        vision = dict(
+            model_type="siglip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=4,
+        )
         text = _TINY_TEXT
     return LlavaOnevisionConfig(
-        text_config=dict(model_type="qwen2", **text), vision_config=vision, image_token_id=_IMAGE_TOKEN,
-        video_token_id=_VIDEO_TOKEN, vision_feature_layer=-1, vision_feature_select_strategy="full",
+        text_config=dict(model_type="qwen2", **text),
+        vision_config=vision,
+        image_token_id=_IMAGE_TOKEN,
+        video_token_id=_VIDEO_TOKEN,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
         tie_word_embeddings=False,
     )
 
@@ -96,24 +128,54 @@ def _qwen2_vl_config(size: str) -> Any:
     from transformers import Qwen2VLConfig
 
     if size == "full":
-        vision = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        vision = dict(
+            depth=32,
+            embed_dim=1280,
+            hidden_size=3584,
+            num_heads=16,
+            mlp_ratio=4,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        )
         text = _QWEN2_7B_TEXT
         rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
     else:
-        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        vision = dict(
+            depth=1,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        )
         text = _TINY_TEXT
         rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}
     return Qwen2VLConfig(
-        text_config=dict(model_type="qwen2_vl_text", rope_parameters=rope, **text), vision_config=vision,
-        image_token_id=_IMAGE_TOKEN, video_token_id=_VIDEO_TOKEN, vision_start_token_id=_VISION_START,
-        vision_end_token_id=_VISION_END, tie_word_embeddings=False,
+        text_config=dict(model_type="qwen2_vl_text", rope_parameters=rope, **text),
+        vision_config=vision,
+        image_token_id=_IMAGE_TOKEN,
+        video_token_id=_VIDEO_TOKEN,
+        vision_start_token_id=_VISION_START,
+        vision_end_token_id=_VISION_END,
+        tie_word_embeddings=False,
     )
 
 
-def build_case(name: str, *, frames: int | None = None, size: str = "full", device: str = "cuda",
-               dtype: str = "bfloat16", attention: str = "sdpa", seed: int = 0) -> SyntheticCase:
+def build_case(
+    name: str,
+    *,
+    frames: int | None = None,
+    size: str = "full",
+    device: str = "cuda",
+    dtype: str = "bfloat16",
+    attention: str = "sdpa",
+    seed: int = 0,
+) -> SyntheticCase:
     """Build a random-weight model shaped like catalogue model ``name`` and a prompt with a video."""
     import torch
     import transformers
@@ -126,8 +188,9 @@ def build_case(name: str, *, frames: int | None = None, size: str = "full", devi
     generator = torch.Generator(device="cpu").manual_seed(seed)
     qwen = name.startswith("qwen")
     config = _qwen2_vl_config(size) if qwen else _onevision_config(size)
-    model_class = (transformers.Qwen2VLForConditionalGeneration if qwen
-                   else transformers.LlavaOnevisionForConditionalGeneration)
+    model_class = (
+        transformers.Qwen2VLForConditionalGeneration if qwen else transformers.LlavaOnevisionForConditionalGeneration
+    )
     with torch.device(device):
         model = model_class._from_config(config, attn_implementation=attention, dtype=torch_dtype)
     model.eval()
@@ -139,11 +202,15 @@ def build_case(name: str, *, frames: int | None = None, size: str = "full", devi
         side = 32 if size == "full" else 8  # 448×448 pixels / 14-pixel patches (full)
         grid = torch.tensor([[frames // 2, side, side]])
         count = frames // 2 * side * side // 4
-        ids = torch.cat([head, torch.tensor([_VISION_START]), torch.full((count,), _VIDEO_TOKEN),
-                         torch.tensor([_VISION_END]), tail])
+        ids = torch.cat(
+            [head, torch.tensor([_VISION_START]), torch.full((count,), _VIDEO_TOKEN), torch.tensor([_VISION_END]), tail]
+        )
         patches = torch.randn(frames // 2 * side * side, 3 * 2 * 14 * 14, generator=generator)
-        inputs = {"pixel_values_videos": patches.to(device, torch_dtype), "video_grid_thw": grid.to(device),
-                  "mm_token_type_ids": ((ids == _VIDEO_TOKEN).long() * 2)[None].to(device)}
+        inputs = {
+            "pixel_values_videos": patches.to(device, torch_dtype),
+            "video_grid_thw": grid.to(device),
+            "mm_token_type_ids": ((ids == _VIDEO_TOKEN).long() * 2)[None].to(device),
+        }
         llm_frames = frames // 2
     else:
         image = config.vision_config.image_size
@@ -217,8 +284,10 @@ def _llm_timer(case: SyntheticCase, timer: _Timer, sink: list[float]) -> Iterato
             sink.append(timer.elapsed_ms(start, end))
 
     # prepend: start the clock before hieravid's own pre-hook, so the segment level counts as prefill time.
-    handles = [language_model.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
-               language_model.register_forward_hook(after, with_kwargs=True)]
+    handles = [
+        language_model.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
+        language_model.register_forward_hook(after, with_kwargs=True),
+    ]
     try:
         yield
     finally:
@@ -276,9 +345,16 @@ def _pruning_overhead(case: SyntheticCase, run: Callable[[], Any], timer: _Timer
     return totals
 
 
-def bench_policy(case: SyntheticCase, policy: str | None, *, runs: int = 5, warmup: int = 2,
-                 decode_tokens: int = 64, device: str = "cuda", cuda_graphs: bool = False,
-                 ) -> tuple[PolicyResult, Any]:
+def bench_policy(
+    case: SyntheticCase,
+    policy: str | None,
+    *,
+    runs: int = 5,
+    warmup: int = 2,
+    decode_tokens: int = 64,
+    device: str = "cuda",
+    cuda_graphs: bool = False,
+) -> tuple[PolicyResult, Any]:
     """Measure one policy (``None`` = unpruned) on a built case. Returns the result and the plan.
 
     ``cuda_graphs`` is passed to :func:`hieravid.runtime.apply` (the segment level through CUDA graphs)."""
@@ -329,16 +405,25 @@ def bench_policy(case: SyntheticCase, policy: str | None, *, runs: int = 5, warm
                 peak = int(torch.cuda.max_memory_allocated())
         overhead = _pruning_overhead(case, forward, timer) if policy is not None else {}
     result = PolicyResult(
-        policy=plan.policy.name, llm_prefill_ms=_median(llm_times), ttft_ms=_median(ttfts),
-        decode_ms_per_token=decode, decode_step_ms=decode_step, peak_memory_bytes=peak, kv_cache_bytes=kv_bytes,
+        policy=plan.policy.name,
+        llm_prefill_ms=_median(llm_times),
+        ttft_ms=_median(ttfts),
+        decode_ms_per_token=decode,
+        decode_step_ms=decode_step,
+        peak_memory_bytes=peak,
+        kv_cache_bytes=kv_bytes,
         retention=plan.retention,
-        flops_ratio=plan.flops_ratio, realised_video_tokens=realised, pruning_overhead_ms=overhead,
+        flops_ratio=plan.flops_ratio,
+        realised_video_tokens=realised,
+        pruning_overhead_ms=overhead,
     )
     return result, plan
 
 
-_NONE_POLICY = "version: 1\nkind: PruningPolicy\nname: unpruned\nsegment: {enabled: false}\n" \
-               "frame: {enabled: false}\nlayer: {enabled: false}\n"
+_NONE_POLICY = (
+    "version: 1\nkind: PruningPolicy\nname: unpruned\nsegment: {enabled: false}\n"
+    "frame: {enabled: false}\nlayer: {enabled: false}\n"
+)
 
 
 def environment_info(device: str) -> dict[str, Any]:
@@ -374,33 +459,79 @@ def sdpa_backends(cudnn: bool) -> Iterator[None]:
         torch.backends.cuda.enable_cudnn_sdp(previous)
 
 
-def run_benchmark(models: Sequence[str], policies: Sequence[str], *, frames: int | None = None, size: str = "full",
-                  device: str = "cuda", dtype: str = "bfloat16", runs: int = 5, warmup: int = 2,
-                  decode_tokens: int = 64, log: Callable[[str], None] = print,
-                  checkpoint: Callable[[dict[str, Any]], None] | None = None, cudnn_sdp: bool = False,
-                  cuda_graphs: bool = False) -> dict[str, Any]:
+def run_benchmark(
+    models: Sequence[str],
+    policies: Sequence[str],
+    *,
+    frames: int | None = None,
+    size: str = "full",
+    device: str = "cuda",
+    dtype: str = "bfloat16",
+    runs: int = 5,
+    warmup: int = 2,
+    decode_tokens: int = 64,
+    log: Callable[[str], None] = print,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    cudnn_sdp: bool = False,
+    cuda_graphs: bool = False,
+) -> dict[str, Any]:
     """Benchmark the unpruned model and each policy on each model; returns a JSON-ready report.
 
     ``checkpoint`` (if given) receives the partial report after each model, so a long run that is
     interrupted still leaves its finished models behind.
     """
 
-
-    report: dict[str, Any] = {"environment": environment_info(device), "settings": {
-        "size": size, "dtype": dtype, "runs": runs, "warmup": warmup, "decode_tokens": decode_tokens,
-        "batch": 1, "attention": "sdpa", "cudnn_sdp": cudnn_sdp, "cuda_graphs": cuda_graphs}, "models": []}
+    report: dict[str, Any] = {
+        "environment": environment_info(device),
+        "settings": {
+            "size": size,
+            "dtype": dtype,
+            "runs": runs,
+            "warmup": warmup,
+            "decode_tokens": decode_tokens,
+            "batch": 1,
+            "attention": "sdpa",
+            "cudnn_sdp": cudnn_sdp,
+            "cuda_graphs": cuda_graphs,
+        },
+        "models": [],
+    }
     with sdpa_backends(cudnn_sdp):
         for name in models:
-            _bench_model(report, name, policies, frames=frames, size=size, device=device, dtype=dtype, runs=runs,
-                         warmup=warmup, decode_tokens=decode_tokens, log=log, cuda_graphs=cuda_graphs)
+            _bench_model(
+                report,
+                name,
+                policies,
+                frames=frames,
+                size=size,
+                device=device,
+                dtype=dtype,
+                runs=runs,
+                warmup=warmup,
+                decode_tokens=decode_tokens,
+                log=log,
+                cuda_graphs=cuda_graphs,
+            )
             if checkpoint is not None:
                 checkpoint(report)
     return report
 
 
-def _bench_model(report: dict[str, Any], name: str, policies: Sequence[str], *, frames: int | None, size: str,
-                 device: str, dtype: str, runs: int, warmup: int, decode_tokens: int,
-                 log: Callable[[str], None], cuda_graphs: bool = False) -> None:
+def _bench_model(
+    report: dict[str, Any],
+    name: str,
+    policies: Sequence[str],
+    *,
+    frames: int | None,
+    size: str,
+    device: str,
+    dtype: str,
+    runs: int,
+    warmup: int,
+    decode_tokens: int,
+    log: Callable[[str], None],
+    cuda_graphs: bool = False,
+) -> None:
     import gc
 
     import torch
@@ -410,30 +541,48 @@ def _bench_model(report: dict[str, Any], name: str, policies: Sequence[str], *, 
     baseline, _ = bench_policy(case, None, runs=runs, warmup=warmup, decode_tokens=decode_tokens, device=device)
     entries = [baseline]
     for policy in policies:
-        result, plan = bench_policy(case, policy, runs=runs, warmup=warmup, decode_tokens=decode_tokens,
-                                    device=device, cuda_graphs=cuda_graphs)
+        result, plan = bench_policy(
+            case, policy, runs=runs, warmup=warmup, decode_tokens=decode_tokens, device=device, cuda_graphs=cuda_graphs
+        )
         result.ideal_llm_prefill_ms = baseline.llm_prefill_ms * plan.flops_ratio
         result.prefill_vs_ideal = result.llm_prefill_ms / result.ideal_llm_prefill_ms
         result.ttft_speedup = baseline.ttft_ms / result.ttft_ms
         if result.decode_step_ms and baseline.decode_step_ms:
             result.decode_speedup = baseline.decode_step_ms / result.decode_step_ms
         entries.append(result)
-        log(f"  {result.policy}: prefill {result.llm_prefill_ms:.1f} ms (ideal {result.ideal_llm_prefill_ms:.1f})"
-            f", TTFT {result.ttft_ms:.1f} ms")
-    report["models"].append({
-        "model": name, "frames": case.sampled_frames, "llm_frames": case.llm_frames,
-        "prompt_tokens": int(case.inputs["input_ids"].shape[1]), "spec": case.spec().to_dict(),
-        "results": [dataclasses.asdict(entry) for entry in entries],
-    })
+        log(
+            f"  {result.policy}: prefill {result.llm_prefill_ms:.1f} ms (ideal {result.ideal_llm_prefill_ms:.1f})"
+            f", TTFT {result.ttft_ms:.1f} ms"
+        )
+    report["models"].append(
+        {
+            "model": name,
+            "frames": case.sampled_frames,
+            "llm_frames": case.llm_frames,
+            "prompt_tokens": int(case.inputs["input_ids"].shape[1]),
+            "spec": case.spec().to_dict(),
+            "results": [dataclasses.asdict(entry) for entry in entries],
+        }
+    )
     del case
     gc.collect()
     if device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def run_frames_sweep(name: str, frames_list: Sequence[int], policy: str, *, size: str = "full",
-                     device: str = "cuda", dtype: str = "bfloat16", runs: int = 5, warmup: int = 2,
-                     log: Callable[[str], None] = print, cuda_graphs: bool = False) -> list[dict[str, Any]]:
+def run_frames_sweep(
+    name: str,
+    frames_list: Sequence[int],
+    policy: str,
+    *,
+    size: str = "full",
+    device: str = "cuda",
+    dtype: str = "bfloat16",
+    runs: int = 5,
+    warmup: int = 2,
+    log: Callable[[str], None] = print,
+    cuda_graphs: bool = False,
+) -> list[dict[str, Any]]:
     """LLM prefill time of the unpruned model and ``policy`` for each frame count."""
     import gc
 
@@ -441,13 +590,23 @@ def run_frames_sweep(name: str, frames_list: Sequence[int], policy: str, *, size
     for frames in frames_list:
         case = build_case(name, frames=frames, size=size, device=device, dtype=dtype)
         unpruned, _ = bench_policy(case, None, runs=runs, warmup=warmup, decode_tokens=0, device=device)
-        pruned, plan = bench_policy(case, policy, runs=runs, warmup=warmup, decode_tokens=0, device=device,
-                                    cuda_graphs=cuda_graphs)
-        rows.append({"frames": frames, "video_tokens": case.spec().video_tokens,
-                     "unpruned_prefill_ms": unpruned.llm_prefill_ms, "pruned_prefill_ms": pruned.llm_prefill_ms,
-                     "ideal_prefill_ms": unpruned.llm_prefill_ms * plan.flops_ratio, "flops_ratio": plan.flops_ratio})
-        log(f"  {frames} frames: unpruned {unpruned.llm_prefill_ms:.1f} ms, {plan.policy.name} "
-            f"{pruned.llm_prefill_ms:.1f} ms (ideal {rows[-1]['ideal_prefill_ms']:.1f})")
+        pruned, plan = bench_policy(
+            case, policy, runs=runs, warmup=warmup, decode_tokens=0, device=device, cuda_graphs=cuda_graphs
+        )
+        rows.append(
+            {
+                "frames": frames,
+                "video_tokens": case.spec().video_tokens,
+                "unpruned_prefill_ms": unpruned.llm_prefill_ms,
+                "pruned_prefill_ms": pruned.llm_prefill_ms,
+                "ideal_prefill_ms": unpruned.llm_prefill_ms * plan.flops_ratio,
+                "flops_ratio": plan.flops_ratio,
+            }
+        )
+        log(
+            f"  {frames} frames: unpruned {unpruned.llm_prefill_ms:.1f} ms, {plan.policy.name} "
+            f"{pruned.llm_prefill_ms:.1f} ms (ideal {rows[-1]['ideal_prefill_ms']:.1f})"
+        )
         del case
         gc.collect()
     return rows
@@ -482,32 +641,59 @@ def format_report(report: dict[str, Any]) -> str:
     """A readable table of a benchmark report."""
     env = report["environment"]
     graphs = " · segment level in CUDA graphs" if report.get("settings", {}).get("cuda_graphs") else ""
-    lines = [f"hieravid bench — {env.get('gpu') or env['device']}, torch {env['torch']}, "
-             f"transformers {env['transformers']}, {env['date']}{graphs}"]
-    header = ("policy", "retention", "FLOPs", "prefill ms", "ideal ms", "vs ideal", "TTFT ms", "TTFT ×",
-              "decode ms/step", "generate ms/tok", "peak GiB", "KV MiB", "overhead ms")
+    lines = [
+        f"hieravid bench — {env.get('gpu') or env['device']}, torch {env['torch']}, "
+        f"transformers {env['transformers']}, {env['date']}{graphs}"
+    ]
+    header = (
+        "policy",
+        "retention",
+        "FLOPs",
+        "prefill ms",
+        "ideal ms",
+        "vs ideal",
+        "TTFT ms",
+        "TTFT ×",
+        "decode ms/step",
+        "generate ms/tok",
+        "peak GiB",
+        "KV MiB",
+        "overhead ms",
+    )
     for entry in report["models"]:
         lines.append("")
         lines.append(f"{entry['model']}: {entry['frames']} frames, {entry['prompt_tokens']} prompt tokens")
         rows = [header]
         for result in entry["results"]:
+
             def fmt(value: Any, spec: str) -> str:
                 return "-" if value is None else format(value, spec)
 
             overhead = sum(result["pruning_overhead_ms"].values()) if result["pruning_overhead_ms"] else None
-            rows.append((
-                result["policy"], fmt(result["retention"], ".3f"), fmt(result["flops_ratio"], ".3f"),
-                fmt(result["llm_prefill_ms"], ".1f"), fmt(result["ideal_llm_prefill_ms"], ".1f"),
-                fmt(result["prefill_vs_ideal"], ".2f"), fmt(result["ttft_ms"], ".1f"),
-                fmt(result["ttft_speedup"], ".2f"), fmt(result.get("decode_step_ms"), ".2f"),
-                fmt(result["decode_ms_per_token"], ".2f"),
-                fmt(None if result["peak_memory_bytes"] is None else result["peak_memory_bytes"] / 2**30, ".2f"),
-                fmt(result["kv_cache_bytes"] / 2**20, ".1f"), fmt(overhead, ".2f"),
-            ))
+            rows.append(
+                (
+                    result["policy"],
+                    fmt(result["retention"], ".3f"),
+                    fmt(result["flops_ratio"], ".3f"),
+                    fmt(result["llm_prefill_ms"], ".1f"),
+                    fmt(result["ideal_llm_prefill_ms"], ".1f"),
+                    fmt(result["prefill_vs_ideal"], ".2f"),
+                    fmt(result["ttft_ms"], ".1f"),
+                    fmt(result["ttft_speedup"], ".2f"),
+                    fmt(result.get("decode_step_ms"), ".2f"),
+                    fmt(result["decode_ms_per_token"], ".2f"),
+                    fmt(None if result["peak_memory_bytes"] is None else result["peak_memory_bytes"] / 2**30, ".2f"),
+                    fmt(result["kv_cache_bytes"] / 2**20, ".1f"),
+                    fmt(overhead, ".2f"),
+                )
+            )
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         for index, row in enumerate(rows):
-            lines.append("  ".join(cell.rjust(width) if i else cell.ljust(width)
-                                   for i, (cell, width) in enumerate(zip(row, widths))))
+            lines.append(
+                "  ".join(
+                    cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in enumerate(zip(row, widths))
+                )
+            )
             if index == 0:
                 lines.append("  ".join("-" * width for width in widths))
     return "\n".join(lines)
@@ -518,8 +704,9 @@ def write_report(report: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def profile_prefill(case: SyntheticCase, policy: str, *, device: str = "cuda", top: int = 15,
-                    cuda_graphs: bool = False) -> dict[str, Any]:
+def profile_prefill(
+    case: SyntheticCase, policy: str, *, device: str = "cuda", top: int = 15, cuda_graphs: bool = False
+) -> dict[str, Any]:
     """Profile one pruned prefill: the operators that take the most device time, and hieravid's ranges."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -538,15 +725,26 @@ def profile_prefill(case: SyntheticCase, policy: str, *, device: str = "cuda", t
     key = "self_device_time_total" if timer.cuda else "self_cpu_time_total"
     events = sorted(profiler.key_averages(), key=lambda event: getattr(event, key, 0.0), reverse=True)
     total = sum(getattr(event, key, 0.0) for event in events) / 1000.0
-    rows = [{"name": event.key, "ms": getattr(event, key, 0.0) / 1000.0, "calls": event.count}
-            for event in events[:top]]
-    ranges = {event.key: (getattr(event, "device_time_total", 0.0) if timer.cuda else event.cpu_time_total) / 1000.0
-              for event in profiler.key_averages() if event.key.startswith("hieravid/")}
-    syncs = sum(event.count for event in profiler.key_averages()
-                if event.key in ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize",
-                                 "cudaDeviceSynchronize"))
-    return {"policy": policy, "total_self_ms": total, "top_ops": rows, "hieravid_ranges_ms": ranges,
-            "host_syncs": syncs}
+    rows = [
+        {"name": event.key, "ms": getattr(event, key, 0.0) / 1000.0, "calls": event.count} for event in events[:top]
+    ]
+    ranges = {
+        event.key: (getattr(event, "device_time_total", 0.0) if timer.cuda else event.cpu_time_total) / 1000.0
+        for event in profiler.key_averages()
+        if event.key.startswith("hieravid/")
+    }
+    syncs = sum(
+        event.count
+        for event in profiler.key_averages()
+        if event.key in ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize")
+    )
+    return {
+        "policy": policy,
+        "total_self_ms": total,
+        "top_ops": rows,
+        "hieravid_ranges_ms": ranges,
+        "host_syncs": syncs,
+    }
 
 
 class _DecodeLoop:
@@ -573,14 +771,20 @@ class _DecodeLoop:
 
         positions = self.adapter.default_position_ids(self.token, self.mask.shape[1])
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        out = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=positions,
-                         **cache_argument(self.model, self.cache), use_cache=True)
+        out = self.model(
+            input_ids=self.token,
+            attention_mask=self.mask,
+            position_ids=positions,
+            **cache_argument(self.model, self.cache),
+            use_cache=True,
+        )
         self.cache = cache_from_output(out)
         self.token = out.logits[:, -1:].argmax(-1)
 
 
-def profile_decode(case: SyntheticCase, policy: str | None, *, steps: int = 16, device: str = "cuda",
-                   top: int = 12) -> dict[str, Any]:
+def profile_decode(
+    case: SyntheticCase, policy: str | None, *, steps: int = 16, device: str = "cuda", top: int = 12
+) -> dict[str, Any]:
     """Time single-token decode steps driven by hand (no ``generate``), then profile one step.
 
     Separates the model's own decode cost from ``generate``'s bookkeeping, for the unpruned model
@@ -607,8 +811,11 @@ def profile_decode(case: SyntheticCase, policy: str | None, *, steps: int = 16, 
             timer.sync()
     averages = profiler.key_averages()
     cpu = sorted(averages, key=lambda event: event.self_cpu_time_total, reverse=True)[:top]
-    syncs = sum(event.count for event in averages
-                if event.key in ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize"))
+    syncs = sum(
+        event.count
+        for event in averages
+        if event.key in ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize")
+    )
     gpu = sum(getattr(event, "self_device_time_total", 0.0) for event in averages) / 1000.0 if timer.cuda else None
     return {
         "policy": policy or "unpruned",
@@ -616,6 +823,12 @@ def profile_decode(case: SyntheticCase, policy: str | None, *, steps: int = 16, 
         # Kernel time of a step: what the smaller caches change (the wall step is host-bound at batch 1).
         "gpu_ms_per_step": None if gpu is None else gpu / profiled_steps,
         "host_syncs_per_step": syncs / profiled_steps,
-        "top_cpu_ops": [{"name": event.key, "cpu_ms": event.self_cpu_time_total / 1000.0 / profiled_steps,
-                         "calls": event.count / profiled_steps} for event in cpu],
+        "top_cpu_ops": [
+            {
+                "name": event.key,
+                "cpu_ms": event.self_cpu_time_total / 1000.0 / profiled_steps,
+                "calls": event.count / profiled_steps,
+            }
+            for event in cpu
+        ],
     }

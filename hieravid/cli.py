@@ -82,19 +82,30 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     models = bench.BENCH_MODELS if args.model == ["all"] else args.model
     unknown = sorted(set(models) - set(bench.BENCH_MODELS))
     if unknown:
-        raise HieravidError(f"--model {', '.join(unknown)}: not a benchmark model; choose from "
-                            f"{', '.join(bench.BENCH_MODELS)} or 'all'")
+        raise HieravidError(
+            f"--model {', '.join(unknown)}: not a benchmark model; choose from {', '.join(bench.BENCH_MODELS)} or 'all'"
+        )
     policies = args.policy or [str(path) for path in sorted(Path("policies").glob("hieravid-*.yaml"))]
     for policy in policies:
         from hieravid.policy import load_policy
 
         load_policy(Path(policy))
     log = (lambda message: print(message, file=sys.stderr)) if args.json else print
-    report = bench.run_benchmark(models, policies, frames=args.frames, size=args.size, device=args.device,
-                                 dtype=args.dtype, runs=args.runs, warmup=args.warmup,
-                                 decode_tokens=args.decode_tokens, log=log,
-                                 checkpoint=partial(bench.write_report, path=args.out) if args.out else None,
-                                 cudnn_sdp=args.cudnn_sdp, cuda_graphs=args.cuda_graphs)
+    report = bench.run_benchmark(
+        models,
+        policies,
+        frames=args.frames,
+        size=args.size,
+        device=args.device,
+        dtype=args.dtype,
+        runs=args.runs,
+        warmup=args.warmup,
+        decode_tokens=args.decode_tokens,
+        log=log,
+        checkpoint=partial(bench.write_report, path=args.out) if args.out else None,
+        cudnn_sdp=args.cudnn_sdp,
+        cuda_graphs=args.cuda_graphs,
+    )
     with bench.sdpa_backends(args.cudnn_sdp):
         _bench_extras(args, bench, models, policies, report)
     if args.out:
@@ -103,19 +114,32 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _bench_extras(args: argparse.Namespace, bench: Any, models: Sequence[str], policies: Sequence[str],
-                  report: dict[str, Any]) -> None:
+def _bench_extras(
+    args: argparse.Namespace, bench: Any, models: Sequence[str], policies: Sequence[str], report: dict[str, Any]
+) -> None:
     log = (lambda message: print(message, file=sys.stderr)) if args.json else print
     if args.sweep:
         name = models[0]
-        sweep = bench.run_frames_sweep(name, args.sweep, policies[0], size=args.size, device=args.device,
-                                       dtype=args.dtype, runs=args.runs, warmup=args.warmup, log=log,
-                                       cuda_graphs=args.cuda_graphs)
+        sweep = bench.run_frames_sweep(
+            name,
+            args.sweep,
+            policies[0],
+            size=args.size,
+            device=args.device,
+            dtype=args.dtype,
+            runs=args.runs,
+            warmup=args.warmup,
+            log=log,
+            cuda_graphs=args.cuda_graphs,
+        )
         report["frames_sweep"] = {"model": name, "policy": policies[0], "rows": sweep}
         if args.out:
             bench.write_report(report, args.out)
-            bench.plot_sweep(sweep, args.out.with_name(f"{args.out.stem}-sweep.png"),
-                             f"{name}: LLM prefill vs frames ({report['environment'].get('gpu') or args.device})")
+            bench.plot_sweep(
+                sweep,
+                args.out.with_name(f"{args.out.stem}-sweep.png"),
+                f"{name}: LLM prefill vs frames ({report['environment'].get('gpu') or args.device})",
+            )
     if args.profile:
         case = bench.build_case(models[0], frames=args.frames, size=args.size, device=args.device, dtype=args.dtype)
         report["profile"] = bench.profile_prefill(case, policies[0], device=args.device, cuda_graphs=args.cuda_graphs)
@@ -144,20 +168,30 @@ def format_comparison(plans: Sequence, *, markdown: bool = False) -> str:
     """A side-by-side table of plans: retention, input keep, FLOPs ratio and per-stage budgets.
 
     ``markdown=True`` gives a GitHub-flavoured Markdown table (no title line; ``docs/policies.md``)."""
-    header = ["policy", "input level", "retention", "input keep", "FLOPs ratio", "layer-0 tokens",
-              "stages (layer: tokens after)", "stage selectors"]
+    header = [
+        "policy",
+        "input level",
+        "retention",
+        "input keep",
+        "FLOPs ratio",
+        "layer-0 tokens",
+        "stages (layer: tokens after)",
+        "stage selectors",
+    ]
     rows = []
     for plan in plans:
-        rows.append([
-            plan.policy.name,
-            f"{plan.segment.kind} {plan.segment.prune_ratio:g}" if plan.segment.enabled else "off",
-            f"{plan.retention:.3f}",
-            f"{plan.input_keep_fraction:.3f}",
-            f"{plan.flops_ratio:.3f}",
-            str(plan.segment.video_tokens_after),
-            ", ".join(f"{stage.layer}: {stage.video_tokens_after}" for stage in plan.stages) or "-",
-            stage_selectors(plan),
-        ])
+        rows.append(
+            [
+                plan.policy.name,
+                f"{plan.segment.kind} {plan.segment.prune_ratio:g}" if plan.segment.enabled else "off",
+                f"{plan.retention:.3f}",
+                f"{plan.input_keep_fraction:.3f}",
+                f"{plan.flops_ratio:.3f}",
+                str(plan.segment.video_tokens_after),
+                ", ".join(f"{stage.layer}: {stage.video_tokens_after}" for stage in plan.stages) or "-",
+                stage_selectors(plan),
+            ]
+        )
     if markdown:
         table = [header, ["---"] * len(header), *rows]
         return "\n".join("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table)
@@ -166,8 +200,9 @@ def format_comparison(plans: Sequence, *, markdown: bool = False) -> str:
     lines.insert(1, "  ".join("-" * width for width in widths))
     spec = plans[0].spec if plans else None
     if spec is not None:
-        lines.insert(0, f"{spec.name}: {spec.frames} frames, N_v = {spec.video_tokens} video tokens, "
-                        f"{spec.num_layers} layers")
+        lines.insert(
+            0, f"{spec.name}: {spec.frames} frames, N_v = {spec.video_tokens} video tokens, {spec.num_layers} layers"
+        )
     return "\n".join(lines)
 
 
@@ -212,38 +247,54 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(handler=_cmd_compare)
 
     run = sub.add_parser("run", help="answer a question about a video with a real checkpoint, pruned by a policy")
-    run.add_argument("--model", required=True,
-                     help="checkpoint folder or Hugging Face id (local cache only unless --download)")
+    run.add_argument(
+        "--model", required=True, help="checkpoint folder or Hugging Face id (local cache only unless --download)"
+    )
     run.add_argument("--video", required=True, help="video file (any format FFmpeg/PyAV decodes)")
     run.add_argument("--question", required=True, help="the question about the video")
     run.add_argument("--policy", required=True, help="policy YAML file (e.g. policies/hieravid-30.yaml)")
     run.add_argument("--frames", type=_positive_int, default=32, help="frames sampled uniformly (default: 32)")
     run.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
-    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                     help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    run.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)",
+    )
     run.add_argument("--max-new-tokens", type=_positive_int, default=64, help="answer length limit (default: 64)")
     run.add_argument("--compare-unpruned", action="store_true", help="also run unpruned: answers and speedup")
     run.add_argument("--trace", metavar="FILE.safetensors", help="save what each level decided (see hieravid viz)")
-    run.add_argument("--warmup", type=int, default=1, choices=[0, 1, 2, 3],
-                     help="unmeasured warm-up generations before timing (default: 1)")
+    run.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        choices=[0, 1, 2, 3],
+        help="unmeasured warm-up generations before timing (default: 1)",
+    )
     run.add_argument("--download", action="store_true", help="allow fetching the model from the Hugging Face Hub")
     run.set_defaults(handler=_cmd_run)
 
-    demo = sub.add_parser("demo",
-                          help="HieraVid end to end on a tiny random model and a synthetic video (CPU, offline)")
-    demo.add_argument("--out", default="hieravid-demo",
-                      help="output folder: trace, picture, video (default: hieravid-demo)")
+    demo = sub.add_parser(
+        "demo", help="HieraVid end to end on a tiny random model and a synthetic video (CPU, offline)"
+    )
+    demo.add_argument(
+        "--out", default="hieravid-demo", help="output folder: trace, picture, video (default: hieravid-demo)"
+    )
     demo.add_argument("--frames", type=_positive_int, default=32, help="frames of the synthetic video (default: 32)")
     demo.add_argument("--policy", default=None, help="policy YAML file (default: hieravid-30)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the random weights and textures (default: 0)")
-    demo.add_argument("--export", metavar="DIR",
-                      help="instead, write the tiny model as a checkpoint folder plus the video")
-    demo.add_argument("--arch", default="llava_onevision", choices=["llava_onevision", "qwen2_vl"],
-                      help="architecture of the model --export writes (default: llava_onevision)")
+    demo.add_argument(
+        "--export", metavar="DIR", help="instead, write the tiny model as a checkpoint folder plus the video"
+    )
+    demo.add_argument(
+        "--arch",
+        default="llava_onevision",
+        choices=["llava_onevision", "qwen2_vl"],
+        help="architecture of the model --export writes (default: llava_onevision)",
+    )
     demo.set_defaults(handler=_cmd_demo)
 
-    viz = sub.add_parser("viz",
-                         help="draw a trace: kept/merged/pruned tokens per stage and the segment timeline")
+    viz = sub.add_parser("viz", help="draw a trace: kept/merged/pruned tokens per stage and the segment timeline")
     viz.add_argument("trace", help="trace file written by --trace or hieravid demo")
     viz.add_argument("-o", "--output", required=True, help="image to write (.png, .svg or .pdf)")
     viz.add_argument("--request", type=int, default=0, help="request index in the trace (default: 0)")
@@ -258,28 +309,48 @@ def build_parser() -> argparse.ArgumentParser:
         "memory, KV-cache bytes, hieravid's own overhead, and the FLOPs ideal (unpruned prefill × the plan's FLOPs "
         "ratio). Median of --runs runs after --warmup, batch 1, SDPA.",
     )
-    bench.add_argument("--model", nargs="+", default=["llava-onevision-7b"],
-                       help="llava-onevision-7b, llava-video-7b, qwen2-vl-7b, or 'all' (default: llava-onevision-7b)")
+    bench.add_argument(
+        "--model",
+        nargs="+",
+        default=["llava-onevision-7b"],
+        help="llava-onevision-7b, llava-video-7b, qwen2-vl-7b, or 'all' (default: llava-onevision-7b)",
+    )
     bench.add_argument("--policy", nargs="+", help="policy YAML files (default: policies/hieravid-*.yaml)")
-    bench.add_argument("--frames", type=_positive_int,
-                       help="sampled frames (default: 32 for OneVision and Qwen2-VL, 64 for LLaVA-Video)")
-    bench.add_argument("--size", choices=["full", "tiny"], default="full",
-                       help="full: 7B shapes (needs a GPU); tiny: small models to check the path on a CPU")
+    bench.add_argument(
+        "--frames",
+        type=_positive_int,
+        help="sampled frames (default: 32 for OneVision and Qwen2-VL, 64 for LLaVA-Video)",
+    )
+    bench.add_argument(
+        "--size",
+        choices=["full", "tiny"],
+        default="full",
+        help="full: 7B shapes (needs a GPU); tiny: small models to check the path on a CPU",
+    )
     bench.add_argument("--device", default="cuda", help="torch device (default: cuda)")
     bench.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     bench.add_argument("--runs", type=_positive_int, default=5, help="timed runs per measurement (median)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed runs first")
     bench.add_argument("--decode-tokens", type=int, default=64, help="tokens for the decode measurement (0: skip)")
-    bench.add_argument("--sweep", type=_frame_list,
-                       help="also sweep frame counts for the first model and policy, e.g. 16,32,64,128,256")
+    bench.add_argument(
+        "--sweep",
+        type=_frame_list,
+        help="also sweep frame counts for the first model and policy, e.g. 16,32,64,128,256",
+    )
     bench.add_argument("--profile", action="store_true", help="profile one pruned prefill of the first model/policy")
     bench.add_argument("--out", type=Path, help="write the JSON report here (and sweep plots next to it)")
-    bench.add_argument("--cudnn-sdp", action="store_true",
-                       help="keep PyTorch's cuDNN SDPA backend on (off by default: on torch 2.11 it builds a plan on "
-                       "the host at every decode step)")
-    bench.add_argument("--cuda-graphs", action="store_true",
-                       help="run the segment level through CUDA graphs (apply(..., cuda_graphs=True)): fewer launches "
-                       "before layer 0, about three video-embedding copies of extra memory")
+    bench.add_argument(
+        "--cudnn-sdp",
+        action="store_true",
+        help="keep PyTorch's cuDNN SDPA backend on (off by default: on torch 2.11 it builds a plan on "
+        "the host at every decode step)",
+    )
+    bench.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="run the segment level through CUDA graphs (apply(..., cuda_graphs=True)): fewer launches "
+        "before layer 0, about three video-embedding copies of extra memory",
+    )
     bench.add_argument("--json", action="store_true", help="print JSON instead of the table")
     bench.set_defaults(handler=_cmd_bench)
     return parser

@@ -99,10 +99,14 @@ def build_demo_tokenizer(architecture: str = "llava_onevision") -> Any:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
-    media = ({"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"} if qwen
-             else {"image_token": "<image>", "video_token": "<video>"})
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        extra_special_tokens=media)
+    media = (
+        {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+        if qwen
+        else {"image_token": "<image>", "video_token": "<video>"}
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens=media
+    )
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE if qwen else CHAT_TEMPLATE
     return tokenizer
 
@@ -147,12 +151,26 @@ def _video_processor_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _save_qwen2_vl_processor(directory: Path) -> None:
-    common = {"processor_class": "Qwen2VLProcessor", "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2,
-              "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "rescale_factor": 1 / 255}
-    video = {"video_processor_type": "Qwen2VLVideoProcessor", **common,
-             "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}}
-    image = {"image_processor_type": "Qwen2VLImageProcessor", **common,
-             "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 64}
+    common = {
+        "processor_class": "Qwen2VLProcessor",
+        "patch_size": 14,
+        "merge_size": 2,
+        "temporal_patch_size": 2,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "rescale_factor": 1 / 255,
+    }
+    video = {
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        **common,
+        "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64},
+    }
+    image = {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        **common,
+        "min_pixels": 56 * 56,
+        "max_pixels": 28 * 28 * 64,
+    }
     for name, data in (("video_preprocessor_config.json", video), ("preprocessor_config.json", image)):
         (directory / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     (directory / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE, encoding="utf-8")
@@ -188,11 +206,17 @@ def save_demo_checkpoint(directory: str | Path, *, seed: int = 0, architecture: 
         "do_pad": True,
     }
     patches = (config["vision_config"]["image_size"] // config["vision_config"]["patch_size"]) ** 2
-    processor = {"processor_class": "LlavaOnevisionProcessor", "num_image_tokens": patches,
-                 "vision_feature_select_strategy": config["vision_feature_select_strategy"],
-                 "vision_aspect_ratio": config["vision_aspect_ratio"]}
-    for name, data in (("video_preprocessor_config.json", video), ("preprocessor_config.json", image),
-                       ("processor_config.json", processor)):
+    processor = {
+        "processor_class": "LlavaOnevisionProcessor",
+        "num_image_tokens": patches,
+        "vision_feature_select_strategy": config["vision_feature_select_strategy"],
+        "vision_aspect_ratio": config["vision_aspect_ratio"],
+    }
+    for name, data in (
+        ("video_preprocessor_config.json", video),
+        ("preprocessor_config.json", image),
+        ("processor_config.json", processor),
+    ):
         (directory / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
     return directory
@@ -220,17 +244,28 @@ def default_policy() -> Policy:
     """HieraVid-30 (the schema's defaults are the authors' 30% setting, = ``policies/hieravid-30.yaml``)."""
     from hieravid.policy import Policy
 
-    return Policy(version=1, kind="PruningPolicy", name="hieravid-30",
-                  description="HieraVid default, keeps about 30% of video tokens averaged over layers.")
+    return Policy(
+        version=1,
+        kind="PruningPolicy",
+        name="hieravid-30",
+        description="HieraVid default, keeps about 30% of video tokens averaged over layers.",
+    )
 
 
 def demo_loaded_model(seed: int = 0) -> LoadedModel:
     """The demo model and tokenizer wrapped as :class:`~hieravid.run.LoadedModel` (CPU, float32)."""
     from hieravid.run import LoadedModel
 
-    return LoadedModel(model=build_demo_model(seed), tokenizer=build_demo_tokenizer(), processor=None,
-                       model_type="llava_onevision", processor_config=_video_processor_config(demo_config()),
-                       name="hieravid-demo (tiny LLaVA-OneVision, random weights)", device="cpu", dtype="float32")
+    return LoadedModel(
+        model=build_demo_model(seed),
+        tokenizer=build_demo_tokenizer(),
+        processor=None,
+        model_type="llava_onevision",
+        processor_config=_video_processor_config(demo_config()),
+        name="hieravid-demo (tiny LLaVA-OneVision, random weights)",
+        device="cpu",
+        dtype="float32",
+    )
 
 
 @dataclass
@@ -277,15 +312,27 @@ def run_demo(
     loaded = demo_loaded_model(seed)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     inputs = prepare_inputs(loaded, video.frames, DEMO_QUESTION)
-    result = run_request(loaded, inputs, chosen, max_new_tokens=max_new_tokens, compare_unpruned=True, warmup=1,
-                         trace=True)
+    result = run_request(
+        loaded, inputs, chosen, max_new_tokens=max_new_tokens, compare_unpruned=True, warmup=1, trace=True
+    )
     thumbnails = llm_frame_thumbnails(video.frames, loaded.model_type, inputs.llm_frames, size=64)
-    trace = build_trace(result.stats, result.plan, thumbnails=thumbnails, merge_target=result.merge_target,
-                        frame_redundancy=result.frame_redundancy, info={
-        "model": loaded.name, "question": DEMO_QUESTION, "answer": result.answer, "true_cuts": list(video.cuts),
-        "scenes": list(video.scene_names), "ttft_ms": result.timings.ttft_ms,
-        "prefill_ms": result.timings.prefill_ms, "source": "hieravid demo",
-    })
+    trace = build_trace(
+        result.stats,
+        result.plan,
+        thumbnails=thumbnails,
+        merge_target=result.merge_target,
+        frame_redundancy=result.frame_redundancy,
+        info={
+            "model": loaded.name,
+            "question": DEMO_QUESTION,
+            "answer": result.answer,
+            "true_cuts": list(video.cuts),
+            "scenes": list(video.scene_names),
+            "ttft_ms": result.timings.ttft_ms,
+            "prefill_ms": result.timings.prefill_ms,
+            "source": "hieravid demo",
+        },
+    )
     notes: list[str] = []
     trace_path = image_path = video_path = None
     if out_dir is not None:
@@ -306,8 +353,16 @@ def run_demo(
                 image_path = draw_trace(trace, out / "demo.png")
             except HieravidError as error:
                 notes.append(f"visualisation not drawn: {error}")
-    return DemoResult(video=video, result=result, trace=trace, detected_cuts=trace.cuts(), trace_path=trace_path,
-                      image_path=image_path, video_path=video_path, notes=notes)
+    return DemoResult(
+        video=video,
+        result=result,
+        trace=trace,
+        detected_cuts=trace.cuts(),
+        trace_path=trace_path,
+        image_path=image_path,
+        video_path=video_path,
+        notes=notes,
+    )
 
 
 def format_demo(demo: DemoResult) -> str:

@@ -19,8 +19,23 @@ __all__ = ["SyncSpy"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Calls that read a tensor's values on the host (a device sync when the tensor lives on the device).
-READS = {"item", "tolist", "__bool__", "__int__", "__index__", "__float__", "nonzero", "unique", "cpu", "numpy",
-         "argwhere", "masked_select", "equal", "any", "all"}
+READS = {
+    "item",
+    "tolist",
+    "__bool__",
+    "__int__",
+    "__index__",
+    "__float__",
+    "nonzero",
+    "unique",
+    "cpu",
+    "numpy",
+    "argwhere",
+    "masked_select",
+    "equal",
+    "any",
+    "all",
+}
 #: Calls that copy into the device (a sync unless ``non_blocking``).
 COPIES = {"to", "cuda", "copy_"}
 
@@ -91,13 +106,19 @@ class SyncSpy(TorchFunctionMode):
             masked = name == "__getitem__" and any(t.dtype == torch.bool for t in _tensors(args[1:]))
             if (name in READS and name not in ("any", "all")) or masked:
                 self.counts[(_site(), "bool-index" if masked else name)] += 1
-            elif name == "__setitem__" and len(args) == 3 and not isinstance(args[2], torch.Tensor) \
-                    and _tensors(args[1]):
+            elif (
+                name == "__setitem__" and len(args) == 3 and not isinstance(args[2], torch.Tensor) and _tensors(args[1])
+            ):
                 # ``x[index] = scalar`` with a tensor index copies the scalar to the device and waits for it.
                 self.counts[(_site(), "scalar-index-put")] += 1
         target = _device_argument(args[1:] if receiver is not None else args, kwargs)
-        if name in COPIES and receiver is not None and _is_host(receiver) and target not in (None, "cpu") \
-                and not kwargs.get("non_blocking", False):
+        if (
+            name in COPIES
+            and receiver is not None
+            and _is_host(receiver)
+            and target not in (None, "cpu")
+            and not kwargs.get("non_blocking", False)
+        ):
             self.counts[(_site(), "h2d")] += 1
         out = func(*args, **kwargs)
         if name == "cpu" or (name in COPIES and target == "cpu"):

@@ -183,8 +183,10 @@ def _resolve_schedule(policy: Policy, spec: ModelSpec) -> list[tuple[int, float,
     schedule = policy.layer.schedule
     stages: list[tuple[int, float, Selector | None]]
     if isinstance(schedule, DepthFractionSchedule):
-        stages = [(math.floor(fraction * spec.num_layers), ratio, None)
-                  for fraction, ratio in zip(schedule.fractions, schedule.prune_ratios)]
+        stages = [
+            (math.floor(fraction * spec.num_layers), ratio, None)
+            for fraction, ratio in zip(schedule.fractions, schedule.prune_ratios)
+        ]
         layers = [layer for layer, _, _ in stages]
         if len(set(layers)) != len(layers):
             raise PlanError(

@@ -262,9 +262,7 @@ class ExplicitSchedule(_Strict):
         layers = [stage.layer for stage in stages]
         for previous, current in itertools.pairwise(layers):
             if current <= previous:
-                raise ValueError(
-                    f"stage layers must be strictly increasing without duplicates, got {layers}"
-                )
+                raise ValueError(f"stage layers must be strictly increasing without duplicates, got {layers}")
         return stages
 
 
@@ -340,8 +338,18 @@ class Policy(_Strict):
 
 _UNION_FIELDS = ("selector", "schedule", "segment")
 _UNION_TAGS = (
-    "dpp", "topk_relevance", "binned_relevance", "uniform", "random", "explicit", "depth_fraction",
-    "hieravid", "evs", "dycoke", "vidcom2", "framefusion",
+    "dpp",
+    "topk_relevance",
+    "binned_relevance",
+    "uniform",
+    "random",
+    "explicit",
+    "depth_fraction",
+    "hieravid",
+    "evs",
+    "dycoke",
+    "vidcom2",
+    "framefusion",
 )
 
 

@@ -211,16 +211,32 @@ def load_model(
             tokenizer = transformers.AutoTokenizer.from_pretrained(name, **options)
         except (OSError, ValueError, KeyError) as error:
             raise _describe_missing(name, local, download, error) from None
-        folder = Path(name) if local else Path(transformers.utils.cached_file(
-            name, "config.json", local_files_only=True, _raise_exceptions_for_missing_entries=False) or ".").parent
+        folder = (
+            Path(name)
+            if local
+            else Path(
+                transformers.utils.cached_file(
+                    name, "config.json", local_files_only=True, _raise_exceptions_for_missing_entries=False
+                )
+                or "."
+            ).parent
+        )
         processor_config = _local_json(folder, "video_preprocessor_config.json", "preprocessor_config.json")
     if getattr(tokenizer, "chat_template", None) is None:
         raise ModelLoadError(
             f"{name}: the tokenizer/processor has no chat template; hieravid run needs the model's own"
         )
-    return LoadedModel(model=model, tokenizer=tokenizer, processor=processor, model_type=model_type,
-                       processor_config=processor_config, name=name, device=device,
-                       dtype=str(torch_dtype).removeprefix("torch."), notes=notes)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        processor=processor,
+        model_type=model_type,
+        processor_config=processor_config,
+        name=name,
+        device=device,
+        dtype=str(torch_dtype).removeprefix("torch."),
+        notes=notes,
+    )
 
 
 # --------------------------------------------------------------------------- inputs
@@ -258,7 +274,8 @@ def _video_token(loaded: LoadedModel) -> str:
     token = getattr(holder, "video_token", None)
     if token is None:
         token_id = getattr(loaded.model.config, "video_token_id", None) or getattr(
-            loaded.model.config, "video_token_index", None)
+            loaded.model.config, "video_token_index", None
+        )
         token = loaded.tokenizer.convert_ids_to_tokens(int(token_id))
     return str(token)
 
@@ -292,7 +309,8 @@ def prepare_inputs(loaded: LoadedModel, frames: np.ndarray, question: str) -> Pr
     model_dtype = next(loaded.model.parameters()).dtype
     tensors = {
         key: (value.to(loaded.device, model_dtype) if torch.is_floating_point(value) else value.to(loaded.device))
-        for key, value in tensors.items() if isinstance(value, torch.Tensor)
+        for key, value in tensors.items()
+        if isinstance(value, torch.Tensor)
     }
     video_id = getattr(config, "video_token_id", None) or getattr(config, "video_token_index", None)
     video_tokens = int((tensors["input_ids"] == int(video_id)).sum())
@@ -304,8 +322,15 @@ def prepare_inputs(loaded: LoadedModel, frames: np.ndarray, question: str) -> Pr
         vision = config.vision_config
         side = math.ceil(vision.image_size // vision.patch_size / 2)
         llm_frames, rows, cols = int(tensors["pixel_values_videos"].shape[1]), side, side
-    return PreparedInputs(tensors=tensors, frames=frames, prompt_length=int(tensors["input_ids"].shape[1]),
-                          llm_frames=llm_frames, rows=rows, cols=cols, video_tokens=video_tokens)
+    return PreparedInputs(
+        tensors=tensors,
+        frames=frames,
+        prompt_length=int(tensors["input_ids"].shape[1]),
+        llm_frames=llm_frames,
+        rows=rows,
+        cols=cols,
+        video_tokens=video_tokens,
+    )
 
 
 def plan_for_inputs(policy: Policy | str | Path, loaded: LoadedModel, inputs: PreparedInputs) -> PruningPlan:
@@ -317,10 +342,20 @@ def plan_for_inputs(policy: Policy | str | Path, loaded: LoadedModel, inputs: Pr
     spec = load_spec(loaded.model, frames=inputs.llm_frames)
     content = inputs.llm_frames * inputs.rows * inputs.cols
     newlines = inputs.video_tokens - content
-    layout = {0: "none", 1: "per_video", inputs.llm_frames: "per_frame",
-              inputs.llm_frames * inputs.rows: "per_row"}.get(newlines, spec.newline_layout)
-    spec = dataclasses.replace(spec, name=loaded.name, rows=inputs.rows, cols=inputs.cols, newline_layout=layout,
-                               text_tokens=max(1, inputs.prompt_length - inputs.video_tokens))
+    layout = {
+        0: "none",
+        1: "per_video",
+        inputs.llm_frames: "per_frame",
+        inputs.llm_frames * inputs.rows: "per_row",
+    }.get(newlines, spec.newline_layout)
+    spec = dataclasses.replace(
+        spec,
+        name=loaded.name,
+        rows=inputs.rows,
+        cols=inputs.cols,
+        newline_layout=layout,
+        text_tokens=max(1, inputs.prompt_length - inputs.video_tokens),
+    )
     return compile_plan(load_policy(policy), spec)
 
 
@@ -366,12 +401,14 @@ class _ForwardTimer:
         def hook(module: Any, args: Any) -> None:
             if key not in self.starts:
                 self.starts[key] = self._now()
+
         return hook
 
     def _post(self, key: str) -> Any:
         def hook(module: Any, args: Any, output: Any) -> None:
             if key not in self.durations and key in self.starts:
                 self.durations[key] = (self._now() - self.starts[key]) * 1000
+
         return hook
 
     def __enter__(self) -> _ForwardTimer:
@@ -400,13 +437,18 @@ def generate(loaded: LoadedModel, inputs: PreparedInputs, *, max_new_tokens: int
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with _ForwardTimer(loaded.model, language_model_of(loaded), loaded.device) as timer, torch.inference_mode():
         start = timer.starts["model"] = timer._now()  # TTFT includes the video encoder on every version
-        output = loaded.model.generate(**inputs.tensors, max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=pad)
+        output = loaded.model.generate(
+            **inputs.tensors, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+        )
         total = (timer._now() - start) * 1000
-    new_ids = [int(v) for v in output[0, inputs.prompt_length:].tolist()]
+    new_ids = [int(v) for v in output[0, inputs.prompt_length :].tolist()]
     answer = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
-    timings = Timings(ttft_ms=timer.durations.get("model", math.nan), prefill_ms=timer.durations.get("lm", math.nan),
-                      total_ms=total, new_tokens=len(new_ids))
+    timings = Timings(
+        ttft_ms=timer.durations.get("model", math.nan),
+        prefill_ms=timer.durations.get("lm", math.nan),
+        total_ms=total,
+        new_tokens=len(new_ids),
+    )
     return answer, new_ids, timings
 
 
@@ -472,9 +514,13 @@ def segment_detail(stats: Any, plan: PruningPlan, embeds: Any, sample: int = 0) 
     video = stats.videos[sample]
     positions = _content_index(stats, sample)
     frames = embeds[sample][positions.to(embeds.device)].view(video["frames"], video["rows"] * video["cols"], -1)
-    result = segment_level(frames, similarity_threshold=segment.similarity_threshold,
-                           segment_threshold=segment.segment_threshold, merge_ratio=segment.merge_ratio,
-                           marginal_value_weight=segment.marginal_value_weight)
+    result = segment_level(
+        frames,
+        similarity_threshold=segment.similarity_threshold,
+        segment_threshold=segment.segment_threshold,
+        merge_ratio=segment.merge_ratio,
+        marginal_value_weight=segment.marginal_value_weight,
+    )
     kept_positions = positions[result.kept_index.cpu()]
     runtime_kept = stats.input_kept_positions[sample].cpu()
     runtime_content = runtime_kept[torch.isin(runtime_kept, positions)]
@@ -513,8 +559,9 @@ def run_request(
         with InputCapture(language_model_of(loaded)) as capture:
             answer, ids, timings = generate(loaded, inputs, max_new_tokens=max_new_tokens)
         stats = handle.last_request
-    result = RunResult(answer=answer, answer_ids=ids, timings=timings, plan=plan, stats=stats, inputs=inputs,
-                       notes=list(loaded.notes))
+    result = RunResult(
+        answer=answer, answer_ids=ids, timings=timings, plan=plan, stats=stats, inputs=inputs, notes=list(loaded.notes)
+    )
     if trace:
         detail = segment_detail(stats, plan, capture.embeds)
         if detail is not None:
@@ -606,11 +653,18 @@ def build_trace(
     if thumbnails is not None:
         thumbs = torch.from_numpy(thumbnails[: video["frames"]].copy())
     return RequestTrace(
-        frames=int(video["frames"]), rows=int(video["rows"]), cols=int(video["cols"]),
-        newline_tokens=int(video["newline_tokens"]), frame_segment_ids=segment_ids.long(), segment_values=values,
-        input_kept=input_kept, merge_target=merge_target, stages=stages,
+        frames=int(video["frames"]),
+        rows=int(video["rows"]),
+        cols=int(video["cols"]),
+        newline_tokens=int(video["newline_tokens"]),
+        frame_segment_ids=segment_ids.long(),
+        segment_values=values,
+        input_kept=input_kept,
+        merge_target=merge_target,
+        stages=stages,
         layer_video_tokens=[int(layer[sample]) for layer in stats.layer_video_tokens] or None,
-        frame_redundancy=frame_redundancy, thumbnails=thumbs,
+        frame_redundancy=frame_redundancy,
+        thumbnails=thumbs,
         policy=plan.policy.to_dict() if plan is not None else None,
         plan=plan.to_dict() if plan is not None else None,
         info=dict(info or {}),
@@ -678,24 +732,33 @@ def format_tokens(stats: Any, plan: PruningPlan, sample: int = 0) -> str:
         attention = layer[sample]
         mlp = after[index] if point.get(index) == "after_attention" else attention
         keep = (attention + mlp) / (2 * n_v)
-        planned = (plan.layer_video_tokens[index] + plan.layer_mlp_video_tokens[index]) / (
-            2 * plan.spec.video_tokens) if index < len(plan.layer_video_tokens) else math.nan
+        planned = (
+            (plan.layer_video_tokens[index] + plan.layer_mlp_video_tokens[index]) / (2 * plan.spec.video_tokens)
+            if index < len(plan.layer_video_tokens)
+            else math.nan
+        )
         marker = "  ← stage" if index in after else ""
         lines.append(f"{index:>5}  {attention:>10}  {mlp:>9}  {keep:5.3f}  {planned:5.3f}{marker}")
-    lines.append(f"retention (mean over layers): {measured_retention(stats, plan, sample):.3f} measured, "
-                 f"{plan.retention:.3f} planned; FLOPs ratio (plan) {plan.flops_ratio:.3f}")
+    lines.append(
+        f"retention (mean over layers): {measured_retention(stats, plan, sample):.3f} measured, "
+        f"{plan.retention:.3f} planned; FLOPs ratio (plan) {plan.flops_ratio:.3f}"
+    )
     return "\n".join(lines)
 
 
 def format_timings(result: RunResult, device: str, dtype: str) -> str:
     t = result.timings
-    lines = [f"timings ({device}, {dtype}):",
-             f"  pruned:   TTFT {t.ttft_ms:8.1f} ms   LLM prefill {t.prefill_ms:8.1f} ms   "
-             f"decode {t.decode_ms_per_token:6.1f} ms/token ({t.new_tokens} tokens)"]
+    lines = [
+        f"timings ({device}, {dtype}):",
+        f"  pruned:   TTFT {t.ttft_ms:8.1f} ms   LLM prefill {t.prefill_ms:8.1f} ms   "
+        f"decode {t.decode_ms_per_token:6.1f} ms/token ({t.new_tokens} tokens)",
+    ]
     u = result.unpruned_timings
     if u is not None:
-        lines.append(f"  unpruned: TTFT {u.ttft_ms:8.1f} ms   LLM prefill {u.prefill_ms:8.1f} ms   "
-                     f"decode {u.decode_ms_per_token:6.1f} ms/token ({u.new_tokens} tokens)")
+        lines.append(
+            f"  unpruned: TTFT {u.ttft_ms:8.1f} ms   LLM prefill {u.prefill_ms:8.1f} ms   "
+            f"decode {u.decode_ms_per_token:6.1f} ms/token ({u.new_tokens} tokens)"
+        )
         lines.append(f"  speedup:  TTFT ×{u.ttft_ms / t.ttft_ms:.2f}   LLM prefill ×{u.prefill_ms / t.prefill_ms:.2f}")
     return "\n".join(lines)
 
@@ -748,20 +811,42 @@ def run_command(args: Any) -> int:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, download=args.download)
     inputs = prepare_inputs(loaded, frames, args.question)
     print(f"generating ({'pruned and unpruned' if args.compare_unpruned else 'pruned'})", file=sys.stderr)
-    result = run_request(loaded, inputs, policy, max_new_tokens=args.max_new_tokens,
-                         compare_unpruned=args.compare_unpruned, warmup=args.warmup, trace=bool(args.trace))
-    print(f"model: {args.model} ({loaded.model_type}); video: {args.video} ({info.frames} frames, "
-          f"{info.width}×{info.height}, {info.fps:.2f} fps), sampled {len(indices)}")
+    result = run_request(
+        loaded,
+        inputs,
+        policy,
+        max_new_tokens=args.max_new_tokens,
+        compare_unpruned=args.compare_unpruned,
+        warmup=args.warmup,
+        trace=bool(args.trace),
+    )
+    print(
+        f"model: {args.model} ({loaded.model_type}); video: {args.video} ({info.frames} frames, "
+        f"{info.width}×{info.height}, {info.fps:.2f} fps), sampled {len(indices)}"
+    )
     print(f"question: {args.question}")
     print(format_report(result, device=loaded.device, dtype=loaded.dtype))
     if args.trace:
         thumbnails = llm_frame_thumbnails(frames, loaded.model_type, inputs.llm_frames)
-        trace = build_trace(result.stats, result.plan, thumbnails=thumbnails, merge_target=result.merge_target,
-                            frame_redundancy=result.frame_redundancy, info={
-            "model": args.model, "video": str(args.video), "question": args.question, "answer": result.answer,
-            "sampled_frames": indices, "ttft_ms": result.timings.ttft_ms, "prefill_ms": result.timings.prefill_ms,
-            "unpruned_answer": result.unpruned_answer, "device": loaded.device, "dtype": loaded.dtype,
-            "source": "hieravid run",
-        })
+        trace = build_trace(
+            result.stats,
+            result.plan,
+            thumbnails=thumbnails,
+            merge_target=result.merge_target,
+            frame_redundancy=result.frame_redundancy,
+            info={
+                "model": args.model,
+                "video": str(args.video),
+                "question": args.question,
+                "answer": result.answer,
+                "sampled_frames": indices,
+                "ttft_ms": result.timings.ttft_ms,
+                "prefill_ms": result.timings.prefill_ms,
+                "unpruned_answer": result.unpruned_answer,
+                "device": loaded.device,
+                "dtype": loaded.dtype,
+                "source": "hieravid run",
+            },
+        )
         print(f"trace: {save_trace(args.trace, trace)}")
     return 0

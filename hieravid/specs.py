@@ -41,8 +41,16 @@ class ModelSpec:
     default_query_rows: int = 1
 
     def __post_init__(self) -> None:
-        for field in ("num_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                      "num_key_value_heads", "frames", "rows", "cols"):
+        for field in (
+            "num_layers",
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "frames",
+            "rows",
+            "cols",
+        ):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise SpecError(f"model spec {self.name!r}: {field} must be a positive integer, got {value!r}")
@@ -85,14 +93,16 @@ class ModelSpec:
         return data
 
 
-_QWEN2_7B = dict(num_layers=28, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
-                 num_key_value_heads=4)
-_QWEN2_72B = dict(num_layers=80, hidden_size=8192, intermediate_size=29568, num_attention_heads=64,
-                  num_key_value_heads=8)
-_QWEN2_05B = dict(num_layers=24, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
-                  num_key_value_heads=2)
-_QWEN2_15B = dict(num_layers=28, hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
-                  num_key_value_heads=2)
+_QWEN2_7B = dict(
+    num_layers=28, hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4
+)
+_QWEN2_72B = dict(
+    num_layers=80, hidden_size=8192, intermediate_size=29568, num_attention_heads=64, num_key_value_heads=8
+)
+_QWEN2_05B = dict(num_layers=24, hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2)
+_QWEN2_15B = dict(
+    num_layers=28, hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2
+)
 # SigLIP 27×27 patches pooled to 14×14 per frame, one newline after the whole video (HF OneVision path).
 _ONEVISION_VIDEO = dict(rows=14, cols=14, newline_layout="per_video")
 # Qwen2-VL at 448×448: 16×16 merged tokens per temporal patch of 2 frames; 32 frames → 16 patches.
@@ -101,16 +111,17 @@ _QWEN2VL_VIDEO = dict(frames=16, rows=16, cols=16, newline_layout="none", defaul
 CATALOGUE: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec("llava-onevision-7b", "llava_onevision", vocab_size=152000, frames=32, **_QWEN2_7B,
-                  **_ONEVISION_VIDEO),
-        ModelSpec("llava-onevision-0.5b", "llava_onevision", vocab_size=151936, frames=32, **_QWEN2_05B,
-                  **_ONEVISION_VIDEO),
-        ModelSpec("llava-onevision-72b", "llava_onevision", vocab_size=152064, frames=32, **_QWEN2_72B,
-                  **_ONEVISION_VIDEO),
-        ModelSpec("llava-video-7b", "llava_onevision", vocab_size=152064, frames=64, **_QWEN2_7B,
-                  **_ONEVISION_VIDEO),
-        ModelSpec("llava-video-72b", "llava_onevision", vocab_size=152064, frames=64, **_QWEN2_72B,
-                  **_ONEVISION_VIDEO),
+        ModelSpec(
+            "llava-onevision-7b", "llava_onevision", vocab_size=152000, frames=32, **_QWEN2_7B, **_ONEVISION_VIDEO
+        ),
+        ModelSpec(
+            "llava-onevision-0.5b", "llava_onevision", vocab_size=151936, frames=32, **_QWEN2_05B, **_ONEVISION_VIDEO
+        ),
+        ModelSpec(
+            "llava-onevision-72b", "llava_onevision", vocab_size=152064, frames=32, **_QWEN2_72B, **_ONEVISION_VIDEO
+        ),
+        ModelSpec("llava-video-7b", "llava_onevision", vocab_size=152064, frames=64, **_QWEN2_7B, **_ONEVISION_VIDEO),
+        ModelSpec("llava-video-72b", "llava_onevision", vocab_size=152064, frames=64, **_QWEN2_72B, **_ONEVISION_VIDEO),
         ModelSpec("qwen2-vl-7b", "qwen2_vl", vocab_size=152064, **_QWEN2_7B, **_QWEN2VL_VIDEO),
         ModelSpec("qwen2-vl-2b", "qwen2_vl", vocab_size=151936, **_QWEN2_15B, **_QWEN2VL_VIDEO),
         ModelSpec("qwen2-vl-72b", "qwen2_vl", vocab_size=152064, **_QWEN2_72B, **_QWEN2VL_VIDEO),
@@ -162,8 +173,9 @@ def spec_from_config(config: Any, *, name: str | None = None, frames: int | None
         video = dict(frames=32, rows=14, cols=14, newline_layout="none")
     if frames is not None:
         video["frames"] = frames
-    return ModelSpec(name=name or str(_get(config, "_name_or_path", "") or model_type), model_type=model_type,
-                     **dims, **video)
+    return ModelSpec(
+        name=name or str(_get(config, "_name_or_path", "") or model_type), model_type=model_type, **dims, **video
+    )
 
 
 def load_spec(name_or_path: str | Path | Any, *, frames: int | None = None) -> ModelSpec:

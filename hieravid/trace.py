@@ -273,8 +273,11 @@ def load_trace(path: str | Path) -> list[RequestTrace]:
                 input_kept=tensors.get(f"{prefix}.input_kept"),
                 merge_target=tensors.get(f"{prefix}.merge_target"),
                 stages=[
-                    StageTrace(layer=int(stage["layer"]), kept=tensors[f"{prefix}.stage.{s}.kept"],
-                               newlines_kept=int(stage["newlines_kept"]))
+                    StageTrace(
+                        layer=int(stage["layer"]),
+                        kept=tensors[f"{prefix}.stage.{s}.kept"],
+                        newlines_kept=int(stage["newlines_kept"]),
+                    )
                     for s, stage in enumerate(scalars["stages"])
                 ],
                 layer_video_tokens=scalars.get("layer_video_tokens"),

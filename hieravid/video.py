@@ -256,8 +256,9 @@ def resize_frames(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     tensor = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
     shrinking = size[0] <= frames.shape[1] and size[1] <= frames.shape[2]
     mode = "area" if shrinking else "bilinear"
-    resized = torch.nn.functional.interpolate(tensor, size=size, mode=mode,
-                                              **({} if mode == "area" else {"align_corners": False}))
+    resized = torch.nn.functional.interpolate(
+        tensor, size=size, mode=mode, **({} if mode == "area" else {"align_corners": False})
+    )
     return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
@@ -382,8 +383,9 @@ def _video_config(processor_config: dict[str, Any], key: str, default: Any) -> A
     return default if value is None else value
 
 
-def preprocess_video(frames: np.ndarray, model_type: str, processor_config: dict[str, Any],
-                     model_config: Any) -> VideoInputs:
+def preprocess_video(
+    frames: np.ndarray, model_type: str, processor_config: dict[str, Any], model_config: Any
+) -> VideoInputs:
     """Resize, rescale and normalise frames as the model's video processor would, without torchvision.
 
     A fallback for environments without torchvision (which transformers' video processors need). It
@@ -409,8 +411,9 @@ def preprocess_video(frames: np.ndarray, model_type: str, processor_config: dict
     def _resize(target_h: int, target_w: int) -> torch.Tensor:
         if (target_h, target_w) == (height, width):
             return video
-        resized = torch.nn.functional.interpolate(video, size=(target_h, target_w), mode="bicubic",
-                                                  align_corners=False, antialias=True)
+        resized = torch.nn.functional.interpolate(
+            video, size=(target_h, target_w), mode="bicubic", align_corners=False, antialias=True
+        )
         return resized.round().clamp(0, 255)
 
     def _normalise(pixels: torch.Tensor) -> torch.Tensor:
@@ -454,8 +457,9 @@ def preprocess_video(frames: np.ndarray, model_type: str, processor_config: dict
             grid_t * grid_h * grid_w, channels * temporal * patch * patch
         )
         grid = torch.tensor([[grid_t, grid_h, grid_w]])
-        return VideoInputs({"pixel_values_videos": patches, "video_grid_thw": grid},
-                           grid_t * grid_h * grid_w // (merge * merge))
+        return VideoInputs(
+            {"pixel_values_videos": patches, "video_grid_thw": grid}, grid_t * grid_h * grid_w // (merge * merge)
+        )
 
     raise VideoError(
         f"model type {model_type!r}: no built-in video preprocessing; install torchvision so that the model's own "

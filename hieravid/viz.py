@@ -26,8 +26,18 @@ __all__ = ["VizError", "draw_trace", "select_frames", "token_status"]
 KEPT, MERGED, PRUNED = 0, 1, 2
 MERGED_RGBA = (1.0, 1.0, 1.0, 0.72)
 PRUNED_RGBA = (0.0, 0.0, 0.0, 0.78)
-SEGMENT_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#a6a600", "#a65628", "#f781bf",
-                   "#17becf", "#999999")
+SEGMENT_COLOURS = (
+    "#e41a1c",
+    "#377eb8",
+    "#4daf4a",
+    "#984ea3",
+    "#ff7f00",
+    "#a6a600",
+    "#a65628",
+    "#f781bf",
+    "#17becf",
+    "#999999",
+)
 
 
 class VizError(HieravidError, ValueError):
@@ -115,9 +125,17 @@ def draw_trace(
     columns = len(frames)
     cell = 0.95
     fig = plt.figure(figsize=(1.6 + columns * cell, levels * cell + 3.3), dpi=dpi)
-    grid = fig.add_gridspec(levels + 2, columns, height_ratios=[1.0] * levels + [0.9, 1.1],
-                            left=1.3 / (1.6 + columns * cell), right=0.99, top=1 - 0.55 / (levels * cell + 3.3),
-                            bottom=0.06, hspace=0.18, wspace=0.06)
+    grid = fig.add_gridspec(
+        levels + 2,
+        columns,
+        height_ratios=[1.0] * levels + [0.9, 1.1],
+        left=1.3 / (1.6 + columns * cell),
+        right=0.99,
+        top=1 - 0.55 / (levels * cell + 3.3),
+        bottom=0.06,
+        hspace=0.18,
+        wspace=0.06,
+    )
     aspect = trace.rows / trace.cols
     if thumbs is not None:
         aspect = thumbs.shape[1] / thumbs.shape[2]
@@ -147,22 +165,29 @@ def draw_trace(
         timeline.add_patch(Rectangle((frame, 0), 1, 1, color=SEGMENT_COLOURS[seg % len(SEGMENT_COLOURS)], alpha=0.55))
     for seg, (first, last) in enumerate(trace.segments()):
         value = values[seg] if seg < len(values) else 0.0
-        timeline.text((first + last + 1) / 2, 0.5, f"seg {seg}\nMV {value:+.2f}", ha="center", va="center",
-                      fontsize=7)
+        timeline.text((first + last + 1) / 2, 0.5, f"seg {seg}\nMV {value:+.2f}", ha="center", va="center", fontsize=7)
         if first:
             timeline.axvline(first, color="black", linewidth=1.2)
     if trace.frame_redundancy is not None:
         redundancy = trace.frame_redundancy.numpy()
-        timeline.plot(np.arange(trace.frames) + 0.5, redundancy, color="black", linewidth=0.8, marker=".",
-                      markersize=3, label="frame redundancy c[f]")
+        timeline.plot(
+            np.arange(trace.frames) + 0.5,
+            redundancy,
+            color="black",
+            linewidth=0.8,
+            marker=".",
+            markersize=3,
+            label="frame redundancy c[f]",
+        )
         timeline.legend(loc="lower right", fontsize=6, frameon=False)
     timeline.set_xlim(0, trace.frames)
     timeline.set_ylim(0, 1.05)
     timeline.set_yticks([])
     timeline.set_xlabel("frame", fontsize=8, labelpad=1)
     timeline.tick_params(labelsize=7)
-    timeline.set_title(f"{trace.num_segments} segment(s); cuts at frames {trace.cuts() or 'none'}", fontsize=8,
-                       loc="left", pad=2)
+    timeline.set_title(
+        f"{trace.num_segments} segment(s); cuts at frames {trace.cuts() or 'none'}", fontsize=8, loc="left", pad=2
+    )
 
     tokens_axis = fig.add_subplot(grid[levels + 1, :])
     if trace.layer_video_tokens:
@@ -178,9 +203,11 @@ def draw_trace(
     else:
         tokens_axis.axis("off")
 
-    legend = [Patch(facecolor="white", edgecolor="grey", label="kept"),
-              Patch(facecolor="#f4f4f4", edgecolor="grey", label="merged into an earlier frame (segment level)"),
-              Patch(facecolor=PRUNED_RGBA[:3], alpha=PRUNED_RGBA[3], label="pruned (frame level, by stage)")]
+    legend = [
+        Patch(facecolor="white", edgecolor="grey", label="kept"),
+        Patch(facecolor="#f4f4f4", edgecolor="grey", label="merged into an earlier frame (segment level)"),
+        Patch(facecolor=PRUNED_RGBA[:3], alpha=PRUNED_RGBA[3], label="pruned (frame level, by stage)"),
+    ]
     policy = (trace.policy or {}).get("name", "policy")
     heading = title or (
         f"HieraVid trace, policy {policy}: {trace.frames} frames × {trace.rows}×{trace.cols} tokens"
@@ -209,7 +236,6 @@ def draw_trace_file(trace_path: str | Path, out: str | Path, *, request: int = 0
     if not 0 <= request < len(traces):
         raise VizError(f"{trace_path}: request {request} does not exist (the file holds {len(traces)})")
     return draw_trace(traces[request], out, max_frames=max_frames)
-
 
 
 def viz_command(args: object) -> int:

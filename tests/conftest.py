@@ -46,8 +46,15 @@ TEXT_CONFIG: dict[str, Any] = dict(
 def _llava_config() -> Any:
     from transformers import LlavaOnevisionConfig
 
-    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, image_size=32, patch_size=4)
+    vision = dict(
+        model_type="siglip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=4,
+    )
     return LlavaOnevisionConfig(
         text_config=dict(model_type="qwen2", **TEXT_CONFIG),
         vision_config=vision,
@@ -67,11 +74,24 @@ def _qwen_text(model_type: str) -> dict[str, Any]:
 def _qwen2_vl_config() -> Any:
     from transformers import Qwen2VLConfig
 
-    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=2,
-                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    vision = dict(
+        depth=1,
+        embed_dim=32,
+        hidden_size=64,
+        num_heads=2,
+        mlp_ratio=2,
+        patch_size=2,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+    )
     return Qwen2VLConfig(
-        text_config=_qwen_text("qwen2_vl_text"), vision_config=vision, image_token_id=IMAGE_TOKEN,
-        video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+        text_config=_qwen_text("qwen2_vl_text"),
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
         tie_word_embeddings=False,
     )
 
@@ -79,12 +99,26 @@ def _qwen2_vl_config() -> Any:
 def _qwen2_5_vl_config() -> Any:
     from transformers import Qwen2_5_VLConfig
 
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=2,
-                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=8,
-                  fullatt_block_indexes=[1])
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=2,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+        window_size=8,
+        fullatt_block_indexes=[1],
+    )
     return Qwen2_5_VLConfig(
-        text_config=_qwen_text("qwen2_5_vl_text"), vision_config=vision, image_token_id=IMAGE_TOKEN,
-        video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+        text_config=_qwen_text("qwen2_5_vl_text"),
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
         tie_word_embeddings=False,
     )
 
@@ -104,7 +138,7 @@ def _per_row_classes() -> tuple[type, type]:
             side = math.ceil(self.config.vision_config.image_size // self.config.vision_config.patch_size / 2)
             # transformers >= 5.24 appends the video's trailing newline here (earlier versions in forward()).
             batch, frames = features.shape[0], features.shape[1] // (side * side)
-            trailing = features[:, frames * side * side:]
+            trailing = features[:, frames * side * side :]
             grid = features[:, : frames * side * side].reshape(batch, frames, side, side, -1)
             newline = self.image_newline.to(grid.dtype).view(1, 1, 1, 1, -1).expand(batch, frames, side, 1, -1)
             rows = torch.cat([grid, newline], dim=3).reshape(batch, frames * side * (side + 1), -1)
@@ -190,10 +224,20 @@ class TinyCase:
 
         layout = {"llava_onevision": "per_video", "llava_video_per_row": "per_row"}.get(self.architecture, "none")
         return ModelSpec(
-            name=f"tiny-{self.architecture}", model_type=self.model.config.model_type, num_layers=8, hidden_size=64,
-            intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-            frames=frames or self.frames, rows=self.rows, cols=self.cols, newline_layout=layout,
-            text_tokens=text_tokens, default_query_rows=4 if self.is_qwen else 1,
+            name=f"tiny-{self.architecture}",
+            model_type=self.model.config.model_type,
+            num_layers=8,
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
+            frames=frames or self.frames,
+            rows=self.rows,
+            cols=self.cols,
+            newline_layout=layout,
+            text_tokens=text_tokens,
+            default_query_rows=4 if self.is_qwen else 1,
         )
 
     def _pixels(self, generator: torch.Generator, frames: int, scenes: int = 3) -> torch.Tensor:
@@ -230,8 +274,15 @@ class TinyCase:
                 kind = torch.zeros_like(ids)
             elif self.is_qwen:
                 count = self.video_tokens(frames[sample])
-                ids = torch.cat([head, torch.tensor([VISION_START]), torch.full((count,), VIDEO_TOKEN),
-                                 torch.tensor([VISION_END]), tail])
+                ids = torch.cat(
+                    [
+                        head,
+                        torch.tensor([VISION_START]),
+                        torch.full((count,), VIDEO_TOKEN),
+                        torch.tensor([VISION_END]),
+                        tail,
+                    ]
+                )
                 kind = (ids == VIDEO_TOKEN).long() * 2
                 pixels.append(self._pixels(generator, frames[sample]).reshape(-1, 3 * 2 * 2 * 2))
             else:
@@ -246,9 +297,9 @@ class TinyCase:
         attention_mask = torch.zeros(batch, length, dtype=torch.long)
         token_types = torch.zeros(batch, length, dtype=torch.long)
         for sample, (ids, kind) in enumerate(zip(sequences, types)):
-            input_ids[sample, length - len(ids):] = ids
-            attention_mask[sample, length - len(ids):] = 1
-            token_types[sample, length - len(ids):] = kind
+            input_ids[sample, length - len(ids) :] = ids
+            attention_mask[sample, length - len(ids) :] = 1
+            token_types[sample, length - len(ids) :] = kind
         out: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.is_qwen:
             out["mm_token_type_ids"] = token_types

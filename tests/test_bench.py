@@ -21,10 +21,33 @@ def tiny_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, Pa
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        code = main(["bench", "--size", "tiny", "--device", "cpu", "--dtype", "float32", "--runs", "1",
-                     "--warmup", "0", "--decode-tokens", "2", "--model", "llava-onevision-7b", "--policy",
-                     str(ROOT / "policies" / "hieravid-30.yaml"), "--sweep", "8,16", "--profile", "--cuda-graphs",
-                     "--out", str(out)])
+        code = main(
+            [
+                "bench",
+                "--size",
+                "tiny",
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+                "--runs",
+                "1",
+                "--warmup",
+                "0",
+                "--decode-tokens",
+                "2",
+                "--model",
+                "llava-onevision-7b",
+                "--policy",
+                str(ROOT / "policies" / "hieravid-30.yaml"),
+                "--sweep",
+                "8,16",
+                "--profile",
+                "--cuda-graphs",
+                "--out",
+                str(out),
+            ]
+        )
     assert code == 0
     return json.loads(out.read_text()), printed.getvalue(), out
 
@@ -60,8 +83,19 @@ def test_help_documents_the_options(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     text = capsys.readouterr().out
-    for option in ("--model", "--policy", "--frames", "--runs", "--warmup", "--decode-tokens", "--sweep",
-                   "--profile", "--out", "--cudnn-sdp", "--cuda-graphs"):
+    for option in (
+        "--model",
+        "--policy",
+        "--frames",
+        "--runs",
+        "--warmup",
+        "--decode-tokens",
+        "--sweep",
+        "--profile",
+        "--out",
+        "--cudnn-sdp",
+        "--cuda-graphs",
+    ):
         assert option in text, option
 
 
@@ -72,9 +106,32 @@ def test_qwen2_vl_decode_steps(tmp_path: Path) -> None:
 
     out = tmp_path / "qwen.json"
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["bench", "--size", "tiny", "--device", "cpu", "--dtype", "float32", "--runs", "1", "--warmup",
-                     "0", "--decode-tokens", "2", "--model", "qwen2-vl-7b", "--policy",
-                     str(ROOT / "policies" / "hieravid-30.yaml"), "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "bench",
+                    "--size",
+                    "tiny",
+                    "--device",
+                    "cpu",
+                    "--dtype",
+                    "float32",
+                    "--runs",
+                    "1",
+                    "--warmup",
+                    "0",
+                    "--decode-tokens",
+                    "2",
+                    "--model",
+                    "qwen2-vl-7b",
+                    "--policy",
+                    str(ROOT / "policies" / "hieravid-30.yaml"),
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     results = json.loads(out.read_text())["models"][0]["results"]
     assert all(result["decode_step_ms"] > 0 for result in results)
 
@@ -83,8 +140,10 @@ def test_profile_decode_reports_steps_and_syncs() -> None:
     from hieravid.bench import build_case, profile_decode
 
     case = build_case("llava-onevision-7b", size="tiny", device="cpu", dtype="float32")
-    rows = [profile_decode(case, policy, steps=2, device="cpu")
-            for policy in (None, str(ROOT / "policies" / "hieravid-30.yaml"))]
+    rows = [
+        profile_decode(case, policy, steps=2, device="cpu")
+        for policy in (None, str(ROOT / "policies" / "hieravid-30.yaml"))
+    ]
     assert rows[0]["policy"] == "unpruned"
     for row in rows:
         assert row["step_ms_median"] > 0 and row["top_cpu_ops"] and row["gpu_ms_per_step"] is None

@@ -13,8 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def hieravid(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hieravid.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "hieravid.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
 
 
 def test_plan_prints_the_per_layer_table() -> None:
@@ -62,8 +63,10 @@ def test_bad_input_exits_2_without_traceback(args: list[str], fragment: str) -> 
 
 def test_infeasible_plan_and_debug_traceback(tmp_path: Path) -> None:
     policy = tmp_path / "deep.yaml"
-    policy.write_text("version: 1\nkind: PruningPolicy\nname: deep\n"
-                      "layer: {schedule: {kind: explicit, stages: [{layer: 40, prune_ratio: 0.5}]}}\n")
+    policy.write_text(
+        "version: 1\nkind: PruningPolicy\nname: deep\n"
+        "layer: {schedule: {kind: explicit, stages: [{layer: 40, prune_ratio: 0.5}]}}\n"
+    )
     result = hieravid("plan", str(policy), "--model", "llava-onevision-7b")
     assert result.returncode == 2 and "layer 40" in result.stderr and "Traceback" not in result.stderr
     result = hieravid("--debug", "plan", str(policy), "--model", "llava-onevision-7b")
@@ -78,8 +81,10 @@ def test_console_script_is_installed() -> None:
 
 
 def test_import_is_lean() -> None:
-    code = ("import sys, hieravid; hieravid.compile_plan; hieravid.load_policy; "
-            "print(sorted(m for m in sys.modules if m.startswith(('transformers', 'torch'))))")
+    code = (
+        "import sys, hieravid; hieravid.compile_plan; hieravid.load_policy; "
+        "print(sorted(m for m in sys.modules if m.startswith(('transformers', 'torch'))))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -45,7 +45,9 @@ def test_tokenizer_round_trips_text_and_places_the_video_token() -> None:
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Q"}]}],
-        add_generation_prompt=True, tokenize=False)
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert ids.count(demo_config()["video_token_index"]) == 1
     assert prompt.endswith("<|im_start|>assistant\n")
@@ -66,8 +68,13 @@ def test_segments_match_the_scene_cuts(frames: int) -> None:
 
 def test_demo_command_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "hieravid.cli", "demo", "--out", str(out)],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "hieravid.cli", "demo", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     text = result.stdout
     true_cuts = re.search(r"scene cuts \(true\):\s+(\[.*\])", text).group(1)
@@ -103,6 +110,10 @@ def test_demo_video_is_the_bundled_geometry() -> None:
 def test_demo_rejects_a_bad_policy(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nkind: PruningPolicy\nname: x\nsegment: {merge_ratio: 2}\n")
-    result = subprocess.run([sys.executable, "-m", "hieravid.cli", "demo", "--policy", str(bad), "--out",
-                             str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "hieravid.cli", "demo", "--policy", str(bad), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "merge_ratio" in result.stderr and "Traceback" not in result.stderr

@@ -56,24 +56,35 @@ def test_models_are_registered_through_the_entry_point() -> None:
 def _requests(video: Path, count: int, task: str = "synthetic") -> tuple[list[Instance], dict]:
     docs = [{"video": str(video), "question": f"Question {i}: how many scenes?"} for i in range(count)]
     requests = [
-        Instance(request_type="generate_until", idx=0,
-                 arguments=(doc["question"], {"max_new_tokens": 3, "until": ["\n\n"], "temperature": 0},
-                            lambda d: [d["video"]], index, task, "test"),
-                 metadata={"task": task, "doc_id": index, "repeats": 1})
+        Instance(
+            request_type="generate_until",
+            idx=0,
+            arguments=(
+                doc["question"],
+                {"max_new_tokens": 3, "until": ["\n\n"], "temperature": 0},
+                lambda d: [d["video"]],
+                index,
+                task,
+                "test",
+            ),
+            metadata={"task": task, "doc_id": index, "repeats": 1},
+        )
         for index, doc in enumerate(docs)
     ]
     return requests, {task: {"test": docs}}
 
 
-@pytest.mark.parametrize(("arch", "name"), [("llava_onevision", "hieravid_llava_onevision"),
-                                            ("qwen2_vl", "hieravid_qwen2_vl")])
+@pytest.mark.parametrize(
+    ("arch", "name"), [("llava_onevision", "hieravid_llava_onevision"), ("qwen2_vl", "hieravid_qwen2_vl")]
+)
 def test_synthetic_requests(checkpoints: dict[str, Path], tmp_path: Path, arch: str, name: str) -> None:
     from lmms_eval.models import get_model
 
     cls = get_model(name)
     trace_path = tmp_path / "trace.safetensors"
     model = cls.create_from_arg_string(
-        f"pretrained={checkpoints[arch]},policy={POLICY},max_frames_num=16,device=cpu,trace={trace_path}")
+        f"pretrained={checkpoints[arch]},policy={POLICY},max_frames_num=16,device=cpu,trace={trace_path}"
+    )
     requests, task_dict = _requests(checkpoints["video"], 2)
     model.task_dict = task_dict
     answers = model.generate_until(requests)
@@ -100,7 +111,8 @@ def test_wrong_architecture_and_bad_arguments_are_refused(checkpoints: dict[str,
         get_model("hieravid_qwen2_vl").create_from_arg_string(f"pretrained={checkpoints['qwen2_vl']},colour=red")
     with pytest.raises(ValueError, match="batch size 1"):
         get_model("hieravid_qwen2_vl").create_from_arg_string(
-            f"pretrained={checkpoints['qwen2_vl']}", {"batch_size": 4})
+            f"pretrained={checkpoints['qwen2_vl']}", {"batch_size": 4}
+        )
 
 
 TASK_YAML = """\
@@ -145,16 +157,36 @@ def test_lmms_eval_command_on_a_synthetic_video_task(checkpoints: dict[str, Path
     task = tmp_path / "task"
     task.mkdir()
     data = task / "data.jsonl"
-    data.write_text("".join(json.dumps({"video": str(checkpoints["video"]), "question": f"Q{i}: A. two B. four",
-                                        "answer": "B"}) + "\n" for i in range(3)))
+    data.write_text(
+        "".join(
+            json.dumps({"video": str(checkpoints["video"]), "question": f"Q{i}: A. two B. four", "answer": "B"}) + "\n"
+            for i in range(3)
+        )
+    )
     (task / "hieravid_synthetic.yaml").write_text(TASK_YAML.format(data=data))
     (task / "utils.py").write_text(TASK_UTILS)
     out = tmp_path / "out"
     trace = tmp_path / "eval-trace.safetensors"
-    command = [sys.executable, "-m", "lmms_eval", "--model", "hieravid_llava_onevision", "--model_args",
-               f"pretrained={checkpoints['llava_onevision']},policy={POLICY},max_frames_num=16,device=cpu,trace={trace}",
-               "--tasks", "hieravid_synthetic", "--include_path", str(task), "--batch_size", "1", "--limit", "2",
-               "--output_path", str(out), "--log_samples"]
+    command = [
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "--model",
+        "hieravid_llava_onevision",
+        "--model_args",
+        f"pretrained={checkpoints['llava_onevision']},policy={POLICY},max_frames_num=16,device=cpu,trace={trace}",
+        "--tasks",
+        "hieravid_synthetic",
+        "--include_path",
+        str(task),
+        "--batch_size",
+        "1",
+        "--limit",
+        "2",
+        "--output_path",
+        str(out),
+        "--log_samples",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "hieravid_synthetic" in result.stdout and "exact_match" in result.stdout

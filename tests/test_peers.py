@@ -33,8 +33,19 @@ def test_the_shipped_set_is_complete() -> None:
     assert PEERS == ["dycoke", "evs", "fastv", "framefusion", "pdrop", "random", "uniform", "vidcom2"]
     ablations = {Path(path).stem for path in SHIPPED if path.startswith("policies/ablations/")}
     betas = {f"beta-{beta}" for beta in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)}
-    assert {"no-segment", "no-frame", "no-layer", "only-segment", "only-frame", "only-layer", "relevance-positive",
-            "frame-topk", "fixed-budget", "binned-first-stage", *betas} <= ablations
+    assert {
+        "no-segment",
+        "no-frame",
+        "no-layer",
+        "only-segment",
+        "only-frame",
+        "only-layer",
+        "relevance-positive",
+        "frame-topk",
+        "fixed-budget",
+        "binned-first-stage",
+        *betas,
+    } <= ablations
     names = [_load(path).name for path in SHIPPED]
     assert len(set(names)) == len(names), "policy names must be unique"
 
@@ -122,7 +133,9 @@ def test_per_stage_selector_overrides_the_frame_selector() -> None:
     assert load_policy(policy.to_yaml()) == policy
     plan = compile_plan(policy, "qwen2-vl-7b")
     assert [(stage.selector, stage.selector_options) for stage in plan.stages] == [
-        ("random", {"seed": 4}), ("dpp", {"max_block": 64})]
+        ("random", {"seed": 4}),
+        ("dpp", {"max_block": 64}),
+    ]
     assert plan.stages[0].needs == ("last_query_attention",)
     assert plan.stages[1].needs == ("last_query_attention", "post_attention_hidden")
     # Layer level off: the schedule collapses onto its first stage, selector included.
@@ -152,16 +165,29 @@ def test_a_bad_stage_selector_names_its_path() -> None:
     ],
 )
 def test_the_planner_counts_what_the_input_operator_removes(segment: str, frames: int, removed: int) -> None:
-    plan = compile_plan(HEADER + f"segment: {segment}\nframe: {{enabled: false}}\nlayer: {{enabled: false}}\n",
-                        "llava-onevision-7b", frames=frames)
+    plan = compile_plan(
+        HEADER + f"segment: {segment}\nframe: {{enabled: false}}\nlayer: {{enabled: false}}\n",
+        "llava-onevision-7b",
+        frames=frames,
+    )
     assert plan.segment.video_tokens_after == frames * 196 - removed + 1
 
 
 # ---------------------------------------------------------------------------------------------- compare + docs
 def test_compare_prints_input_levels_and_per_stage_budgets(capsys: pytest.CaptureFixture[str]) -> None:
     paths = [str(ROOT / "policies" / "peers" / f"{name}.yaml") for name in PEERS]
-    assert cli_main(["compare", *paths, str(ROOT / "policies/ablations/binned-first-stage.yaml"),
-                     "--model", "llava-onevision-7b"]) == 0
+    assert (
+        cli_main(
+            [
+                "compare",
+                *paths,
+                str(ROOT / "policies/ablations/binned-first-stage.yaml"),
+                "--model",
+                "llava-onevision-7b",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "2: 2823, 8: 1270, 16: 572, 24: 257" in out  # PDrop's per-stage budgets
     assert "evs 0.72" in out and "framefusion 0.5" in out

@@ -17,8 +17,9 @@ POLICY = str(REPO / "policies" / "hieravid-30.yaml")
 
 
 def hieravid(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hieravid.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "hieravid.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -28,17 +29,40 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = hieravid("demo", "--export", str(folder))
     assert result.returncode == 0, result.stderr
     assert "scene cuts at [6, 16, 23]" in result.stdout
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja",
-                 "video_preprocessor_config.json", "demo.mp4"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "video_preprocessor_config.json",
+        "demo.mp4",
+    ):
         assert (folder / name).is_file(), name
     return folder
 
 
 def test_run_answers_compares_and_traces(checkpoint: Path, tmp_path: Path) -> None:
     trace_path = tmp_path / "run.safetensors"
-    result = hieravid("run", "--model", str(checkpoint), "--video", str(checkpoint / "demo.mp4"), "--question",
-                      "What happens in this video?", "--policy", POLICY, "--frames", "32", "--device", "cpu",
-                      "--max-new-tokens", "3", "--compare-unpruned", "--trace", str(trace_path))
+    result = hieravid(
+        "run",
+        "--model",
+        str(checkpoint),
+        "--video",
+        str(checkpoint / "demo.mp4"),
+        "--question",
+        "What happens in this video?",
+        "--policy",
+        POLICY,
+        "--frames",
+        "32",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "3",
+        "--compare-unpruned",
+        "--trace",
+        str(trace_path),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert re.search(r"^answer \(hieravid-30\): ", out, re.MULTILINE)
@@ -63,9 +87,23 @@ def test_run_answers_compares_and_traces(checkpoint: Path, tmp_path: Path) -> No
 
 
 def test_run_without_compare_prints_no_speedup(checkpoint: Path) -> None:
-    result = hieravid("run", "--model", str(checkpoint), "--video", str(checkpoint / "demo.mp4"), "--question", "Q",
-                      "--policy", str(REPO / "policies" / "ablations" / "no-segment.yaml"), "--frames", "16",
-                      "--max-new-tokens", "1", "--warmup", "0")
+    result = hieravid(
+        "run",
+        "--model",
+        str(checkpoint),
+        "--video",
+        str(checkpoint / "demo.mp4"),
+        "--question",
+        "Q",
+        "--policy",
+        str(REPO / "policies" / "ablations" / "no-segment.yaml"),
+        "--frames",
+        "16",
+        "--max-new-tokens",
+        "1",
+        "--warmup",
+        "0",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "speedup" not in result.stdout and "unpruned" not in result.stdout
     assert "segments (1): frames 0-15" in result.stdout  # segment level off: one segment
@@ -99,8 +137,14 @@ def test_bad_input_exits_2_with_one_paragraph(case: str, checkpoint: Path, tmp_p
     (tmp_path / "bad.yaml").write_text("version: 1\nkind: PruningPolicy\nname: bad\nframe: {selector: {kind: magic}}\n")
     video_stream_without_frames(tmp_path / "empty.mkv")
     (tmp_path / "folder").mkdir()
-    options = {"--model": str(checkpoint), "--video": str(checkpoint / "demo.mp4"), "--question": "Q",
-               "--policy": POLICY, "--frames": "8", "--max-new-tokens": "1"}
+    options = {
+        "--model": str(checkpoint),
+        "--video": str(checkpoint / "demo.mp4"),
+        "--question": "Q",
+        "--policy": POLICY,
+        "--frames": "8",
+        "--max-new-tokens": "1",
+    }
     changes, fragment = BAD_INPUTS[case]
     for key, value in changes.items():
         local = tmp_path / value

@@ -62,8 +62,15 @@ def test_spec_from_config_file_and_folder(tmp_path: Path) -> None:
 def test_spec_from_transformers_config_object() -> None:
     from transformers import Qwen2VLConfig
 
-    config = Qwen2VLConfig(text_config={"num_hidden_layers": 3, "hidden_size": 32, "intermediate_size": 64,
-                                        "num_attention_heads": 4, "num_key_value_heads": 2})
+    config = Qwen2VLConfig(
+        text_config={
+            "num_hidden_layers": 3,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
+    )
     spec = load_spec(config)
     assert spec.model_type == "qwen2_vl"
     assert spec.num_layers == 3 and spec.hidden_size == 32
@@ -72,8 +79,12 @@ def test_spec_from_transformers_config_object() -> None:
 
 @pytest.mark.parametrize(
     ("content", "fragment"),
-    [("{not json", "cannot read model config"), ("[1, 2]", "JSON object"), ('{"hidden_size": 3}', "model_type"),
-     ('{"model_type": "qwen2"}', "dimensions")],
+    [
+        ("{not json", "cannot read model config"),
+        ("[1, 2]", "JSON object"),
+        ('{"hidden_size": 3}', "model_type"),
+        ('{"model_type": "qwen2"}', "dimensions"),
+    ],
 )
 def test_bad_configs(tmp_path: Path, content: str, fragment: str) -> None:
     path = tmp_path / "config.json"
@@ -86,5 +97,6 @@ def test_unknown_name_lists_catalogue() -> None:
     with pytest.raises(SpecError, match="llava-onevision-7b"):
         load_spec("gpt-video-9000")
     with pytest.raises(SpecError, match="positive integer"):
-        spec_from_config({**_onevision_config(), "text_config": {**_onevision_config()["text_config"],
-                                                                 "hidden_size": 0}})
+        spec_from_config(
+            {**_onevision_config(), "text_config": {**_onevision_config()["text_config"], "hidden_size": 0}}
+        )

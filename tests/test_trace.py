@@ -18,12 +18,18 @@ def _trace(frames: int = 6, rows: int = 2, cols: int = 3, **overrides: object) -
     merge_target = torch.arange(n)
     merge_target[6:12] -= 6  # frame 1 merged into frame 0
     fields = dict(
-        frames=frames, rows=rows, cols=cols, newline_tokens=1,
+        frames=frames,
+        rows=rows,
+        cols=cols,
+        newline_tokens=1,
         frame_segment_ids=torch.tensor([0, 0, 1, 1, 1, 2]),
         segment_values=torch.tensor([0.5, -1.25, 0.75]),
-        input_kept=torch.unique(merge_target), merge_target=merge_target,
-        stages=[StageTrace(layer=1, kept=torch.tensor([0, 3, 12, 20, 30]), newlines_kept=1),
-                StageTrace(layer=3, kept=torch.tensor([3, 30]), newlines_kept=0)],
+        input_kept=torch.unique(merge_target),
+        merge_target=merge_target,
+        stages=[
+            StageTrace(layer=1, kept=torch.tensor([0, 3, 12, 20, 30]), newlines_kept=1),
+            StageTrace(layer=3, kept=torch.tensor([3, 30]), newlines_kept=0),
+        ],
         layer_video_tokens=[31, 31, 6, 6],
         frame_redundancy=torch.tensor([0.0, 1.0, 0.1, 0.9, 0.8, 0.0]),
         thumbnails=torch.randint(0, 255, (frames, 8, 12, 3), dtype=torch.uint8),
@@ -45,7 +51,8 @@ def _assert_equal(a: RequestTrace, b: RequestTrace) -> None:
             assert torch.equal(left, right), name
             assert left.dtype == right.dtype, name
     assert [(s.layer, s.newlines_kept, s.kept.tolist()) for s in a.stages] == [
-        (s.layer, s.newlines_kept, s.kept.tolist()) for s in b.stages]
+        (s.layer, s.newlines_kept, s.kept.tolist()) for s in b.stages
+    ]
 
 
 def test_round_trip_every_field(tmp_path: Path) -> None:
@@ -56,8 +63,17 @@ def test_round_trip_every_field(tmp_path: Path) -> None:
 
 
 def test_round_trip_several_requests_and_optional_fields(tmp_path: Path) -> None:
-    minimal = _trace(merge_target=None, input_kept=None, frame_redundancy=None, thumbnails=None, stages=[],
-                     layer_video_tokens=None, policy=None, plan=None, info={})
+    minimal = _trace(
+        merge_target=None,
+        input_kept=None,
+        frame_redundancy=None,
+        thumbnails=None,
+        stages=[],
+        layer_video_tokens=None,
+        policy=None,
+        plan=None,
+        info={},
+    )
     traces = [_trace(), minimal]
     loaded = load_trace(save_trace(tmp_path / "t.safetensors", traces))
     assert len(loaded) == 2
@@ -123,8 +139,9 @@ def test_load_errors(tmp_path: Path) -> None:
     with pytest.raises(TraceError, match="version"):
         load_trace(future)
     broken = tmp_path / "broken.safetensors"
-    save_file({"w": torch.zeros(2)}, str(broken),
-              metadata={"format": "hieravid-trace", "version": "1", "num_requests": "1"})
+    save_file(
+        {"w": torch.zeros(2)}, str(broken), metadata={"format": "hieravid-trace", "version": "1", "num_requests": "1"}
+    )
     with pytest.raises(TraceError, match="request 0 is incomplete"):
         load_trace(broken)
 
@@ -141,15 +158,38 @@ def test_build_trace_from_runtime_statistics() -> None:
     from hieravid.runtime.state import RequestStats, StageStats
 
     # Prompt: 3 text tokens, 2 frames × 2×2 content + 1 newline (per_video) at positions 3..11, 2 text tokens.
-    video = {"frames": 2, "rows": 2, "cols": 2, "newline_layout": "per_video", "content_tokens": 8,
-             "newline_tokens": 1, "video_tokens": 9, "span": (3, 12)}
-    stage = StageStats(layer=1, prune_point="after_attention", video_tokens_before=(6,), video_tokens_after=(3,),
-                       budgets=((2, 1),), kept_positions=(torch.tensor([3, 8, 11]),), sequence_length=8)
+    video = {
+        "frames": 2,
+        "rows": 2,
+        "cols": 2,
+        "newline_layout": "per_video",
+        "content_tokens": 8,
+        "newline_tokens": 1,
+        "video_tokens": 9,
+        "span": (3, 12),
+    }
+    stage = StageStats(
+        layer=1,
+        prune_point="after_attention",
+        video_tokens_before=(6,),
+        video_tokens_after=(3,),
+        budgets=((2, 1),),
+        kept_positions=(torch.tensor([3, 8, 11]),),
+        sequence_length=8,
+    )
     stats = RequestStats(
-        pruned=True, reason="pruned", batch_size=1, prompt_length=14, videos=(video,), num_segments=(2,),
-        frame_segment_ids=(torch.tensor([0, 1]),), marginal_values=(torch.tensor([1.0, -1.0]),),
-        input_kept_positions=(torch.tensor([3, 4, 5, 6, 8, 11]),), stages=(stage,),
-        layer_video_tokens=((6,), (6,), (3,)), layer_sequence_lengths=(11, 11, 8),
+        pruned=True,
+        reason="pruned",
+        batch_size=1,
+        prompt_length=14,
+        videos=(video,),
+        num_segments=(2,),
+        frame_segment_ids=(torch.tensor([0, 1]),),
+        marginal_values=(torch.tensor([1.0, -1.0]),),
+        input_kept_positions=(torch.tensor([3, 4, 5, 6, 8, 11]),),
+        stages=(stage,),
+        layer_video_tokens=((6,), (6,), (3,)),
+        layer_sequence_lengths=(11, 11, 8),
     )
     trace = build_trace(stats, None, info={"k": 1})
     assert (trace.frames, trace.rows, trace.cols, trace.newline_tokens) == (2, 2, 2, 1)
@@ -161,11 +201,22 @@ def test_build_trace_from_runtime_statistics() -> None:
     # With the adapter's layout (here: a newline after every row), positions map through its frame index.
     from hieravid.adapters.base import VideoLayout
 
-    layout = VideoLayout(frame_index=torch.tensor([[3, 4, 6, 7], [9, 10, 12, 13]]),
-                         newline_index=torch.tensor([5, 8, 11, 14]), rows=2, cols=2, newline_layout="per_row")
+    layout = VideoLayout(
+        frame_index=torch.tensor([[3, 4, 6, 7], [9, 10, 12, 13]]),
+        newline_index=torch.tensor([5, 8, 11, 14]),
+        rows=2,
+        cols=2,
+        newline_layout="per_row",
+    )
     rows_video = {**video, "newline_layout": "per_row", "newline_tokens": 4, "video_tokens": 12, "span": (3, 15)}
-    stats_rows = dataclasses.replace(stats, videos=(rows_video,), layouts=(layout,), prompt_length=17,
-                                     input_kept_positions=(torch.tensor([3, 5, 9, 13]),), stages=())
+    stats_rows = dataclasses.replace(
+        stats,
+        videos=(rows_video,),
+        layouts=(layout,),
+        prompt_length=17,
+        input_kept_positions=(torch.tensor([3, 5, 9, 13]),),
+        stages=(),
+    )
     trace_rows = build_trace(stats_rows, None)
     assert trace_rows.input_kept.tolist() == [0, 4, 7]
     with pytest.raises(TraceError, match="no pruned video request"):

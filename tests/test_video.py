@@ -146,8 +146,16 @@ def test_preprocess_onevision_resizes_normalises_and_counts_tokens() -> None:
 def test_preprocess_qwen2_vl_grid_and_patch_layout() -> None:
     frames = np.zeros((3, 56, 84, 3), dtype=np.uint8)
     frames[..., 0] = np.arange(84, dtype=np.uint8)[None, None, :]  # red ramps left to right
-    config = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 56 * 56,
-              "max_pixels": 28 * 28 * 100, "image_mean": [0.0] * 3, "image_std": [1.0] * 3, "rescale_factor": 1.0}
+    config = {
+        "patch_size": 14,
+        "merge_size": 2,
+        "temporal_patch_size": 2,
+        "min_pixels": 56 * 56,
+        "max_pixels": 28 * 28 * 100,
+        "image_mean": [0.0] * 3,
+        "image_std": [1.0] * 3,
+        "rescale_factor": 1.0,
+    }
     inputs = preprocess_video(frames, "qwen2_vl", config, None)
     grid = inputs.tensors["video_grid_thw"].tolist()
     assert grid == [[2, 4, 6]]  # 3 frames padded to 4 → 2 temporal patches; 56×84 → 4×6 patches

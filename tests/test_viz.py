@@ -21,7 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 def _trace(frames: int = 4, thumbnails: bool = True) -> RequestTrace:
     # 4 frames of 2×2 tokens; frame 1 merged into frame 0; stage at layer 1 keeps 4 tokens, layer 2 keeps 2.
     return RequestTrace(
-        frames=frames, rows=2, cols=2, newline_tokens=1,
+        frames=frames,
+        rows=2,
+        cols=2,
+        newline_tokens=1,
         frame_segment_ids=torch.tensor([0, 0, 1, 1][:frames] + [1] * max(0, frames - 4)),
         segment_values=torch.tensor([1.0, -1.0]),
         input_kept=torch.tensor([0, 1, 2, 3, 8, 9, 10, 11]),
@@ -70,8 +73,9 @@ def test_draw_writes_a_png(tmp_path: Path, thumbnails: bool) -> None:
 
 
 def hieravid(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hieravid.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "hieravid.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
 
 
 def test_viz_command_and_errors(tmp_path: Path) -> None:

@@ -128,8 +128,9 @@ def frame_level(
     if host_meta is not None:
         counts_h, marginal_h = host_meta[0].to(torch.int64), host_meta[1].to(torch.float64)
         if counts_h.shape != (G,) or marginal_h.shape != (G,):
-            raise ValueError(f"host_meta must hold two [{G}] tensors, got {tuple(counts_h.shape)}, "
-                             f"{tuple(marginal_h.shape)}")
+            raise ValueError(
+                f"host_meta must hold two [{G}] tensors, got {tuple(counts_h.shape)}, {tuple(marginal_h.shape)}"
+            )
     else:
         counts = torch.zeros(G, dtype=torch.int64, device=device).index_add_(0, seg, torch.ones_like(seg))
         # One host sync for the stage: counts and marginal values come to the host, the budgets are computed

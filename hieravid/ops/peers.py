@@ -99,8 +99,9 @@ def register_input_operator(name: str) -> Callable[[InputOperator], InputOperato
     return deco
 
 
-def input_level(kind: str, frames: Tensor, *, cuda_graphs: SegmentLevelGraphs | None = None,
-                **options: Any) -> SegmentLevelResult:
+def input_level(
+    kind: str, frames: Tensor, *, cuda_graphs: SegmentLevelGraphs | None = None, **options: Any
+) -> SegmentLevelResult:
     """Run the input-level operator registered as ``kind`` on one video.
 
     ``options`` are the operator's keyword arguments (a plan's ``SegmentPlan.options``: for ``hieravid``
@@ -118,7 +119,6 @@ def input_level(kind: str, frames: Tensor, *, cuda_graphs: SegmentLevelGraphs | 
     if cuda_graphs is not None and accepts_keyword(fn, "cuda_graphs"):
         options["cuda_graphs"] = cuda_graphs
     return fn(frames, **options)
-
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -319,9 +319,7 @@ def vidcom2(frames: Tensor, *, prune_ratio: float = 0.5, temperature: float = 0.
 
 
 @register_input_operator("framefusion")
-def framefusion(
-    frames: Tensor, *, prune_ratio: float = 0.5, similarity_threshold: float = 0.6
-) -> SegmentLevelResult:
+def framefusion(frames: Tensor, *, prune_ratio: float = 0.5, similarity_threshold: float = 0.6) -> SegmentLevelResult:
     """FrameFusion's merging: fold tokens that repeat the previous frame into it, above a threshold.
 
     Paper: Fu et al., *FrameFusion: Combining Similarity and Importance for Video Token Reduction on Large

@@ -113,7 +113,12 @@ def _total(k: Tensor, budgets: Tensor, counts: Tensor | None) -> int:
 
 
 def _positional_layout(
-    name: str, features: Tensor, relevance: Tensor, segment_ids: Tensor, budgets: Tensor, options: dict[str, Any],
+    name: str,
+    features: Tensor,
+    relevance: Tensor,
+    segment_ids: Tensor,
+    budgets: Tensor,
+    options: dict[str, Any],
     counts: Tensor | None = None,
 ) -> tuple[int, torch.device, Tensor, Tensor, int, Tensor, Tensor, Tensor] | None:
     """Shared start of the position-based selectors: validate, then per token its in-segment position,

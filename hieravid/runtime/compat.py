@@ -20,7 +20,12 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
-    "CACHE_KEYS", "cache_argument", "cache_from_kwargs", "cache_from_output", "causal_mask", "video_encoder_output",
+    "CACHE_KEYS",
+    "cache_argument",
+    "cache_from_kwargs",
+    "cache_from_output",
+    "causal_mask",
+    "video_encoder_output",
 ]
 
 #: Names of the KV-cache argument/attribute, newest first.

@@ -241,8 +241,9 @@ class Pruner:
                 "the cache holds layers of different lengths (a pruned prompt) that this handle did not "
                 "produce; continue a pruned request with the cache object its prefill returned"
             )
-        self.request = Request(batch=int(reference.shape[0]), original_length=past_length,
-                               total_length=past_length, phase="continuation")
+        self.request = Request(
+            batch=int(reference.shape[0]), original_length=past_length, total_length=past_length, phase="continuation"
+        )
         return result
 
     def _lm_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -292,7 +293,10 @@ class Pruner:
             return None
         if not self.plan.prunes:
             self.last_stats = RequestStats(
-                pruned=False, reason="plan prunes nothing", batch_size=batch, prompt_length=length,
+                pruned=False,
+                reason="plan prunes nothing",
+                batch_size=batch,
+                prompt_length=length,
                 videos=tuple(layout.describe() if layout is not None else None for layout in layouts),
             )
             return None
@@ -325,8 +329,14 @@ class Pruner:
         kinds: list[Tensor] = []
         segs: list[Tensor] = []
         merged: list[tuple[Tensor, Tensor] | None] = []
-        stats: dict[str, list[Any]] = {"videos": [], "num_segments": [], "frame_segment_ids": [],
-                                       "marginal_values": [], "input_kept_positions": [], "layouts": []}
+        stats: dict[str, list[Any]] = {
+            "videos": [],
+            "num_segments": [],
+            "frame_segment_ids": [],
+            "marginal_values": [],
+            "input_kept_positions": [],
+            "layouts": [],
+        }
         counts: list[int] = []
         # Per sample, what the frame-level budgets need, read from the device in the one sync below.
         to_read: list[tuple[int, Tensor, Tensor]] = []
@@ -336,8 +346,9 @@ class Pruner:
             keep = torch.ones(length, dtype=torch.bool, device=device)
             if layout is None:
                 request.marginal_values.append(torch.zeros(1, device=device))
-                request.schedule.append(SampleCounts(torch.zeros(1, dtype=torch.long),
-                                                     torch.zeros(1, dtype=torch.float64), 0, length))
+                request.schedule.append(
+                    SampleCounts(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.float64), 0, length)
+                )
                 counts.append(length)
                 for key in stats:
                     stats[key].append(0 if key == "num_segments" else None)
@@ -362,9 +373,14 @@ class Pruner:
                 kept, newlines = int(kept_content.numel()), int(layout.newline_index.numel())
                 counts.append(length - int(content.numel()) + kept)
                 groups = int(marginal.numel())
-                request.schedule.append(SampleCounts(
-                    torch.tensor([kept]), torch.zeros(1, dtype=torch.float64), newlines, counts[-1] - kept - newlines
-                ))
+                request.schedule.append(
+                    SampleCounts(
+                        torch.tensor([kept]),
+                        torch.zeros(1, dtype=torch.float64),
+                        newlines,
+                        counts[-1] - kept - newlines,
+                    )
+                )
                 if segment.enabled and groups > 1 and any(stage.per_segment for stage in self.stages):
                     tokens = torch.zeros(groups, dtype=torch.long, device=device)
                     tokens.index_add_(0, token_segments.to(device), torch.ones_like(token_segments, device=device))
@@ -392,8 +408,16 @@ class Pruner:
         kind_all = torch.where(valid, kind_stack.gather(1, index), PAD)
         seg_all = torch.where(valid, torch.stack(segs).gather(1, index), -1)
         positions0 = torch.arange(index.shape[1], device=device).unsqueeze(0).expand(batch, -1)
-        coords = Coords(src=index, idx0=positions0.contiguous(), orig=index, valid=valid, kind=kind_all, seg=seg_all,
-                        counts=tuple(sample.video for sample in request.schedule), all_valid=min(counts) == max(counts))
+        coords = Coords(
+            src=index,
+            idx0=positions0.contiguous(),
+            orig=index,
+            valid=valid,
+            kind=kind_all,
+            seg=seg_all,
+            counts=tuple(sample.video for sample in request.schedule),
+            all_valid=min(counts) == max(counts),
+        )
         request.coords = [coords]
         request.mask2d = mask2d
         request.prompt_unmasked = prompt_unmasked
@@ -589,8 +613,12 @@ class Pruner:
         # Kept rows are never padding slots, so the new system is all valid iff it has no padding slot.
         request.stage_all_valid.append(request.prompt_unmasked and bool(new_coords.all_valid))
         request.stats["stages"].append(stage_stats)
-        request.pending = {"layer": stage.layer, "selection": selection, "valid": new_coords.valid,
-                           "length": coords.length}
+        request.pending = {
+            "layer": stage.layer,
+            "selection": selection,
+            "valid": new_coords.valid,
+            "length": coords.length,
+        }
 
     def _frame_level(
         self, stage_index: int, stage: StagePlan, coords: Coords, hidden: Tensor, attention: Tensor
@@ -668,8 +696,10 @@ class Pruner:
                 counts.newlines = 0
         # Kept rows, kept video tokens (content and, unless dropped, newlines) known on the host by count.
         rows = [base + k for base, k in zip(n_base, kept)]
-        after = [k + (0 if drop_newlines else video_count - content_count)
-                 for k, video_count, content_count in zip(kept, before, n_content)]
+        after = [
+            k + (0 if drop_newlines else video_count - content_count)
+            for k, video_count, content_count in zip(kept, before, n_content)
+        ]
         selection, valid = _pack(keep, kind, rows, stage.query_rows)
         kept_video = keep & (kind != TEXT)
         video_orig = coords.orig.gather(1, _compact(kept_video, kept_video.cumsum(1), max(after)))

@@ -71,8 +71,9 @@ class AdapterRegistry:
         self._loaded_entry_points: dict[str, type[Adapter]] = {}
 
     # -------------------------------------------------------------- registration
-    def register(self, adapter: type[Adapter], *, model_types: tuple[str, ...] | None = None,
-                 replace: bool = False) -> type[Adapter]:
+    def register(
+        self, adapter: type[Adapter], *, model_types: tuple[str, ...] | None = None, replace: bool = False
+    ) -> type[Adapter]:
         """Register ``adapter`` for ``model_types`` (default: ``adapter.model_types``).
 
         Raises:
@@ -161,8 +162,9 @@ class AdapterRegistry:
 registry = AdapterRegistry()
 
 
-def register_adapter(adapter: type[Adapter], *, model_types: tuple[str, ...] | None = None,
-                     replace: bool = False) -> type[Adapter]:
+def register_adapter(
+    adapter: type[Adapter], *, model_types: tuple[str, ...] | None = None, replace: bool = False
+) -> type[Adapter]:
     """Register a third-party adapter class (usable as a class decorator); see :meth:`AdapterRegistry.register`."""
     return registry.register(adapter, model_types=model_types, replace=replace)
 

@@ -46,9 +46,11 @@ def capture_lm_inputs(handle_adapter: Any, model: torch.nn.Module, inputs: dict,
         removable.remove()
     kwargs = captured[0]
     mask = kwargs.get("attention_mask")
-    return LMInputs(kwargs["inputs_embeds"].detach().clone(),
-                    None if kwargs.get("position_ids") is None else kwargs["position_ids"].clone(),
-                    None if mask is None else mask.clone())
+    return LMInputs(
+        kwargs["inputs_embeds"].detach().clone(),
+        None if kwargs.get("position_ids") is None else kwargs["position_ids"].clone(),
+        None if mask is None else mask.clone(),
+    )
 
 
 def sample_positions(lm_inputs: LMInputs, sample: int, qwen: bool) -> Tensor:
@@ -102,8 +104,11 @@ def reference_run(
     embeds = lm_inputs.inputs_embeds[sample]
     length = embeds.shape[0]
     device = embeds.device
-    mask = torch.ones(length, dtype=torch.bool, device=device) if lm_inputs.attention_mask is None else (
-        lm_inputs.attention_mask[sample].bool())
+    mask = (
+        torch.ones(length, dtype=torch.bool, device=device)
+        if lm_inputs.attention_mask is None
+        else (lm_inputs.attention_mask[sample].bool())
+    )
     positions = sample_positions(lm_inputs, sample, qwen).to(device)
     layout = stats.layouts[sample]
 
@@ -147,8 +152,9 @@ def reference_run(
             rope_pos = pos.unsqueeze(0) if not qwen else pos.unsqueeze(1)
             cos, sin = language_model.rotary_emb(batch_hidden, rope_pos)
             causal = causal_mask(language_model.config, batch_hidden, None, None)
-            out = layer(batch_hidden, attention_mask=causal, position_embeddings=(cos, sin), position_ids=None,
-                        use_cache=False)
+            out = layer(
+                batch_hidden, attention_mask=causal, position_embeddings=(cos, sin), position_ids=None, use_cache=False
+            )
             out = out[0] if isinstance(out, tuple) else out
             hidden = out[0]
             if index in stage_at:

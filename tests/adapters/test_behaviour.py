@@ -42,8 +42,16 @@ def test_double_apply_raises_and_replace_swaps_the_plan(tiny_llava):
 def test_unsupported_model_type_lists_supported(tiny_llava):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=64,
+        )
+    )
     before = _snapshot(model)
     with pytest.raises(AdapterError) as error:
         apply(model, HIERAVID_30)
@@ -56,9 +64,14 @@ def test_infeasible_or_mismatched_plans_fail_before_any_hook(tiny_llava):
     with torch.no_grad():
         model(**tiny_llava.inputs())  # let transformers install its lazy hooks first
     before = _snapshot(model)
-    beyond_depth = policy_from_dict({"version": 1, "kind": "PruningPolicy", "name": "deep",
-                                     "layer": {"schedule": {"kind": "explicit",
-                                                            "stages": [{"layer": 12, "prune_ratio": 0.5}]}}})
+    beyond_depth = policy_from_dict(
+        {
+            "version": 1,
+            "kind": "PruningPolicy",
+            "name": "deep",
+            "layer": {"schedule": {"kind": "explicit", "stages": [{"layer": 12, "prune_ratio": 0.5}]}},
+        }
+    )
     with pytest.raises(PlanError, match="layer 12"):
         apply(model, beyond_depth)
     with pytest.raises(PlanError, match="leaves no video token"):
@@ -97,7 +110,8 @@ def test_failed_install_leaves_model_untouched_and_keeps_replaced_plan(tiny_llav
         apply(model, failing_plan, replace=True)
     assert find_handle(model) is first and first.active
     assert sum(len(a) + len(b) for a, b in _snapshot(model).values()) == sum(
-        len(a) + len(b) for a, b in installed.values())
+        len(a) + len(b) for a, b in installed.values()
+    )
     first.remove()
     assert _snapshot(model) == before
 
@@ -150,7 +164,7 @@ def test_each_sample_is_pruned_on_its_own_content(tiny_sdpa):
             batched = case.model(**batch).logits
         batched_stats = handle.last_request
         for sample in range(2):
-            single = case.inputs(batch=1, frames=frames[sample:sample + 1] if frames else None, seed=21)
+            single = case.inputs(batch=1, frames=frames[sample : sample + 1] if frames else None, seed=21)
             # Rebuild sample `sample` alone: same ids and pixels, without padding.
             mask = batch["attention_mask"][sample].bool()
             single["input_ids"] = batch["input_ids"][sample][mask][None]
@@ -159,10 +173,10 @@ def test_each_sample_is_pruned_on_its_own_content(tiny_sdpa):
                 single["mm_token_type_ids"] = batch["mm_token_type_ids"][sample][mask][None]
                 rows = [int(f) * 8 * 8 for f in batch["video_grid_thw"][:, 0]]
                 start = sum(rows[:sample])
-                single["pixel_values_videos"] = batch["pixel_values_videos"][start:start + rows[sample]]
-                single["video_grid_thw"] = batch["video_grid_thw"][sample:sample + 1]
+                single["pixel_values_videos"] = batch["pixel_values_videos"][start : start + rows[sample]]
+                single["video_grid_thw"] = batch["video_grid_thw"][sample : sample + 1]
             else:
-                single["pixel_values_videos"] = batch["pixel_values_videos"][sample:sample + 1]
+                single["pixel_values_videos"] = batch["pixel_values_videos"][sample : sample + 1]
             with torch.no_grad():
                 alone = case.model(**single).logits
             stats = handle.last_request
@@ -210,26 +224,49 @@ def test_multi_turn_continues_the_pruned_cache_without_pruning_again(tiny_sdpa, 
             extra = {}
         mask = torch.ones(1, seen + new_ids.shape[1], dtype=torch.long, device=case.device)
         with torch.no_grad():
-            second = model.generate(input_ids=new_ids, attention_mask=mask, **cache_argument(model, cache),
-                                    max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True,
-                                    **extra)
+            second = model.generate(
+                input_ids=new_ids,
+                attention_mask=mask,
+                **cache_argument(model, cache),
+                max_new_tokens=3,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                **extra,
+            )
         assert handle.last_request is stats  # no new prefill statistics: nothing was pruned again
         grown = [layer.keys.shape[-2] for layer in cache_from_output(second).layers]
         assert grown == [n + new_ids.shape[1] + 2 for n in lengths]
         # Misuse (full history as input_ids, sliced by generate with the pruned cache length) is refused clearly.
-        history = torch.cat([inputs["input_ids"], first.sequences[:, inputs["input_ids"].shape[1]:], new_ids[:, 1:]], 1)
+        history = torch.cat(
+            [inputs["input_ids"], first.sequences[:, inputs["input_ids"].shape[1] :], new_ids[:, 1:]], 1
+        )
         recorder.remove()
         with pytest.raises(AdapterError, match="original coordinates"):
-            model.generate(input_ids=history, attention_mask=torch.ones_like(history),
-                           **cache_argument(model, cache_from_output(second)), max_new_tokens=1)
+            model.generate(
+                input_ids=history,
+                attention_mask=torch.ones_like(history),
+                **cache_argument(model, cache_from_output(second)),
+                max_new_tokens=1,
+            )
     if second_turn_video:
         return
     adapter = handle.adapter
     lm_inputs = capture_lm_inputs(adapter, model, inputs, generate=True)
-    continuation = torch.cat([first.sequences[0, inputs["input_ids"].shape[1]:], new_ids[0, 1:],
-                              second.sequences[0, new_ids.shape[1]:-1]])
-    reference = reference_run(model, adapter, plan, stats, lm_inputs, 0, qwen=case.is_qwen, extra_ids=continuation,
-                              extra_positions=continuation_positions(positions, 0, case.is_qwen))
+    continuation = torch.cat(
+        [first.sequences[0, inputs["input_ids"].shape[1] :], new_ids[0, 1:], second.sequences[0, new_ids.shape[1] : -1]]
+    )
+    reference = reference_run(
+        model,
+        adapter,
+        plan,
+        stats,
+        lm_inputs,
+        0,
+        qwen=case.is_qwen,
+        extra_ids=continuation,
+        extra_positions=continuation_positions(positions, 0, case.is_qwen),
+    )
     steps = torch.stack([step[0] for step in second.logits])
     torch.testing.assert_close(steps, reference.logits[-3:], atol=1e-4, rtol=1e-4)
 

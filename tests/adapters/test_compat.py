@@ -77,8 +77,12 @@ def test_encoded_video_is_located_as_from_the_pixels(tiny_sdpa, batched):
     assert len(from_encoded) == len(from_pixels) == len(frames)
     for got, want, count in zip(from_encoded, from_pixels, frames):
         assert torch.equal(got.frame_index, want.frame_index) and torch.equal(got.newline_index, want.newline_index)
-        assert (got.frames, got.rows, got.cols, got.newline_layout) == (count, case.rows, case.cols,
-                                                                        want.newline_layout)
+        assert (got.frames, got.rows, got.cols, got.newline_layout) == (
+            count,
+            case.rows,
+            case.cols,
+            want.newline_layout,
+        )
 
 
 def test_encoded_qwen_video_without_grid_or_positions_is_refused(tiny_sdpa):

@@ -34,8 +34,12 @@ POLICIES = {
         "keep-all",
         segment={"merge_ratio": 0.0},
         frame={"dynamic_budget": {"enabled": False}},
-        layer={"schedule": {"kind": "explicit", "stages": [{"layer": 2, "prune_ratio": 0.0},
-                                                           {"layer": 5, "prune_ratio": 0.0}]}},
+        layer={
+            "schedule": {
+                "kind": "explicit",
+                "stages": [{"layer": 2, "prune_ratio": 0.0}, {"layer": 5, "prune_ratio": 0.0}],
+            }
+        },
     ),
     "hieravid-30": load_policy(ROOT / "policies" / "hieravid-30.yaml"),
     "hieravid-20": load_policy(ROOT / "policies" / "hieravid-20.yaml"),
@@ -48,15 +52,21 @@ POLICIES = {
         "after-mlp-uniform-drop-newlines",
         keep_newlines=False,
         frame={"selector": {"kind": "uniform"}},
-        layer={"prune_point": "after_mlp",
-               "schedule": {"kind": "explicit", "stages": [{"layer": 0, "prune_ratio": 0.4},
-                                                           {"layer": 3, "prune_ratio": 0.5},
-                                                           {"layer": 7, "prune_ratio": 0.5}]}},
+        layer={
+            "prune_point": "after_mlp",
+            "schedule": {
+                "kind": "explicit",
+                "stages": [
+                    {"layer": 0, "prune_ratio": 0.4},
+                    {"layer": 3, "prune_ratio": 0.5},
+                    {"layer": 7, "prune_ratio": 0.5},
+                ],
+            },
+        },
     ),
     "random-positive-2rows": _inline(
         "random-positive-2rows",
-        frame={"selector": {"kind": "random", "seed": 3},
-               "relevance": {"sign": "positive", "query_rows": 2}},
+        frame={"selector": {"kind": "random", "seed": 3}, "relevance": {"sign": "positive", "query_rows": 2}},
     ),
     "dpp-small-blocks": _inline(
         "dpp-small-blocks",
@@ -78,9 +88,15 @@ def _hook_snapshot(model: torch.nn.Module) -> dict:
     for module_name, module in model.named_modules():
         snapshot[module_name] = tuple(
             tuple(getattr(module, attribute).keys())
-            for attribute in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-                              "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
-                              "_backward_hooks", "_backward_pre_hooks")
+            for attribute in (
+                "_forward_hooks",
+                "_forward_pre_hooks",
+                "_forward_hooks_with_kwargs",
+                "_forward_pre_hooks_with_kwargs",
+                "_forward_hooks_always_called",
+                "_backward_hooks",
+                "_backward_pre_hooks",
+            )
         )
     return snapshot
 
@@ -162,8 +178,13 @@ def test_pruned_forward_equals_reference_at_every_layer(tiny, policy, batch):
             positions = stats.stage_positions[stage_of_output(plan, index)][sample]
             rows = _real_rows(positions, mask)
             assert torch.equal(positions[rows], reference.layer_positions[index]), f"layer {index} rows"
-            torch.testing.assert_close(output[sample][rows], reference.layer_outputs[index], atol=ATOL, rtol=RTOL,
-                                       msg=lambda m, i=index: f"layer {i}: {m}")
+            torch.testing.assert_close(
+                output[sample][rows],
+                reference.layer_outputs[index],
+                atol=ATOL,
+                rtol=RTOL,
+                msg=lambda m, i=index: f"layer {i}: {m}",
+            )
         rows = _real_rows(stats.output_positions[sample], mask)
         torch.testing.assert_close(logits[sample][rows], reference.logits, atol=ATOL, rtol=RTOL)
 
@@ -179,15 +200,22 @@ def test_generate_with_cache_equals_cache_free_recomputation(tiny, policy):
     with apply(model, plan) as handle:
         adapter = handle.adapter
         with torch.no_grad():
-            result = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                    output_logits=True, return_dict_in_generate=True)
+            result = model.generate(
+                **inputs,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
         stats = handle.last_request
     lm_inputs = capture_lm_inputs(adapter, model, inputs, generate=True)
     length = inputs["input_ids"].shape[1]
     for sample in range(2):
         generated = result.sequences[sample, length:]
-        reference = reference_run(model, adapter, plan, stats, lm_inputs, sample, qwen=tiny.is_qwen,
-                                  extra_ids=generated[:-1])
+        reference = reference_run(
+            model, adapter, plan, stats, lm_inputs, sample, qwen=tiny.is_qwen, extra_ids=generated[:-1]
+        )
         step_logits = torch.stack([step[sample] for step in result.logits])
         torch.testing.assert_close(step_logits, reference.logits[-new_tokens:], atol=ATOL, rtol=RTOL)
         assert torch.equal(reference.logits[-new_tokens:].argmax(-1), generated)
@@ -208,9 +236,11 @@ def test_cache_lengths_equal_realised_counts_which_match_the_plan(tiny, policy, 
             assert lengths == list(stats.layer_sequence_lengths)
             assert out.logits.shape[1] == stats.output_positions.shape[1]
             # A decode step appends exactly one row to every layer.
-            step = model(input_ids=torch.tensor([[5]], device=tiny.device), **cache_argument(model, cache),
-                         attention_mask=torch.ones(1, inputs["input_ids"].shape[1] + 1, dtype=torch.long,
-                                                   device=tiny.device))
+            step = model(
+                input_ids=torch.tensor([[5]], device=tiny.device),
+                **cache_argument(model, cache),
+                attention_mask=torch.ones(1, inputs["input_ids"].shape[1] + 1, dtype=torch.long, device=tiny.device),
+            )
             assert [layer.keys.shape[-2] for layer in cache_from_output(step).layers] == [n + 1 for n in lengths]
     # Segment level exact (⌊ρ0·F·P⌋ merged; FrameFusion at most its ratio); stages within the per-segment
     # rounding (see the fixture in tests/conftest.py).

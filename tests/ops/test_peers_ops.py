@@ -39,8 +39,9 @@ def scene_video(F: int, P: int, D: int, seed: int, noise: float = 0.4) -> torch.
 
 def removed_by_policy(kind: str, F: int, P: int, ratio: float, **options: object) -> int:
     """The planner's count for this operator (``policy.segment.removed_tokens``)."""
-    policy = policy_from_dict({"version": 1, "kind": "PruningPolicy", "name": "t",
-                               "segment": {"kind": kind, "prune_ratio": ratio, **options}})
+    policy = policy_from_dict(
+        {"version": 1, "kind": "PruningPolicy", "name": "t", "segment": {"kind": kind, "prune_ratio": ratio, **options}}
+    )
     return policy.segment.removed_tokens(F, P)
 
 
@@ -316,8 +317,9 @@ def test_registry_dispatches_every_policy_kind():
     assert set(INPUT_OPERATORS) == {"hieravid", *PEERS}
     assert INPUT_OPERATORS["hieravid"] is segment_level
     frames = scene_video(6, 5, 8, 0)
-    hv = input_level("hieravid", frames, similarity_threshold=0.6, segment_threshold=0.4, merge_ratio=0.5,
-                     marginal_value_weight=0.5)
+    hv = input_level(
+        "hieravid", frames, similarity_threshold=0.6, segment_threshold=0.4, merge_ratio=0.5, marginal_value_weight=0.5
+    )
     assert torch.equal(hv.kept_index, segment_level(frames).kept_index)
     assert torch.equal(input_level("evs", frames, prune_ratio=0.3).kept_index, evs(frames, prune_ratio=0.3).kept_index)
 

@@ -35,8 +35,9 @@ def third_party(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     calls: list[dict] = []
     points = [
-        importlib.metadata.EntryPoint("tiny_third_party", "tiny_third_party_pkg:TinyThirdPartyAdapter",
-                                      ENTRY_POINT_GROUP),
+        importlib.metadata.EntryPoint(
+            "tiny_third_party", "tiny_third_party_pkg:TinyThirdPartyAdapter", ENTRY_POINT_GROUP
+        ),
         importlib.metadata.EntryPoint("broken_type", "tiny_third_party_pkg:NOT_AN_ADAPTER", ENTRY_POINT_GROUP),
         importlib.metadata.EntryPoint("missing_type", "no_such_module_xyz:Adapter", ENTRY_POINT_GROUP),
     ]

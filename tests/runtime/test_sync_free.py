@@ -15,8 +15,18 @@ from hieravid.runtime import apply
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 #: Call sites inside a frame-level stage: relevance, budgets, selectors, row packing, coordinates.
-STAGE_SITES = ("(_select)", "(_frame_level)", "(_pack)", "(_compact)", "ops/layer.py", "ops/selectors.py",
-               "ops/dpp.py", "ops/budget.py", "ops/relevance.py", "(stage_query_key)")
+STAGE_SITES = (
+    "(_select)",
+    "(_frame_level)",
+    "(_pack)",
+    "(_compact)",
+    "ops/layer.py",
+    "ops/selectors.py",
+    "ops/dpp.py",
+    "ops/budget.py",
+    "ops/relevance.py",
+    "(stage_query_key)",
+)
 
 
 def _syncs(case, policy: str, **inputs_options) -> dict[tuple[str, str], int]:
@@ -31,8 +41,16 @@ def _syncs(case, policy: str, **inputs_options) -> dict[tuple[str, str], int]:
     return dict(spy.counts)
 
 
-@pytest.mark.parametrize("policy", ["hieravid-30.yaml", "hieravid-10.yaml", "peers/fastv.yaml",
-                                    "ablations/frame-topk.yaml", "ablations/no-segment.yaml"])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        "hieravid-30.yaml",
+        "hieravid-10.yaml",
+        "peers/fastv.yaml",
+        "ablations/frame-topk.yaml",
+        "ablations/no-segment.yaml",
+    ],
+)
 def test_stages_do_not_synchronise(tiny_sdpa, policy: str) -> None:
     counts = _syncs(tiny_sdpa, str(POLICIES / policy))
     in_stages = {site: n for site, n in counts.items() if any(part in site[0] for part in STAGE_SITES)}

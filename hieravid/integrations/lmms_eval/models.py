@@ -80,8 +80,9 @@ class HieravidVideoLMM(lmms):
         self._rank = accelerator.process_index
         self._world_size = accelerator.num_processes
         self.policy = None if policy in (None, "", "default") else policy
-        self.policy_obj = None if str(policy).lower() == "none" else (
-            load_policy(Path(policy)) if self.policy else _default_policy())
+        self.policy_obj = (
+            None if str(policy).lower() == "none" else (load_policy(Path(policy)) if self.policy else _default_policy())
+        )
         self.loaded = load_model(pretrained, device=device, dtype=dtype, download=_as_bool(download))
         if self.model_types and self.loaded.model_type not in self.model_types:
             raise HieravidError(
@@ -146,8 +147,9 @@ class HieravidVideoLMM(lmms):
         sample = temperature > 0
         tokenizer = self.loaded.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        generate_args = dict(max_new_tokens=max_new, do_sample=sample, pad_token_id=pad,
-                             num_beams=int(options.pop("num_beams", 1) or 1))
+        generate_args = dict(
+            max_new_tokens=max_new, do_sample=sample, pad_token_id=pad, num_beams=int(options.pop("num_beams", 1) or 1)
+        )
         if sample:
             generate_args["temperature"] = temperature
             if options.get("top_p") is not None:
@@ -158,13 +160,16 @@ class HieravidVideoLMM(lmms):
         else:
             from hieravid.run import InputCapture, language_model_of
 
-            with runtime.apply(self.loaded.model, self._plan(inputs)) as handle, torch.inference_mode(), \
-                    InputCapture(language_model_of(self.loaded)) as capture:
+            with (
+                runtime.apply(self.loaded.model, self._plan(inputs)) as handle,
+                torch.inference_mode(),
+                InputCapture(language_model_of(self.loaded)) as capture,
+            ):
                 output = self.loaded.model.generate(**inputs.tensors, **generate_args)
                 self.last_stats = handle.last_request
             if self.trace_path:
                 self._record(inputs, question, capture.embeds)
-        text = tokenizer.decode(output[0, inputs.prompt_length:], skip_special_tokens=True)
+        text = tokenizer.decode(output[0, inputs.prompt_length :], skip_special_tokens=True)
         for stop in [until] if isinstance(until, str) else (until or []):
             if stop and stop in text:
                 text = text.split(stop)[0]
@@ -176,8 +181,16 @@ class HieravidVideoLMM(lmms):
         plan = self._plan(inputs)
         thumbs = llm_frame_thumbnails(inputs.frames, self.loaded.model_type, inputs.llm_frames, size=48)
         merge_target, redundancy = segment_detail(self.last_stats, plan, embeds) or (None, None)
-        self.traces.append(build_trace(self.last_stats, plan, thumbnails=thumbs, merge_target=merge_target,
-                                       frame_redundancy=redundancy, info={"question": question}))
+        self.traces.append(
+            build_trace(
+                self.last_stats,
+                plan,
+                thumbnails=thumbs,
+                merge_target=merge_target,
+                frame_redundancy=redundancy,
+                info={"question": question},
+            )
+        )
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         from tqdm import tqdm
