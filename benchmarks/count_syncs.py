@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from hieravid.bench import build_case
+    from hieravid.apps.bench import build_case
     from hieravid.runtime import apply
 
     dtype = "float32" if args.device == "cpu" else "bfloat16"

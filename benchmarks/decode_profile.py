@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from hieravid.bench import build_case, environment_info, profile_decode
+from hieravid.apps.bench import build_case, environment_info, profile_decode
 
 
 def main() -> None:

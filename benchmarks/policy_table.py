@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from hieravid.cli import format_comparison
+from hieravid.apps.cli import format_comparison
 from hieravid.plan import compile_plan
 from hieravid.specs import load_spec
 

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from hieravid.bench import build_case, sdpa_backends
+    from hieravid.apps.bench import build_case, sdpa_backends
     from hieravid.runtime import apply
 
     case = build_case(args.model, frames=args.frames, size=args.size, device=args.device)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hieravid.cli import main
+from hieravid.apps.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,7 +137,7 @@ def test_qwen2_vl_decode_steps(tmp_path: Path) -> None:
 
 
 def test_profile_decode_reports_steps_and_syncs() -> None:
-    from hieravid.bench import build_case, profile_decode
+    from hieravid.apps.bench import build_case, profile_decode
 
     case = build_case("llava-onevision-7b", size="tiny", device="cpu", dtype="float32")
     rows = [

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def hieravid(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "hieravid.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=120
+        [sys.executable, "-m", "hieravid.apps.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=120
     )
 
 

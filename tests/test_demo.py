@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hieravid.demo import (
+from hieravid.apps.demo import (
     build_demo_model,
     build_demo_tokenizer,
     default_policy,
@@ -20,7 +20,7 @@ from hieravid.demo import (
     run_demo,
 )
 from hieravid.policy import load_policy
-from hieravid.trace import load_trace
+from hieravid.apps.trace import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_segments_match_the_scene_cuts(frames: int) -> None:
 def test_demo_command_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "hieravid.cli", "demo", "--out", str(out)],
+        [sys.executable, "-m", "hieravid.apps.cli", "demo", "--out", str(out)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -111,7 +111,7 @@ def test_demo_rejects_a_bad_policy(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nkind: PruningPolicy\nname: x\nsegment: {merge_ratio: 2}\n")
     result = subprocess.run(
-        [sys.executable, "-m", "hieravid.cli", "demo", "--policy", str(bad), "--out", str(tmp_path / "o")],
+        [sys.executable, "-m", "hieravid.apps.cli", "demo", "--policy", str(bad), "--out", str(tmp_path / "o")],
         capture_output=True,
         text=True,
         timeout=120,

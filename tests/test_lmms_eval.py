@@ -19,9 +19,9 @@ pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (see docs/ev
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
-from hieravid.demo import save_demo_checkpoint
-from hieravid.trace import load_trace
-from hieravid.video import write_video
+from hieravid.apps.demo import save_demo_checkpoint
+from hieravid.apps.trace import load_trace
+from hieravid.apps.video import write_video
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY = str(REPO / "policies" / "hieravid-30.yaml")
@@ -29,7 +29,7 @@ POLICY = str(REPO / "policies" / "hieravid-30.yaml")
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from hieravid.demo import demo_video
+    from hieravid.apps.demo import demo_video
 
     root = tmp_path_factory.mktemp("lmms")
     folders = {arch: save_demo_checkpoint(root / arch, architecture=arch) for arch in ("llava_onevision", "qwen2_vl")}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hieravid.cli import main as cli_main
+from hieravid.apps.cli import main as cli_main
 from hieravid.errors import PlanError, PolicyError
 from hieravid.plan import compile_plan
 from hieravid.policy import Policy, load_policy, policy_from_dict

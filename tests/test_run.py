@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from media import video_stream_without_frames
 
-from hieravid.trace import load_trace
+from hieravid.apps.trace import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY = str(REPO / "policies" / "hieravid-30.yaml")
@@ -18,7 +18,7 @@ POLICY = str(REPO / "policies" / "hieravid-30.yaml")
 
 def hieravid(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "hieravid.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+        [sys.executable, "-m", "hieravid.apps.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
     )
 
 

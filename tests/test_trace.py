@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hieravid.run import _content_positions, build_trace
-from hieravid.trace import RequestTrace, StageTrace, TraceError, load_trace, save_trace
+from hieravid.apps.run import _content_positions, build_trace
+from hieravid.apps.trace import RequestTrace, StageTrace, TraceError, load_trace, save_trace
 
 
 def _trace(frames: int = 6, rows: int = 2, cols: int = 3, **overrides: object) -> RequestTrace:

@@ -10,7 +10,7 @@ import pytest
 from media import video_stream_without_frames
 
 from hieravid.errors import HieravidError
-from hieravid.video import (
+from hieravid.apps.video import (
     SCENES,
     VideoError,
     preprocess_video,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from hieravid.trace import RequestTrace, StageTrace, save_trace
-from hieravid.viz import KEPT, MERGED, PRUNED, VizError, draw_trace, select_frames, token_status
+from hieravid.apps.trace import RequestTrace, StageTrace, save_trace
+from hieravid.apps.viz import KEPT, MERGED, PRUNED, VizError, draw_trace, select_frames, token_status
 
 pytest.importorskip("matplotlib", reason="the viz extra (matplotlib) is required for these tests")
 
@@ -74,7 +74,7 @@ def test_draw_writes_a_png(tmp_path: Path, thumbnails: bool) -> None:
 
 def hieravid(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "hieravid.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=120
+        [sys.executable, "-m", "hieravid.apps.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=120
     )
 
 

@@ -1,7 +1,7 @@
 """lmms-eval model classes that run a transformers VideoLLM with a hieravid policy applied.
 
 One class serves each family; the architecture-specific parts (prompt, video preprocessing, token
-layout) come from :mod:`hieravid.run` and the runtime's adapters. ``model_args`` (comma-separated
+layout) come from :mod:`hieravid.apps.run` and the runtime's adapters. ``model_args`` (comma-separated
 ``key=value``):
 
 ``pretrained``      checkpoint folder or Hub id (required)
@@ -39,7 +39,7 @@ def _as_bool(value: Any) -> bool:
 
 
 def _default_policy() -> Any:
-    from hieravid.demo import default_policy
+    from hieravid.apps.demo import default_policy
 
     return default_policy()
 
@@ -71,7 +71,7 @@ class HieravidVideoLMM(lmms):
         from accelerate import Accelerator
 
         from hieravid.policy import load_policy
-        from hieravid.run import load_model
+        from hieravid.apps.run import load_model
 
         accelerator = Accelerator()
         self.accelerator = accelerator
@@ -124,7 +124,7 @@ class HieravidVideoLMM(lmms):
 
     # ------------------------------------------------------------------ generation
     def _plan(self, inputs: Any) -> Any:
-        from hieravid.run import plan_for_inputs
+        from hieravid.apps.run import plan_for_inputs
 
         key = (inputs.llm_frames, inputs.rows, inputs.cols, inputs.prompt_length)
         if key not in self.plans:
@@ -135,8 +135,8 @@ class HieravidVideoLMM(lmms):
         import torch
 
         import hieravid.runtime as runtime
-        from hieravid.run import prepare_inputs
-        from hieravid.video import read_video
+        from hieravid.apps.run import prepare_inputs
+        from hieravid.apps.video import read_video
 
         frames, _, _ = read_video(video, self.max_frames_num)
         inputs = prepare_inputs(self.loaded, frames, question)
@@ -158,7 +158,7 @@ class HieravidVideoLMM(lmms):
             with torch.inference_mode():
                 output = self.loaded.model.generate(**inputs.tensors, **generate_args)
         else:
-            from hieravid.run import InputCapture, language_model_of
+            from hieravid.apps.run import InputCapture, language_model_of
 
             with (
                 runtime.apply(self.loaded.model, self._plan(inputs)) as handle,
@@ -176,7 +176,7 @@ class HieravidVideoLMM(lmms):
         return text.strip()
 
     def _record(self, inputs: Any, question: str, embeds: Any) -> None:
-        from hieravid.run import build_trace, llm_frame_thumbnails, segment_detail
+        from hieravid.apps.run import build_trace, llm_frame_thumbnails, segment_detail
 
         plan = self._plan(inputs)
         thumbs = llm_frame_thumbnails(inputs.frames, self.loaded.model_type, inputs.llm_frames, size=48)
@@ -213,7 +213,7 @@ class HieravidVideoLMM(lmms):
     def _save_traces(self) -> None:
         if not self.trace_path or not self.traces:
             return
-        from hieravid.trace import save_trace
+        from hieravid.apps.trace import save_trace
 
         path = Path(self.trace_path)
         if self.world_size > 1:

@@ -2,9 +2,9 @@
 
 The pieces are usable from Python too::
 
-    from hieravid.run import load_model, prepare_inputs, run_request
+    from hieravid.apps.run import load_model, prepare_inputs, run_request
     loaded = load_model("llava-hf/llava-onevision-qwen2-7b-ov-hf", device="cuda")
-    frames, info, _ = hieravid.video.read_video("clip.mp4", 32)
+    frames, info, _ = hieravid.apps.video.read_video("clip.mp4", 32)
     inputs = prepare_inputs(loaded, frames, "What happens?")
     result = run_request(loaded, inputs, "policies/hieravid-30.yaml", compare_unpruned=True)
     print(format_report(result))
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from hieravid.plan import PruningPlan
     from hieravid.policy import Policy
-    from hieravid.trace import RequestTrace
+    from hieravid.apps.trace import RequestTrace
 
 __all__ = [
     "InputCapture",
@@ -72,7 +72,7 @@ class LoadedModel:
         model: the transformers model (eval mode, on ``device``).
         tokenizer: its tokenizer (with the chat template).
         processor: the model's own processor, or None when it could not be built (torchvision missing);
-            then :func:`hieravid.video.preprocess_video` stands in for the video processor.
+            then :func:`hieravid.apps.video.preprocess_video` stands in for the video processor.
         model_type: ``config.model_type``.
         processor_config: the video processor's settings (from the processor or the checkpoint's JSON).
         name: what the user passed.
@@ -284,7 +284,7 @@ def prepare_inputs(loaded: LoadedModel, frames: np.ndarray, question: str) -> Pr
     """Prompt (the model's chat template) and pixel inputs for one video question."""
     import torch
 
-    from hieravid.video import preprocess_video
+    from hieravid.apps.video import preprocess_video
 
     conversation = _conversation(question)
     config = loaded.model.config
@@ -612,7 +612,7 @@ def build_trace(
     merge_target: torch.Tensor | None = None,
     frame_redundancy: torch.Tensor | None = None,
 ) -> RequestTrace:
-    """A :class:`~hieravid.trace.RequestTrace` from the runtime's ``handle.last_request`` (one sample).
+    """A :class:`~hieravid.apps.trace.RequestTrace` from the runtime's ``handle.last_request`` (one sample).
 
     Sequence positions are mapped back to content indices with the sample's video layout (the
     ``layouts`` frame index when the runtime exposes it, else the layout description). The merge map
@@ -621,7 +621,7 @@ def build_trace(
     """
     import torch
 
-    from hieravid.trace import RequestTrace, StageTrace, TraceError
+    from hieravid.apps.trace import RequestTrace, StageTrace, TraceError
 
     if stats is None or not getattr(stats, "pruned", False) or not stats.videos or stats.videos[sample] is None:
         reason = getattr(stats, "reason", "no request seen")
@@ -673,7 +673,7 @@ def build_trace(
 
 def llm_frame_thumbnails(frames: np.ndarray, model_type: str, llm_frames: int, size: int = 96) -> np.ndarray:
     """One small frame per LLM frame (the first of each temporal patch), longest side ``size`` pixels."""
-    from hieravid.video import resize_frames
+    from hieravid.apps.video import resize_frames
 
     step = TEMPORAL_PATCH.get(model_type, 1)
     chosen = frames[::step][:llm_frames]
@@ -801,8 +801,8 @@ def run_command(args: Any) -> int:
     import sys
 
     from hieravid.policy import load_policy
-    from hieravid.trace import save_trace
-    from hieravid.video import read_video
+    from hieravid.apps.trace import save_trace
+    from hieravid.apps.video import read_video
 
     policy = load_policy(Path(args.policy))
     print(f"decoding {args.video} ({args.frames} frames, uniform sampling)", file=sys.stderr)

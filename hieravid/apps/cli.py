@@ -59,25 +59,25 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from hieravid.run import run_command
+    from hieravid.apps.run import run_command
 
     return run_command(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from hieravid.demo import demo_command
+    from hieravid.apps.demo import demo_command
 
     return demo_command(args)
 
 
 def _cmd_viz(args: argparse.Namespace) -> int:
-    from hieravid.viz import viz_command
+    from hieravid.apps.viz import viz_command
 
     return viz_command(args)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from hieravid import bench
+    from hieravid.apps import bench
 
     models = bench.BENCH_MODELS if args.model == ["all"] else args.model
     unknown = sorted(set(models) - set(bench.BENCH_MODELS))

@@ -2,7 +2,7 @@
 
 A :class:`RequestTrace` records, for one prefill, the video layout, the segment level's decisions
 (frame segment ids, segment marginal values, the merge map) and the video tokens kept after each
-in-LLM stage, plus small downscaled frames so that :mod:`hieravid.viz` can draw them. The policy and
+in-LLM stage, plus small downscaled frames so that :mod:`hieravid.apps.viz` can draw them. The policy and
 plan travel as JSON in the file's metadata (safetensors metadata is ``str → str``), so a run can be
 reproduced and analysed later.
 

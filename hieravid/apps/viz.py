@@ -19,7 +19,7 @@ from hieravid.errors import HieravidError
 if TYPE_CHECKING:
     import numpy as np
 
-    from hieravid.trace import RequestTrace
+    from hieravid.apps.trace import RequestTrace
 
 __all__ = ["VizError", "draw_trace", "select_frames", "token_status"]
 
@@ -228,7 +228,7 @@ def draw_trace(
 
 def draw_trace_file(trace_path: str | Path, out: str | Path, *, request: int = 0, max_frames: int = 16) -> Path:
     """Load request ``request`` of a trace file and draw it to ``out``."""
-    from hieravid.trace import load_trace
+    from hieravid.apps.trace import load_trace
 
     traces = load_trace(trace_path)
     if not traces:

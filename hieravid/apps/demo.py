@@ -2,7 +2,7 @@
 
 The model is built from the bundled config ``hieravid/data/demo/llava_onevision_tiny.json`` (SigLIP
 vision tower + Qwen2 language model, 4 decoder layers, 64 tokens per 128×128 frame) with seeded random
-weights; the tokenizer is a byte-level one built in code; the video is :func:`hieravid.video.synthetic_video`
+weights; the tokenizer is a byte-level one built in code; the video is :func:`hieravid.apps.video.synthetic_video`
 with known scene cuts. The demo runs the same code path as ``hieravid run`` (prompt from the chat
 template, video preprocessing, ``hieravid.runtime.apply``, greedy generation), checks that the detected
 segments equal the scene cuts, and writes a trace and its visualisation.
@@ -24,9 +24,9 @@ from hieravid.errors import HieravidError
 
 if TYPE_CHECKING:
     from hieravid.policy import Policy
-    from hieravid.run import LoadedModel, RunResult
-    from hieravid.trace import RequestTrace
-    from hieravid.video import SyntheticVideo
+    from hieravid.apps.run import LoadedModel, RunResult
+    from hieravid.apps.trace import RequestTrace
+    from hieravid.apps.video import SyntheticVideo
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -234,7 +234,7 @@ def _scene_lengths(frames: int) -> list[int]:
 
 def demo_video(frames: int = 32, *, seed: int = 0) -> SyntheticVideo:
     """The demo's synthetic video: four scenes (stripes, checker, rings, blobs) with small motion."""
-    from hieravid.video import synthetic_video
+    from hieravid.apps.video import synthetic_video
 
     size = demo_config()["vision_config"]["image_size"]
     return synthetic_video(_scene_lengths(frames), size=size, seed=seed)
@@ -253,8 +253,8 @@ def default_policy() -> Policy:
 
 
 def demo_loaded_model(seed: int = 0) -> LoadedModel:
-    """The demo model and tokenizer wrapped as :class:`~hieravid.run.LoadedModel` (CPU, float32)."""
-    from hieravid.run import LoadedModel
+    """The demo model and tokenizer wrapped as :class:`~hieravid.apps.run.LoadedModel` (CPU, float32)."""
+    from hieravid.apps.run import LoadedModel
 
     return LoadedModel(
         model=build_demo_model(seed),
@@ -304,8 +304,8 @@ def run_demo(
     import torch
 
     from hieravid.policy import load_policy
-    from hieravid.run import build_trace, llm_frame_thumbnails, prepare_inputs, run_request
-    from hieravid.trace import save_trace
+    from hieravid.apps.run import build_trace, llm_frame_thumbnails, prepare_inputs, run_request
+    from hieravid.apps.trace import save_trace
 
     chosen = default_policy() if policy is None else load_policy(policy)
     video = demo_video(frames, seed=seed)
@@ -341,14 +341,14 @@ def run_demo(
         trace_path = save_trace(out / "trace.safetensors", trace)
         if write_video_file:
             try:
-                from hieravid.video import write_video
+                from hieravid.apps.video import write_video
 
                 video_path = write_video(out / "demo.mp4", video.frames, fps=8.0)
             except HieravidError as error:
                 notes.append(f"video not written: {error}")
         if draw:
             try:
-                from hieravid.viz import draw_trace
+                from hieravid.apps.viz import draw_trace
 
                 image_path = draw_trace(trace, out / "demo.png")
             except HieravidError as error:
@@ -367,7 +367,7 @@ def run_demo(
 
 def format_demo(demo: DemoResult) -> str:
     """The demo's printed report."""
-    from hieravid.run import format_tokens
+    from hieravid.apps.run import format_tokens
 
     video, result = demo.video, demo.result
     scenes = ", ".join(f"{name} ({length})" for name, length in zip(video.scene_names, _lengths(video)))
@@ -384,7 +384,7 @@ def format_demo(demo: DemoResult) -> str:
         format_tokens(result.stats, result.plan),
         "",
     ]
-    from hieravid.run import format_timings
+    from hieravid.apps.run import format_timings
 
     lines.append(format_timings(result, "cpu", "float32"))
     lines.append("  (a 4-layer toy model: fixed overheads dominate; the speedup needs a real 7B model)")
@@ -409,7 +409,7 @@ def demo_command(args: Any) -> int:
     if args.export:
         folder = save_demo_checkpoint(args.export, seed=args.seed, architecture=args.arch)
         video = demo_video(args.frames, seed=args.seed)
-        from hieravid.video import write_video
+        from hieravid.apps.video import write_video
 
         path = write_video(folder / "demo.mp4", video.frames, fps=8.0)
         print(f"tiny {args.arch} checkpoint (random weights): {folder}")
