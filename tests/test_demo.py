@@ -19,8 +19,8 @@ from hieravid.apps.demo import (
     format_demo,
     run_demo,
 )
-from hieravid.policy import load_policy
 from hieravid.apps.trace import load_trace
+from hieravid.policy import load_policy
 
 REPO = Path(__file__).resolve().parents[1]
 

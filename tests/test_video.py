@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from media import video_stream_without_frames
 
-from hieravid.errors import HieravidError
 from hieravid.apps.video import (
     SCENES,
     VideoError,
@@ -21,6 +20,7 @@ from hieravid.apps.video import (
     synthetic_video,
     write_video,
 )
+from hieravid.errors import HieravidError
 
 av = pytest.importorskip("av", reason="the video extra (PyAV) is required for these tests")
 

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 from hieravid.errors import HieravidError
 
 if TYPE_CHECKING:
-    from hieravid.policy import Policy
     from hieravid.apps.run import LoadedModel, RunResult
     from hieravid.apps.trace import RequestTrace
     from hieravid.apps.video import SyntheticVideo
+    from hieravid.policy import Policy
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -303,9 +303,9 @@ def run_demo(
     """
     import torch
 
-    from hieravid.policy import load_policy
     from hieravid.apps.run import build_trace, llm_frame_thumbnails, prepare_inputs, run_request
     from hieravid.apps.trace import save_trace
+    from hieravid.policy import load_policy
 
     chosen = default_policy() if policy is None else load_policy(policy)
     video = demo_video(frames, seed=seed)

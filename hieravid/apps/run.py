@@ -31,9 +31,9 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from hieravid.apps.trace import RequestTrace
     from hieravid.plan import PruningPlan
     from hieravid.policy import Policy
-    from hieravid.apps.trace import RequestTrace
 
 __all__ = [
     "InputCapture",
@@ -800,9 +800,9 @@ def run_command(args: Any) -> int:
     """``hieravid run`` (see ``hieravid run --help``); returns the exit status."""
     import sys
 
-    from hieravid.policy import load_policy
     from hieravid.apps.trace import save_trace
     from hieravid.apps.video import read_video
+    from hieravid.policy import load_policy
 
     policy = load_policy(Path(args.policy))
     print(f"decoding {args.video} ({args.frames} frames, uniform sampling)", file=sys.stderr)

@@ -70,8 +70,8 @@ class HieravidVideoLMM(lmms):
             raise ValueError("hieravid lmms-eval models run at batch size 1 (pass --batch_size 1)")
         from accelerate import Accelerator
 
-        from hieravid.policy import load_policy
         from hieravid.apps.run import load_model
+        from hieravid.policy import load_policy
 
         accelerator = Accelerator()
         self.accelerator = accelerator
