@@ -34,9 +34,82 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from hieravid.compat import video_encoder_output
 from hieravid.errors import AdapterError
 
-__all__ = ["Adapter", "MultimodalCall", "VideoLayout"]
+__all__ = ["Adapter", "MultimodalCall", "VideoGeometry", "VideoInputs", "VideoLayout", "config_value"]
+
+
+def config_value(config: Any, key: str, default: Any = None) -> Any:
+    """``config[key]`` for a ``config.json`` mapping, ``config.key`` for a transformers config object."""
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+@dataclass(frozen=True)
+class VideoGeometry:
+    """How a video enters one architecture's language model, known from its config alone (the planner's view).
+
+    Attributes:
+        frames: frames as the language model sees them (Qwen2-VL: temporal patches of ``frames_per_step``).
+        rows, cols: tokens per frame row and column.
+        newline_layout: ``"none"``, ``"per_row"``, ``"per_frame"`` or ``"per_video"``.
+        query_rows: last prompt rows whose attention measures relevance by default (Qwen2-VL: 4).
+        frames_per_step: video frames sampled per language-model frame (Qwen2-VL's temporal patch: 2).
+    """
+
+    frames: int
+    rows: int
+    cols: int
+    newline_layout: str = "none"
+    query_rows: int = 1
+    frames_per_step: int = 1
+
+
+@dataclass
+class VideoInputs:
+    """Pixel inputs of one video for a model, and how many placeholder tokens the prompt needs.
+
+    Attributes:
+        tensors: keyword arguments for the model (``pixel_values_videos``, plus ``video_grid_thw`` for Qwen2-VL).
+        num_placeholders: copies of the video token the prompt must hold.
+    """
+
+    tensors: dict[str, Any]
+    num_placeholders: int
+
+
+def processor_setting(processor_config: Mapping[str, Any], key: str, default: Any) -> Any:
+    """A video processor setting (``video_preprocessor_config.json``), or ``default`` when absent or null."""
+    value = processor_config.get(key)
+    return default if value is None else value
+
+
+class FramePixels:
+    """Frames ``[T, H, W, 3]`` uint8 as the float tensor ``[T, 3, H, W]`` a processor resizes and normalises."""
+
+    def __init__(self, frames: Any, processor_config: Mapping[str, Any]) -> None:
+        import numpy as np
+
+        clip_mean, clip_std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+        self.mean = torch.tensor(processor_setting(processor_config, "image_mean", clip_mean), dtype=torch.float32)
+        self.std = torch.tensor(processor_setting(processor_config, "image_std", clip_std), dtype=torch.float32)
+        self.rescale = float(processor_setting(processor_config, "rescale_factor", 1 / 255))
+        self.video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+        self.height, self.width = self.video.shape[-2:]
+
+    def resized(self, height: int, width: int) -> Tensor:
+        """Bicubic, antialiased resize to ``height × width`` in the 0..255 range (the frames when unchanged)."""
+        if (height, width) == (self.height, self.width):
+            return self.video
+        resized = torch.nn.functional.interpolate(
+            self.video, size=(height, width), mode="bicubic", align_corners=False, antialias=True
+        )
+        return resized.round().clamp(0, 255)
+
+    def normalised(self, pixels: Tensor) -> Tensor:
+        return (pixels * self.rescale - self.mean[:, None, None]) / self.std[:, None, None]
 
 
 @dataclass(frozen=True)
@@ -123,8 +196,6 @@ class MultimodalCall:
     @property
     def encoded_video(self) -> Any:
         """The video encoder's output passed in ``mm_encoder_outputs["video"]`` (transformers >= 5.24), or None."""
-        from hieravid.runtime.compat import video_encoder_output
-
         return video_encoder_output(self.kwargs)
 
 
@@ -139,12 +210,61 @@ class Adapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     #: Query rows averaged for relevance when a policy leaves ``relevance.query_rows`` unset.
     default_query_rows: ClassVar[int] = 1
+    #: Video frames sampled when a caller does not say (``hieravid run``'s default, the planner's default).
+    default_sampled_frames: ClassVar[int] = 32
     #: Dimensions (before the sequence axis) of the position ids the language model takes:
     #: 0 for ``[B, S]`` 1-D RoPE, 3 for Qwen2-VL's ``[3, B, S]`` M-RoPE.
     position_rows: ClassVar[int] = 0
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+
+    # ------------------------------------------------------------------ geometry (no weights needed)
+    @classmethod
+    def video_geometry(
+        cls, config: Any, *, sampled_frames: int | None = None, processor_config: Mapping[str, Any] | None = None
+    ) -> VideoGeometry:
+        """The video layout this architecture builds from ``sampled_frames`` frames, from its config alone.
+
+        Args:
+            config: the model's config (a transformers config object or a ``config.json`` mapping).
+            sampled_frames: frames sampled from the video (default :attr:`default_sampled_frames`).
+            processor_config: the checkpoint's (video) preprocessor settings, when known (resize target).
+
+        Raises:
+            SpecError: the config does not describe a video model this adapter can read.
+        """
+        raise NotImplementedError(f"{cls.__name__} does not describe its video geometry")
+
+    @classmethod
+    def inputs_geometry(cls, config: Any, inputs: Mapping[str, Any]) -> VideoGeometry:
+        """The geometry of a prepared request's (first) video, from its pixel inputs and the config."""
+        raise NotImplementedError(f"{cls.__name__} does not read the geometry of prepared inputs")
+
+    @classmethod
+    def preprocess_video(cls, frames: Any, processor_config: Mapping[str, Any], config: Any) -> VideoInputs:
+        """Resize, rescale and normalise frames ``[T, H, W, 3]`` (uint8) as the model's video processor would,
+        without torchvision (which transformers' video processors need); resampling can differ from the
+        processor's in the last bits."""
+        raise AdapterError(
+            f"{cls.__name__}: no built-in video preprocessing; install torchvision so that the model's own video "
+            "processor can be used"
+        )
+
+    @classmethod
+    def _check_video_config(cls, config: Any) -> Any:
+        """The config's vision config; a clear error for configs that are not this adapter's video models."""
+        from hieravid.errors import SpecError
+
+        vision = config_value(config, "vision_config")
+        token = config_value(config, "video_token_id", config_value(config, "video_token_index"))
+        if vision is None or token is None:
+            missing = "vision_config" if vision is None else "video_token_id"
+            raise SpecError(
+                f"config of model_type {config_value(config, 'model_type')!r} has no {missing}: not a video model "
+                f"{cls.__name__} can prune"
+            )
+        return vision
 
     # ------------------------------------------------------------------ modules
     @property

@@ -20,13 +20,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from hieravid.errors import AdapterError
 
-from .base import Adapter, MultimodalCall, VideoLayout
+from .base import (
+    Adapter,
+    FramePixels,
+    MultimodalCall,
+    VideoGeometry,
+    VideoInputs,
+    VideoLayout,
+    config_value,
+    processor_setting,
+)
 
 __all__ = ["LlavaOnevisionAdapter"]
 
@@ -38,11 +49,44 @@ class LlavaOnevisionAdapter(Adapter):
     default_query_rows = 1
     position_rows = 0
 
-    def pooled_grid(self) -> tuple[int, int]:
-        """Rows and columns of a pooled frame according to the vision config (the model's ``apply_pooling``)."""
-        vision = self.config.vision_config
-        side = int(vision.image_size) // int(vision.patch_size)
+    @classmethod
+    def video_geometry(
+        cls, config: Any, *, sampled_frames: int | None = None, processor_config: Mapping[str, Any] | None = None
+    ) -> VideoGeometry:
+        """``sampled_frames`` frames of the pooled grid, one newline after the video (transformers' OneVision path;
+        checkpoints that build per-row newlines are read from the sequence at run time)."""
+        rows, cols = cls.pooled_grid_of(cls._check_video_config(config))
+        frames = cls.default_sampled_frames if sampled_frames is None else sampled_frames
+        return VideoGeometry(frames, rows, cols, "per_video", cls.default_query_rows)
+
+    @classmethod
+    def inputs_geometry(cls, config: Any, inputs: Mapping[str, Any]) -> VideoGeometry:
+        """Frames from ``pixel_values_videos`` ``[B, F, C, H, W]``, the pooled grid from the config."""
+        rows, cols = cls.pooled_grid_of(cls._check_video_config(config))
+        return VideoGeometry(
+            int(inputs["pixel_values_videos"].shape[1]), rows, cols, "per_video", cls.default_query_rows
+        )
+
+    @classmethod
+    def preprocess_video(cls, frames: Any, processor_config: Mapping[str, Any], config: Any) -> VideoInputs:
+        """A fixed resize to the processor's size (default 384²); ``frames × ⌈n/2⌉² + 1`` placeholder tokens."""
+        size = processor_setting(processor_config, "size", {"height": 384, "width": 384})
+        height = int(size.get("height") or size.get("shortest_edge"))
+        width = int(size.get("width") or size.get("shortest_edge"))
+        video = FramePixels(frames, processor_config)
+        pixels = video.normalised(video.resized(height, width))
+        rows, cols = cls.pooled_grid_of(cls._check_video_config(config))
+        return VideoInputs({"pixel_values_videos": pixels.unsqueeze(0)}, int(frames.shape[0]) * rows * cols + 1)
+
+    @staticmethod
+    def pooled_grid_of(vision_config: Any) -> tuple[int, int]:
+        """Rows and columns of a pooled frame: ``ceil(image_size / patch_size / 2)`` (the model's ``apply_pooling``)."""
+        side = int(config_value(vision_config, "image_size")) // int(config_value(vision_config, "patch_size"))
         return math.ceil(side / 2), math.ceil(side / 2)
+
+    def pooled_grid(self) -> tuple[int, int]:
+        """Rows and columns of a pooled frame according to this model's vision config."""
+        return self.pooled_grid_of(self.config.vision_config)
 
     def newline_embedding(self, like: Tensor) -> Tensor | None:
         newline = getattr(self.multimodal_module(), "image_newline", None)

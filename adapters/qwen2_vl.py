@@ -23,6 +23,8 @@ gives the new tokens text positions + ``rope_deltas``, as transformers 5.17 does
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -30,7 +32,16 @@ from torch import Tensor
 
 from hieravid.errors import AdapterError
 
-from .base import Adapter, MultimodalCall, VideoLayout
+from .base import (
+    Adapter,
+    FramePixels,
+    MultimodalCall,
+    VideoGeometry,
+    VideoInputs,
+    VideoLayout,
+    config_value,
+    processor_setting,
+)
 
 __all__ = ["Qwen2VLAdapter", "Qwen2_5_VLAdapter"]
 
@@ -41,6 +52,76 @@ class Qwen2VLAdapter(Adapter):
     model_types = ("qwen2_vl",)
     default_query_rows = 4
     position_rows = 3
+    #: Side in pixels a video frame is resized to when the processor's settings are unknown (448 × 448).
+    default_frame_side = 448
+
+    @classmethod
+    def video_geometry(
+        cls, config: Any, *, sampled_frames: int | None = None, processor_config: Mapping[str, Any] | None = None
+    ) -> VideoGeometry:
+        """Temporal patches of ``temporal_patch_size`` frames, ``(side / patch / merge)²`` tokens each, no newlines.
+
+        The side is the processor's fixed resize target when its settings give one (``size.height/width``),
+        else :attr:`default_frame_side`; real processors keep the aspect ratio, so this is the planner's estimate.
+        """
+        vision = cls._check_video_config(config)
+        patch = int(config_value(vision, "patch_size", 14))
+        merge = int(config_value(vision, "spatial_merge_size", 2))
+        step = int(config_value(vision, "temporal_patch_size", 2))
+        height = width = cls.default_frame_side
+        size = (processor_config or {}).get("size")
+        if isinstance(size, Mapping) and "height" in size and "width" in size:
+            height, width = int(size["height"]), int(size["width"])
+        rows, cols = max(1, height // (patch * merge)), max(1, width // (patch * merge))
+        frames = cls.default_sampled_frames if sampled_frames is None else sampled_frames
+        return VideoGeometry(-(-frames // step), rows, cols, "none", cls.default_query_rows, step)
+
+    @classmethod
+    def inputs_geometry(cls, config: Any, inputs: Mapping[str, Any]) -> VideoGeometry:
+        """Temporal patches and merged rows and columns from the first row of ``video_grid_thw``."""
+        vision = cls._check_video_config(config)
+        merge = int(config_value(vision, "spatial_merge_size", 2))
+        step = int(config_value(vision, "temporal_patch_size", 2))
+        frames, height, width = (int(value) for value in inputs["video_grid_thw"][0])
+        return VideoGeometry(frames, height // merge, width // merge, "none", cls.default_query_rows, step)
+
+    @classmethod
+    def preprocess_video(cls, frames: Any, processor_config: Mapping[str, Any], config: Any) -> VideoInputs:
+        """Smart resize to multiples of patch × merge within the processor's pixel bounds, temporal patches of
+        ``temporal_patch_size`` frames (the last frame repeated to fill one), flattened patches and
+        ``video_grid_thw``."""
+        patch = int(processor_setting(processor_config, "patch_size", 14))
+        merge = int(processor_setting(processor_config, "merge_size", 2))
+        temporal = int(processor_setting(processor_config, "temporal_patch_size", 2))
+        size = processor_setting(processor_config, "size", {})
+        min_pixels = int(processor_config.get("min_pixels") or size.get("shortest_edge") or 128 * 28 * 28)
+        max_pixels = int(processor_config.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 768)
+        video = FramePixels(frames, processor_config)
+        height, width = video.height, video.width
+        factor = patch * merge
+        h_bar, w_bar = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+        if h_bar * w_bar > max_pixels:
+            beta = math.sqrt(height * width / max_pixels)
+            h_bar = max(factor, math.floor(height / beta / factor) * factor)
+            w_bar = max(factor, math.floor(width / beta / factor) * factor)
+        elif h_bar * w_bar < min_pixels:
+            beta = math.sqrt(min_pixels / (height * width))
+            h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+        pixels = video.normalised(video.resized(h_bar, w_bar)).unsqueeze(0)  # [1, T, C, H, W]
+        if pad := -pixels.shape[1] % temporal:
+            pixels = torch.cat([pixels, pixels[:, -1:].expand(-1, pad, -1, -1, -1)], dim=1)
+        _, count, channels = pixels.shape[:3]
+        grid_t, grid_h, grid_w = count // temporal, h_bar // patch, w_bar // patch
+        patches = pixels.view(
+            1, grid_t, temporal, channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch
+        )
+        patches = patches.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9).reshape(
+            grid_t * grid_h * grid_w, channels * temporal * patch * patch
+        )
+        grid = torch.tensor([[grid_t, grid_h, grid_w]])
+        return VideoInputs(
+            {"pixel_values_videos": patches, "video_grid_thw": grid}, grid_t * grid_h * grid_w // (merge * merge)
+        )
 
     def spatial_merge_size(self) -> int:
         return int(self.config.vision_config.spatial_merge_size)

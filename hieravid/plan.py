@@ -18,55 +18,80 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pydantic import BaseModel
+
 from hieravid.errors import PlanError
-from hieravid.policy import DepthFractionSchedule, Policy, SegmentLevel, Selector, load_policy
+from hieravid.policy import (
+    DepthFractionSchedule,
+    DynamicBudget,
+    InputLevelConfig,
+    Policy,
+    SegmentLevel,
+    SelectorConfig,
+    TopkRelevanceSelector,
+    load_policy,
+)
 from hieravid.specs import ModelSpec, load_spec
 
 
 @dataclass(frozen=True)
 class SegmentPlan:
-    """Resolved segment (input) level, before layer 0. ``enabled=False`` means one segment and no merging.
+    """Resolved input level, before layer 0.
 
-    ``kind`` is ``"hieravid"`` (segmentation + merging, SPEC §2.1) or a peer method's input operator
-    (``evs``, ``dycoke``, ...) whose parameters are in ``options``; peers leave the video one segment.
+    ``config`` is the policy's input-level config object (HieraVid's :class:`~hieravid.policy.SegmentLevel` or a
+    peer's), or None when the level is off (then the video is one segment and nothing is merged or dropped).
     """
 
-    enabled: bool
-    kind: str
-    prune_ratio: float
-    """The level's ratio: fraction of frame tokens removed (merged or dropped), before any operator cap."""
-    options: dict[str, Any]
-    similarity_threshold: float
-    segment_threshold: float
-    merge_ratio: float
-    marginal_value_weight: float
+    config: InputLevelConfig | None
     video_tokens_after: int
     """Static estimate of video tokens entering layer 0 (content + newlines): exact for every operator
-    (``policy.segment.removed_tokens``) except FrameFusion, where it is a lower bound (it merges at most
-    that many)."""
+    (``config.removed_tokens``) except FrameFusion, where it is a lower bound (it merges at most that many)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.config is not None
+
+    @property
+    def kind(self) -> str:
+        """The operator's kind (``"hieravid"``, ``"evs"``, ...), or ``"off"``."""
+        return self.config.kind if self.config is not None else "off"
+
+    @property
+    def makes_segments(self) -> bool:
+        """Whether the level yields temporal segments with marginal values (HieraVid's segment level)."""
+        return self.config is not None and self.config.makes_segments
+
+    @property
+    def prune_ratio(self) -> float:
+        """The level's ratio: fraction of frame tokens removed (merged or dropped), before any operator cap."""
+        return self.config.static_prune_ratio if self.config is not None else 0.0
 
 
 @dataclass(frozen=True)
 class StagePlan:
-    """One in-LLM pruning stage, fully resolved for the runtime."""
+    """One in-LLM pruning stage, fully resolved: every default is filled in by the planner."""
 
     layer: int
     prune_ratio: float
     prune_point: Literal["after_attention", "after_mlp"]
-    selector: str
-    selector_options: dict[str, Any]
+    selector: SelectorConfig
+    """The selector config object this stage runs (frame level off: top-k relevance over the whole video)."""
     per_segment: bool
     """Budgets per segment (frame level on) or one global budget (frame level off)."""
     relevance_sign: Literal["negative", "positive"]
     query_rows: int
-    dynamic_budget: bool
-    budget_scale: float
-    min_keep: float
-    max_keep: float
+    budget: DynamicBudget | None
+    """Per-segment budgets follow the segments' marginal values with this rule; None keeps ``1 - ρ`` of each."""
     video_tokens_before: int
     video_tokens_after: int
-    needs: tuple[str, ...]
-    """What the runtime must capture at ``layer``: e.g. last-query attention, post-attention residual."""
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """What the runtime captures at ``layer``: the last query rows' attention, and the post-attention hidden
+        states when the selector reads features."""
+        if self.selector.uses_features:
+            return ("last_query_attention", "post_attention_hidden")
+        return ("last_query_attention",)
 
 
 @dataclass(frozen=True)
@@ -103,8 +128,8 @@ class PruningPlan:
         return {
             "policy": self.policy.to_dict(),
             "spec": self.spec.to_dict(),
-            "segment": _dataclass_dict(self.segment),
-            "stages": [_dataclass_dict(stage) for stage in self.stages],
+            "segment": _dataclass_dict(self.segment, ("enabled", "kind")),
+            "stages": [_dataclass_dict(stage, ("needs",)) for stage in self.stages],
             "keep_newlines": self.keep_newlines,
             "layer_video_tokens": list(self.layer_video_tokens),
             "layer_mlp_video_tokens": list(self.layer_mlp_video_tokens),
@@ -135,24 +160,27 @@ class PruningPlan:
             f"= N_v {spec.video_tokens} tokens; text {spec.text_tokens} tokens; {spec.num_layers} layers",
         ]
         seg = self.segment
-        if seg.enabled and seg.kind != "hieravid":
-            options = ", ".join(f"{key}={value}" for key, value in seg.options.items())
-            lines.append(f"  input level: {seg.kind} ({options}) → {seg.video_tokens_after} tokens")
-        elif seg.enabled:
+        if isinstance(seg.config, SegmentLevel):
+            config = seg.config
             lines.append(
-                f"  segment level: τ={seg.similarity_threshold} β={seg.segment_threshold} "
-                f"merge ρ0={seg.merge_ratio} λ={seg.marginal_value_weight} → {seg.video_tokens_after} tokens"
+                f"  segment level: τ={config.similarity_threshold} β={config.segment_threshold} "
+                f"merge ρ0={config.merge_ratio} λ={config.marginal_value_weight} → {seg.video_tokens_after} tokens"
             )
+        elif seg.config is not None:
+            options = ", ".join(
+                f"{key}={value}" for key, value in seg.config.model_dump(exclude={"kind", "enabled"}).items()
+            )
+            lines.append(f"  input level: {seg.kind} ({options}) → {seg.video_tokens_after} tokens")
         else:
             lines.append("  segment level: off (one segment, no merging)")
         if not self.stages:
             lines.append("  stages: none")
         for stage in self.stages:
-            budget = "dynamic" if stage.dynamic_budget else "fixed"
+            budget = "dynamic" if stage.budget is not None else "fixed"
             scope = "per segment" if stage.per_segment else "global"
             lines.append(
                 f"  stage @ layer {stage.layer} ({stage.prune_point}): prune {stage.prune_ratio:.2f} "
-                f"{stage.video_tokens_before} → {stage.video_tokens_after} via {stage.selector} ({scope}, "
+                f"{stage.video_tokens_before} → {stage.video_tokens_after} via {stage.selector.kind} ({scope}, "
                 f"{budget} budget, relevance {stage.relevance_sign}, {stage.query_rows} query row(s))"
             )
         stage_at = {stage.layer: stage for stage in self.stages}
@@ -174,14 +202,25 @@ class PruningPlan:
         return "\n".join(lines)
 
 
-def _dataclass_dict(value: Any) -> dict[str, Any]:
-    return {name: (list(item) if isinstance(item, tuple) else item) for name, item in vars(value).items()}
+def _plain(value: Any) -> Any:
+    """JSON form of a plan field: config objects as their YAML mapping, tuples as lists."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, tuple):
+        return [_plain(item) for item in value]
+    return value
 
 
-def _resolve_schedule(policy: Policy, spec: ModelSpec) -> list[tuple[int, float, Selector | None]]:
+def _dataclass_dict(value: Any, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    fields = {name: _plain(item) for name, item in vars(value).items()}
+    fields.update({name: _plain(getattr(value, name)) for name in extra})
+    return fields
+
+
+def _resolve_schedule(policy: Policy, spec: ModelSpec) -> list[tuple[int, float, SelectorConfig | None]]:
     """``(layer, prune_ratio, selector override)`` of each stage."""
     schedule = policy.layer.schedule
-    stages: list[tuple[int, float, Selector | None]]
+    stages: list[tuple[int, float, SelectorConfig | None]]
     if isinstance(schedule, DepthFractionSchedule):
         stages = [
             (math.floor(fraction * spec.num_layers), ratio, None)
@@ -229,21 +268,9 @@ def compile_plan(policy: Policy | str, model_or_spec: Any, *, frames: int | None
     notes: list[str] = []
 
     seg = policy.segment
-    hieravid_segments = isinstance(seg, SegmentLevel)
-    input_ratio = seg.static_prune_ratio if seg.enabled else 0.0
-    content -= seg.removed_tokens(spec.frames, spec.tokens_per_frame) if seg.enabled else 0
-    defaults = SegmentLevel()
-    segment_plan = SegmentPlan(
-        enabled=seg.enabled,
-        kind=seg.kind,
-        prune_ratio=input_ratio,
-        options=seg.model_dump(exclude={"enabled", "kind"}),
-        similarity_threshold=seg.similarity_threshold if hieravid_segments else defaults.similarity_threshold,
-        segment_threshold=seg.segment_threshold if hieravid_segments else defaults.segment_threshold,
-        merge_ratio=input_ratio if hieravid_segments else 0.0,
-        marginal_value_weight=seg.marginal_value_weight if hieravid_segments else defaults.marginal_value_weight,
-        video_tokens_after=content + spec.newline_tokens,
-    )
+    removed = seg.removed_tokens(spec.frames, spec.tokens_per_frame) if seg.enabled else 0
+    content -= removed
+    segment_plan = SegmentPlan(config=seg if seg.enabled else None, video_tokens_after=content + spec.newline_tokens)
 
     frame = policy.frame
     stages: list[StagePlan] = []
@@ -253,6 +280,8 @@ def compile_plan(policy: Policy | str, model_or_spec: Any, *, frames: int | None
     if not frame.enabled and raw_stages:
         notes.append("frame level off: stages keep the globally most relevant tokens (no segments, no diversity)")
     query_rows = frame.relevance.query_rows or spec.default_query_rows
+    # Dynamic budgets need segment marginal values, which only HieraVid's segment level produces.
+    budget = frame.dynamic_budget if frame.dynamic_budget.enabled and segment_plan.makes_segments else None
     for layer, ratio, override in raw_stages:
         before = content
         content = math.floor(content * (1.0 - ratio))
@@ -261,27 +290,19 @@ def compile_plan(policy: Policy | str, model_or_spec: Any, *, frames: int | None
                 f"policy {policy.name!r}: the stage at layer {layer} (prune_ratio {ratio}) leaves no video token "
                 f"of {spec.name}'s {spec.frame_tokens} ({spec.frames} frames); lower the prune ratios"
             )
-        selector = (override or frame.selector) if frame.enabled else None
-        needs = ["last_query_attention"]
-        if selector is not None and selector.kind == "dpp":
-            needs.append("post_attention_hidden")
+        selector = (override or frame.selector) if frame.enabled else TopkRelevanceSelector()
         stages.append(
             StagePlan(
                 layer=layer,
                 prune_ratio=ratio,
                 prune_point=policy.layer.prune_point,
-                selector=selector.kind if selector is not None else "topk_relevance",
-                selector_options=(selector.model_dump(exclude={"kind"}) if selector is not None else {}),
+                selector=selector,
                 per_segment=frame.enabled,
                 relevance_sign=frame.relevance.sign,
                 query_rows=query_rows,
-                dynamic_budget=frame.enabled and frame.dynamic_budget.enabled and seg.enabled and hieravid_segments,
-                budget_scale=frame.dynamic_budget.scale,
-                min_keep=frame.dynamic_budget.min_keep,
-                max_keep=frame.dynamic_budget.max_keep,
+                budget=budget if frame.enabled else None,
                 video_tokens_before=before + newlines if stages else before + spec.newline_tokens,
                 video_tokens_after=content + newlines,
-                needs=tuple(needs),
             )
         )
 

@@ -6,19 +6,22 @@ A policy says *what* to prune at each of the three HieraVid levels; the planner
 
 from __future__ import annotations
 
+import importlib.metadata
 import itertools
 import math
+import reprlib
+import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
-    Discriminator,
     Field,
-    Tag,
+    SerializeAsAny,
     ValidationError,
+    WrapValidator,
     field_validator,
     model_validator,
 )
@@ -46,10 +49,162 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True)
 
 
-class SegmentLevel(_Strict):
-    """Segment level (SPEC §2.1): temporal segmentation, segment values and merging before layer 0."""
+# ------------------------------------------------------------------------------------------ open registries
+class _KindRegistry:
+    """The config classes of one extensible policy field, by ``kind`` tag.
+
+    A config class registers itself when it is defined (any subclass of the field's base class that fixes
+    ``kind`` to one ``Literal`` value), so built-in and third-party classes are alike. A YAML ``kind`` that no
+    loaded class declares is looked up in the entry-point group ``group`` (entry-point name = the kind, value =
+    ``"package.module:ConfigClass"``); loading that module also registers the operator bound to the class.
+    """
+
+    def __init__(self, what: str, group: str) -> None:
+        self.what = what
+        self.group = group
+        self._classes: dict[str, type] = {}
+
+    def add(self, kind: str, cls: type) -> None:
+        current = self._classes.get(kind)
+        if current is not None and current.__qualname__ != cls.__qualname__:
+            raise TypeError(
+                f"{self.what} kind {kind!r} is already declared by {current.__module__}.{current.__qualname__}; "
+                f"{cls.__module__}.{cls.__qualname__} cannot declare it too"
+            )
+        self._classes[kind] = cls
+
+    def kinds(self) -> tuple[str, ...]:
+        """Every declared kind (built-in and loaded third-party ones)."""
+        return tuple(self._classes)
+
+    def classes(self) -> tuple[type, ...]:
+        return tuple(self._classes.values())
+
+    def get(self, kind: str) -> type:
+        """The config class declaring ``kind``, loading it from its entry point if needed."""
+        cls = self._classes.get(kind)
+        if cls is None:
+            cls = self._from_entry_point(kind)
+        if cls is None:
+            known = ", ".join(sorted(self._classes))
+            raise ValueError(
+                f"unknown {self.what} kind {kind!r}; known kinds: {known} (third-party kinds register through the "
+                f"{self.group!r} entry-point group)"
+            )
+        return cls
+
+    def _from_entry_point(self, kind: str) -> type | None:
+        try:
+            found = [entry for entry in importlib.metadata.entry_points(group=self.group) if entry.name == kind]
+        except Exception:  # a broken environment must not break built-in kinds
+            return None
+        if not found:
+            return None
+        try:
+            loaded = found[0].load()
+        except Exception as error:
+            raise ValueError(
+                f"{self.what} kind {kind!r}: entry point {found[0].value!r} ({self.group!r}) failed to load: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        cls = self._classes.get(kind)
+        if cls is None or (isinstance(loaded, type) and loaded is not cls):
+            raise ValueError(
+                f"{self.what} kind {kind!r}: entry point {found[0].value!r} ({self.group!r}) did not declare a config "
+                f"class with kind {kind!r}"
+            )
+        return cls
+
+
+def _declared_kind(cls: type[BaseModel]) -> str | None:
+    """The one ``Literal`` value a config class fixes its ``kind`` to (None for abstract bases)."""
+    field = cls.model_fields.get("kind")
+    if field is None or typing.get_origin(field.annotation) is not Literal:
+        return None
+    values = typing.get_args(field.annotation)
+    return str(values[0]) if len(values) == 1 else None
+
+
+class _OperatorConfig(_Strict):
+    """Base of the extensible config families: each concrete subclass fixes ``kind`` to one ``Literal``."""
+
+    _registry: ClassVar[_KindRegistry]
+    _default_kind: ClassVar[str | None] = None
+
+    kind: str
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        kind = _declared_kind(cls)
+        if kind is not None:
+            cls._registry.add(kind, cls)
+
+    @classmethod
+    def _validate_by_kind(cls, value: Any, handler: Any) -> Any:
+        """Validate a mapping into the config class its ``kind`` names (the field's open union)."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping with a 'kind' key, got {type(value).__name__}")
+        kind = value.get("kind", cls._default_kind)
+        if kind is None:
+            raise ValueError(f"missing 'kind'; known kinds: {', '.join(sorted(cls._registry.kinds()))}")
+        if not isinstance(kind, str):
+            raise ValueError(f"'kind' must be a string, got {kind!r}")
+        return cls._registry.get(kind).model_validate(value)
+
+
+#: Config classes of frame-level selectors (``frame.selector``, ``layer.schedule.stages[i].selector``).
+SELECTOR_KINDS = _KindRegistry("selector", "hieravid.selectors")
+#: Config classes of input-level operators (``segment``): HieraVid's segment level and the peers'.
+INPUT_LEVEL_KINDS = _KindRegistry("input-level operator", "hieravid.input_operators")
+
+
+class SelectorConfig(_OperatorConfig):
+    """Base of frame-level selector configs. A subclass with ``kind: Literal["name"] = "name"`` is a new
+    selector kind in YAML; bind its operator with :func:`hieravid.ops.register_selector`."""
+
+    _registry: ClassVar[_KindRegistry] = SELECTOR_KINDS
+    #: Whether the operator reads the stage's hidden states (the runtime gathers them only then).
+    uses_features: ClassVar[bool] = False
+
+
+class InputLevelConfig(_OperatorConfig):
+    """Base of input-level (``segment``) configs: what happens to the video before layer 0. A subclass with
+    ``kind: Literal["name"] = "name"`` is a new kind in YAML; bind its operator with
+    :func:`hieravid.ops.register_input_operator`."""
+
+    _registry: ClassVar[_KindRegistry] = INPUT_LEVEL_KINDS
+    _default_kind: ClassVar[str | None] = "hieravid"
+    #: Whether the operator splits the video into temporal segments with marginal values (HieraVid's segment
+    #: level); otherwise the whole video is one segment for the frame level.
+    makes_segments: ClassVar[bool] = False
 
     enabled: bool = True
+
+    @property
+    def static_prune_ratio(self) -> float:
+        """Fraction of frame tokens this level removes (for the planner's static estimate)."""
+        raise NotImplementedError
+
+    def removed_tokens(self, frames: int, tokens_per_frame: int) -> int:
+        """Tokens the operator removes from a video of ``frames × tokens_per_frame`` (the planner's count)."""
+        return _floor_product(frames * tokens_per_frame, self.static_prune_ratio)
+
+
+SelectorField = Annotated[SerializeAsAny[SelectorConfig], WrapValidator(SelectorConfig._validate_by_kind)]
+"""A selector config of any declared kind (the field validates into the class its ``kind`` names)."""
+InputLevelField = Annotated[SerializeAsAny[InputLevelConfig], WrapValidator(InputLevelConfig._validate_by_kind)]
+"""An input-level config of any declared kind (``kind`` may be omitted: HieraVid's segment level)."""
+
+
+# ------------------------------------------------------------------------------------------ input level
+class SegmentLevel(InputLevelConfig):
+    """Segment level (SPEC §2.1): temporal segmentation, segment values and merging before layer 0."""
+
+    makes_segments: ClassVar[bool] = True
+
     kind: Literal["hieravid"] = "hieravid"
     similarity_threshold: UnitFraction = Field(
         0.6, description="τ: same-position cosine above which a token is redundant"
@@ -69,11 +224,10 @@ class SegmentLevel(_Strict):
         return min(_floor_product(frames * tokens_per_frame, self.merge_ratio), (frames - 1) * tokens_per_frame)
 
 
-class _InputPruner(_Strict):
+class _InputPruner(InputLevelConfig):
     """Base of the peer methods' input-level operators: each removes ``prune_ratio`` of the frame tokens
     before layer 0 and leaves the whole video as one segment for the frame level."""
 
-    enabled: bool = True
     prune_ratio: PruneRatio = Field(0.5, description="fraction of frame tokens removed before layer 0")
 
     @property
@@ -89,7 +243,7 @@ class _InputPruner(_Strict):
 class EvsInput(_InputPruner):
     """EVS (vLLM): drop the tokens least different from the previous frame's same-position token."""
 
-    kind: Literal["evs"]
+    kind: Literal["evs"] = "evs"
 
     def removed_tokens(self, frames: int, tokens_per_frame: int) -> int:
         """``min(⌊ρ·F·P⌋, (F-1)·P)``: frame 0 is always kept."""
@@ -100,7 +254,7 @@ class DycokeInput(_InputPruner):
     """DyCoke's temporal token merging: within windows of frames, drop tokens too similar to the
     same-position token of the window's neighbouring frames."""
 
-    kind: Literal["dycoke"]
+    kind: Literal["dycoke"] = "dycoke"
     window: int = Field(4, ge=2, le=64, description="frames per window")
 
     def removed_tokens(self, frames: int, tokens_per_frame: int) -> int:
@@ -112,7 +266,7 @@ class DycokeInput(_InputPruner):
 class VidCom2Input(_InputPruner):
     """VidCom2: per-frame budgets by frame uniqueness; keep each frame's most unique tokens."""
 
-    kind: Literal["vidcom2"]
+    kind: Literal["vidcom2"] = "vidcom2"
     temperature: float = Field(0.01, gt=0.0, description="softmax temperature of the frame-uniqueness budgets")
 
 
@@ -120,7 +274,7 @@ class FrameFusionInput(_InputPruner):
     """FrameFusion's merging stage: merge tokens whose same-position similarity to the previous frame
     exceeds a threshold, at most ``prune_ratio`` of the tokens."""
 
-    kind: Literal["framefusion"]
+    kind: Literal["framefusion"] = "framefusion"
     similarity_threshold: UnitFraction = 0.6
 
     def removed_tokens(self, frames: int, tokens_per_frame: int) -> int:
@@ -131,37 +285,21 @@ class FrameFusionInput(_InputPruner):
 class UniformInput(_InputPruner):
     """Keep evenly spaced tokens of every frame (baseline)."""
 
-    kind: Literal["uniform"]
+    kind: Literal["uniform"] = "uniform"
 
 
 class RandomInput(_InputPruner):
     """Keep random tokens (seeded, deterministic; baseline)."""
 
-    kind: Literal["random"]
-    seed: int = 0
+    kind: Literal["random"] = "random"
+    seed: int = Field(0, ge=0, lt=2**63, description="seed of the random draw (a 64-bit signed integer)")
 
 
-def _input_level_kind(value: Any) -> str:
-    if isinstance(value, dict):
-        return str(value.get("kind", "hieravid"))
-    return str(getattr(value, "kind", "hieravid"))
-
-
-InputLevel = Annotated[
-    Annotated[SegmentLevel, Tag("hieravid")]
-    | Annotated[EvsInput, Tag("evs")]
-    | Annotated[DycokeInput, Tag("dycoke")]
-    | Annotated[VidCom2Input, Tag("vidcom2")]
-    | Annotated[FrameFusionInput, Tag("framefusion")]
-    | Annotated[UniformInput, Tag("uniform")]
-    | Annotated[RandomInput, Tag("random")],
-    Discriminator(_input_level_kind),
-]
-"""The segment (input) level: HieraVid's by default (``kind`` may be omitted), or a peer method's."""
-
-
-class DppSelector(_Strict):
+# ------------------------------------------------------------------------------------------ frame level
+class DppSelector(SelectorConfig):
     """Greedy MAP DPP per segment on relevance-weighted cosine kernels (the HieraVid selector)."""
+
+    uses_features: ClassVar[bool] = True
 
     kind: Literal["dpp"] = "dpp"
     max_block: int | None = Field(
@@ -169,35 +307,29 @@ class DppSelector(_Strict):
     )
 
 
-class TopkRelevanceSelector(_Strict):
+class TopkRelevanceSelector(SelectorConfig):
     """Keep the k most relevant tokens of each segment."""
 
-    kind: Literal["topk_relevance"]
+    kind: Literal["topk_relevance"] = "topk_relevance"
 
 
-class BinnedRelevanceSelector(_Strict):
+class BinnedRelevanceSelector(SelectorConfig):
     """Split each segment into k equal bins and keep the most relevant token of each (fast variant)."""
 
-    kind: Literal["binned_relevance"]
+    kind: Literal["binned_relevance"] = "binned_relevance"
 
 
-class UniformSelector(_Strict):
+class UniformSelector(SelectorConfig):
     """Keep k evenly spaced tokens of each segment."""
 
-    kind: Literal["uniform"]
+    kind: Literal["uniform"] = "uniform"
 
 
-class RandomSelector(_Strict):
+class RandomSelector(SelectorConfig):
     """Keep k random tokens of each segment (seeded, deterministic)."""
 
-    kind: Literal["random"]
-    seed: int = 0
-
-
-Selector = Annotated[
-    DppSelector | TopkRelevanceSelector | BinnedRelevanceSelector | UniformSelector | RandomSelector,
-    Field(discriminator="kind"),
-]
+    kind: Literal["random"] = "random"
+    seed: int = Field(0, ge=0, lt=2**63, description="seed of the random draw (a 64-bit signed integer)")
 
 
 class Relevance(_Strict):
@@ -233,7 +365,7 @@ class FrameLevel(_Strict):
     """Frame level (SPEC §2.2): per-segment selection of video tokens at each stage layer."""
 
     enabled: bool = True
-    selector: Selector = Field(default_factory=DppSelector)
+    selector: SelectorField = Field(default_factory=DppSelector)
     relevance: Relevance = Field(default_factory=Relevance)
     dynamic_budget: DynamicBudget = Field(default_factory=DynamicBudget)
 
@@ -247,7 +379,7 @@ class Stage(_Strict):
 
     layer: int = Field(ge=0)
     prune_ratio: PruneRatio
-    selector: Selector | None = Field(None, description="this stage's selector; null = frame.selector")
+    selector: SelectorField | None = Field(None, description="this stage's selector; null = frame.selector")
 
 
 class ExplicitSchedule(_Strict):
@@ -317,9 +449,17 @@ class Policy(_Strict):
     name: str = Field(min_length=1)
     description: str = ""
     keep_newlines: bool = Field(True, description="keep layout newline tokens at every stage (they are structure)")
-    segment: InputLevel = Field(default_factory=SegmentLevel)
+    segment: InputLevelField = Field(default_factory=SegmentLevel)
     frame: FrameLevel = Field(default_factory=FrameLevel)
     layer: LayerLevel = Field(default_factory=LayerLevel)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _integer_version(cls, value: Any) -> Any:
+        # YAML's `true` and `1.0` equal 1 in Python; a version is written as the integer 1.
+        if type(value) is not int:
+            raise ValueError(f"version must be the integer {POLICY_VERSION}, got {type(value).__name__} {value!r}")
+        return value
 
     @property
     def prunes(self) -> bool:
@@ -336,21 +476,21 @@ class Policy(_Strict):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-_UNION_FIELDS = ("selector", "schedule", "segment")
-_UNION_TAGS = (
-    "dpp",
-    "topk_relevance",
-    "binned_relevance",
-    "uniform",
-    "random",
-    "explicit",
-    "depth_fraction",
-    "hieravid",
-    "evs",
-    "dycoke",
-    "vidcom2",
-    "framefusion",
-)
+def _union_tags(annotation: Any) -> frozenset[str]:
+    """The ``kind`` tags of a closed discriminated union of config classes (pydantic adds them to error paths)."""
+    members = typing.get_args(typing.get_args(annotation)[0]) if typing.get_origin(annotation) is Annotated else ()
+    return frozenset(tag for member in members if (tag := _declared_kind(member)) is not None)
+
+
+#: Tags pydantic inserts after ``schedule`` in error locations (the closed union of schedule kinds); the open
+#: selector and input-level fields validate by ``kind`` themselves and add none.
+_SCHEDULE_TAGS = _union_tags(Schedule)
+
+#: Bounded ``repr`` for values shown in error messages: a huge or deeply aliased YAML value costs no more than
+#: its first few items.
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 2, 60, 60
+_SHORT_REPR.maxdict = _SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxset = 4
 
 
 def _format_location(location: tuple[int | str, ...]) -> str:
@@ -366,14 +506,14 @@ def _format_location(location: tuple[int | str, ...]) -> str:
 def _describe_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid policy ({error.error_count()} problem{'s' if error.error_count() > 1 else ''})"]
     for item in error.errors():
-        # Discriminated unions add the tag (e.g. "dpp") after the union's field; a YAML reader never wrote it.
+        # The schedule union adds its tag (e.g. "explicit") after the field; a YAML reader never wrote it.
         location = tuple(
             part
             for index, part in enumerate(item["loc"])
-            if not (index > 0 and item["loc"][index - 1] in _UNION_FIELDS and part in _UNION_TAGS)
+            if not (index > 0 and item["loc"][index - 1] == "schedule" and part in _SCHEDULE_TAGS)
         )
         value = item.get("input")
-        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        shown = _SHORT_REPR.repr(value) if not isinstance(value, dict) else "{...}"
         if len(shown) > 80:
             shown = shown[:77] + "..."
         message = item["msg"]

@@ -3,13 +3,16 @@
 A :class:`ModelSpec` holds the language model's dimensions and the video layout entering it
 (frames × rows × cols plus newline tokens). Specs come from a built-in catalogue of known
 checkpoints, from a local ``config.json`` / checkpoint folder, or from a transformers config or
-model object (read by attribute, so no transformers model code is imported here).
+model object (read by attribute, so no transformers model code is imported here). The video layout is
+always the architecture adapter's (:meth:`hieravid.adapters.base.Adapter.video_geometry`): nothing here
+knows an architecture.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -94,40 +97,50 @@ class ModelSpec:
 
 
 _QWEN2_7B = dict(
-    num_layers=28, hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4
+    num_hidden_layers=28, hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4
 )
 _QWEN2_72B = dict(
-    num_layers=80, hidden_size=8192, intermediate_size=29568, num_attention_heads=64, num_key_value_heads=8
+    num_hidden_layers=80, hidden_size=8192, intermediate_size=29568, num_attention_heads=64, num_key_value_heads=8
 )
-_QWEN2_05B = dict(num_layers=24, hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2)
+_QWEN2_05B = dict(
+    num_hidden_layers=24, hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2
+)
 _QWEN2_15B = dict(
-    num_layers=28, hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2
+    num_hidden_layers=28, hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2
 )
-# SigLIP 27×27 patches pooled to 14×14 per frame, one newline after the whole video (HF OneVision path).
-_ONEVISION_VIDEO = dict(rows=14, cols=14, newline_layout="per_video")
-# Qwen2-VL at 448×448: 16×16 merged tokens per temporal patch of 2 frames; 32 frames → 16 patches.
-_QWEN2VL_VIDEO = dict(frames=16, rows=16, cols=16, newline_layout="none", default_query_rows=4)
+# SigLIP-so400m at 384 px, 14 px patches (27×27, pooled to 14×14 by the OneVision adapter's geometry).
+_SIGLIP = {"image_size": 384, "patch_size": 14}
+# Qwen2-VL's vision tower: 14 px patches, 2×2 merge, temporal patches of 2 frames.
+_QWEN2VL_VISION = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
 
-CATALOGUE: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in (
-        ModelSpec(
-            "llava-onevision-7b", "llava_onevision", vocab_size=152000, frames=32, **_QWEN2_7B, **_ONEVISION_VIDEO
-        ),
-        ModelSpec(
-            "llava-onevision-0.5b", "llava_onevision", vocab_size=151936, frames=32, **_QWEN2_05B, **_ONEVISION_VIDEO
-        ),
-        ModelSpec(
-            "llava-onevision-72b", "llava_onevision", vocab_size=152064, frames=32, **_QWEN2_72B, **_ONEVISION_VIDEO
-        ),
-        ModelSpec("llava-video-7b", "llava_onevision", vocab_size=152064, frames=64, **_QWEN2_7B, **_ONEVISION_VIDEO),
-        ModelSpec("llava-video-72b", "llava_onevision", vocab_size=152064, frames=64, **_QWEN2_72B, **_ONEVISION_VIDEO),
-        ModelSpec("qwen2-vl-7b", "qwen2_vl", vocab_size=152064, **_QWEN2_7B, **_QWEN2VL_VIDEO),
-        ModelSpec("qwen2-vl-2b", "qwen2_vl", vocab_size=151936, **_QWEN2_15B, **_QWEN2VL_VIDEO),
-        ModelSpec("qwen2-vl-72b", "qwen2_vl", vocab_size=152064, **_QWEN2_72B, **_QWEN2VL_VIDEO),
-    )
+
+def _config(model_type: str, text: dict[str, int], vocab: int, vision: dict[str, int]) -> dict[str, Any]:
+    return {
+        "model_type": model_type,
+        "video_token_id": 151656,
+        "text_config": {**text, "vocab_size": vocab},
+        "vision_config": vision,
+    }
+
+
+#: Known checkpoints as the parts of their ``config.json`` the planner reads, with the frames their papers
+#: sample. Their video geometry comes from the architecture's adapter, as for any other config.
+CATALOGUE_CONFIGS: dict[str, tuple[dict[str, Any], int]] = {
+    "llava-onevision-7b": (_config("llava_onevision", _QWEN2_7B, 152000, _SIGLIP), 32),
+    "llava-onevision-0.5b": (_config("llava_onevision", _QWEN2_05B, 151936, _SIGLIP), 32),
+    "llava-onevision-72b": (_config("llava_onevision", _QWEN2_72B, 152064, _SIGLIP), 32),
+    "llava-video-7b": (_config("llava_onevision", _QWEN2_7B, 152064, _SIGLIP), 64),
+    "llava-video-72b": (_config("llava_onevision", _QWEN2_72B, 152064, _SIGLIP), 64),
+    "qwen2-vl-7b": (_config("qwen2_vl", _QWEN2_7B, 152064, _QWEN2VL_VISION), 32),
+    "qwen2-vl-2b": (_config("qwen2_vl", _QWEN2_15B, 151936, _QWEN2VL_VISION), 32),
+    "qwen2-vl-72b": (_config("qwen2_vl", _QWEN2_72B, 152064, _QWEN2VL_VISION), 32),
 }
-"""Known checkpoints at the frame counts their papers evaluate (LLM frames; Qwen2-VL counts temporal patches)."""
+
+
+def catalogue_spec(name: str) -> ModelSpec:
+    """The spec of a catalogue model (see :data:`CATALOGUE_CONFIGS`)."""
+    config, sampled = CATALOGUE_CONFIGS[name]
+    return spec_from_config(config, name=name, sampled_frames=sampled)
 
 
 def _get(config: Any, key: str, default: Any = None) -> Any:
@@ -141,66 +154,129 @@ def _text_config(config: Any) -> Any:
     return text if text is not None else config
 
 
-def spec_from_config(config: Any, *, name: str | None = None, frames: int | None = None) -> ModelSpec:
-    """Derive a spec from a transformers config (object or ``config.json`` mapping).
-
-    The video geometry is the architecture's default (OneVision: 14×14 per frame + 1 newline; Qwen2-VL:
-    16×16 per temporal patch); pass ``frames`` for the number of frames the LLM sees.
-    """
-    model_type = _get(config, "model_type")
-    if model_type is None:
-        raise SpecError("config has no 'model_type': cannot tell which architecture it describes")
-    text = _text_config(config)
-    try:
-        dims = dict(
-            num_layers=int(_get(text, "num_hidden_layers")),
-            hidden_size=int(_get(text, "hidden_size")),
-            intermediate_size=int(_get(text, "intermediate_size")),
-            num_attention_heads=int(_get(text, "num_attention_heads")),
-            num_key_value_heads=int(_get(text, "num_key_value_heads", _get(text, "num_attention_heads"))),
-            vocab_size=int(_get(text, "vocab_size", 0) or 0),
-        )
-    except (TypeError, ValueError):
+def _dimension(text: Any, key: str, model_type: str, default: Any = None) -> int:
+    value = _get(text, key, default)
+    # bool is an int in Python, and 28.5 would silently become 28: a dimension is written as an integer.
+    if type(value) is not int or value < 1:
         raise SpecError(
-            f"config of model_type {model_type!r} lacks the language model's dimensions "
-            "(num_hidden_layers, hidden_size, intermediate_size, num_attention_heads)"
-        ) from None
-    if model_type in ("qwen2_vl", "qwen2_5_vl"):
-        video: dict[str, Any] = dict(_QWEN2VL_VIDEO)
-    elif model_type in ("llava_onevision", "llava_next_video", "llava"):
-        video = dict(_ONEVISION_VIDEO, frames=32)
-    else:
-        video = dict(frames=32, rows=14, cols=14, newline_layout="none")
-    if frames is not None:
-        video["frames"] = frames
+            f"config of model_type {model_type!r}: the language model's {key} must be a positive integer, got {value!r}"
+        )
+    return value
+
+
+def spec_from_config(
+    config: Any,
+    *,
+    name: str | None = None,
+    frames: int | None = None,
+    sampled_frames: int | None = None,
+    processor_config: dict[str, Any] | None = None,
+) -> ModelSpec:
+    """Derive a spec from a transformers config (object or ``config.json`` mapping) through its adapter.
+
+    The language model's dimensions come from the config; the video geometry from the architecture's adapter
+    (:meth:`hieravid.adapters.base.Adapter.video_geometry`), for ``sampled_frames`` frames sampled from the video
+    (default: the adapter's) or exactly ``frames`` frames as the LLM sees them.
+
+    Raises:
+        SpecError: no ``model_type``, no adapter for it (the message lists the supported ones), not a video model,
+            or missing/invalid language-model dimensions.
+    """
+    from hieravid.adapters.registry import get_adapter
+    from hieravid.errors import AdapterError
+
+    model_type = _get(config, "model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise SpecError("config has no 'model_type': cannot tell which architecture it describes")
+    try:
+        adapter = get_adapter(model_type)
+    except AdapterError as error:
+        raise SpecError(str(error)) from None
+    geometry = adapter.video_geometry(config, sampled_frames=sampled_frames, processor_config=processor_config)
+    text = _text_config(config)
+    heads = _dimension(text, "num_attention_heads", model_type)
+    dims = dict(
+        num_layers=_dimension(text, "num_hidden_layers", model_type),
+        hidden_size=_dimension(text, "hidden_size", model_type),
+        intermediate_size=_dimension(text, "intermediate_size", model_type),
+        num_attention_heads=heads,
+        num_key_value_heads=_dimension(text, "num_key_value_heads", model_type, heads),
+        vocab_size=int(_get(text, "vocab_size", 0) or 0),
+    )
     return ModelSpec(
-        name=name or str(_get(config, "_name_or_path", "") or model_type), model_type=model_type, **dims, **video
+        name=name or str(_get(config, "_name_or_path", "") or model_type),
+        model_type=model_type,
+        **dims,
+        frames=geometry.frames if frames is None else frames,
+        rows=geometry.rows,
+        cols=geometry.cols,
+        newline_layout=geometry.newline_layout,  # type: ignore[arg-type]
+        default_query_rows=geometry.query_rows,
     )
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SpecError(f"{path}: cannot read model config ({error})") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a model config must be a JSON object")
+    return data
+
+
+def _processor_config(folder: Path) -> dict[str, Any] | None:
+    """A checkpoint folder's video preprocessor settings, if it has them."""
+    for file_name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        path = folder / file_name
+        if path.is_file():
+            return _read_json(path)
+    return None
+
+
 def load_spec(name_or_path: str | Path | Any, *, frames: int | None = None) -> ModelSpec:
-    """Resolve a catalogue name, a ``config.json`` path, a checkpoint folder, a config or a model object."""
+    """Resolve a catalogue name, a ``config.json`` path, a checkpoint folder, a config or a model object.
+
+    ``frames`` overrides the frames the LLM sees (default: the catalogue's, else the adapter's default sampling).
+    """
     if isinstance(name_or_path, ModelSpec):
         return name_or_path.with_frames(frames) if frames is not None else name_or_path
     if not isinstance(name_or_path, (str, Path)):
         config = getattr(name_or_path, "config", name_or_path)
         return spec_from_config(config, frames=frames)
     key = str(name_or_path)
-    if key in CATALOGUE:
-        spec = CATALOGUE[key]
+    if key in CATALOGUE_CONFIGS:
+        spec = catalogue_spec(key)
         return spec.with_frames(frames) if frames is not None else spec
     path = Path(key)
+    folder = path if path.is_dir() else path.parent
     if path.is_dir():
         path = path / "config.json"
     if path.is_file():
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise SpecError(f"{path}: cannot read model config ({error})") from None
-        if not isinstance(config, dict):
-            raise SpecError(f"{path}: a model config must be a JSON object")
-        return spec_from_config(config, name=str(name_or_path), frames=frames)
-    known = ", ".join(sorted(CATALOGUE))
+        config = _read_json(path)
+        return spec_from_config(
+            config, name=str(name_or_path), frames=frames, processor_config=_processor_config(folder)
+        )
+    known = ", ".join(sorted(CATALOGUE_CONFIGS))
     raise SpecError(
         f"unknown model {key!r}: not a catalogue name and no config.json at that path. Known models: {known}"
     )
+
+
+class _Catalogue(Mapping[str, ModelSpec]):
+    """Catalogue specs by name, derived on access (read-only)."""
+
+    def __getitem__(self, name: str) -> ModelSpec:
+        if name not in CATALOGUE_CONFIGS:
+            raise KeyError(name)
+        return catalogue_spec(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(CATALOGUE_CONFIGS)
+
+    def __len__(self) -> int:
+        return len(CATALOGUE_CONFIGS)
+
+
+#: Known checkpoints at the frame counts their papers evaluate, by name.
+CATALOGUE: Mapping[str, ModelSpec] = _Catalogue()

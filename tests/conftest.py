@@ -399,8 +399,8 @@ def check_realised_counts(plan: Any, stats: Any, input_ids: torch.Tensor, *, inp
         content_after = after - kept_newlines
         assert content_after == sum(stage.budgets[0]) or not stage.budgets[0]
         slack = max(1, len(stage.budgets[0]))
-        if stage_plan.dynamic_budget:
-            slack += stage_plan.budget_scale * float(stats.marginal_values[0].abs().max()) * content_before
+        if stage_plan.budget is not None:
+            slack += stage_plan.budget.scale * float(stats.marginal_values[0].abs().max()) * content_before
         target = content_before * (1.0 - stage_plan.prune_ratio)
         assert abs(content_after - target) <= slack + 1, (stage_plan.layer, content_before, content_after, slack)
         assert len(stage.kept_positions[0]) == after

@@ -13,7 +13,7 @@ import torch
 from hieravid.apps.cli import main as cli_main
 from hieravid.errors import PlanError, PolicyError
 from hieravid.plan import compile_plan
-from hieravid.policy import Policy, load_policy, policy_from_dict
+from hieravid.policy import DppSelector, Policy, RandomSelector, load_policy, policy_from_dict
 from hieravid.runtime import apply
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,8 +72,8 @@ def test_peers_are_tuned_to_25_to_30_percent_retention(peer: str, model: str) ->
         assert plan.segment.kind == peer and not plan.stages
         assert plan.retention == pytest.approx(plan.input_keep_fraction)
     else:
-        assert all(stage.selector == "topk_relevance" and stage.relevance_sign == "positive" for stage in plan.stages)
-        assert not any(stage.dynamic_budget for stage in plan.stages)
+        assert all(stage.selector.kind == "topk_relevance" and stage.relevance_sign == "positive" for stage in plan.stages)
+        assert all(stage.budget is None for stage in plan.stages)
 
 
 def test_peer_plans_on_onevision() -> None:
@@ -87,7 +87,7 @@ def test_peer_plans_on_onevision() -> None:
     assert framefusion.segment.kind == "framefusion" and framefusion.stage_layers == (2,)
     assert framefusion.segment.video_tokens_after == 3136 + 1  # at most half merged: a lower bound
     dycoke = plan("dycoke")
-    assert dycoke.segment.options == {"prune_ratio": 0.72, "window": 4}
+    assert dycoke.segment.config.model_dump(exclude={"kind", "enabled"}) == {"prune_ratio": 0.72, "window": 4}
     assert dycoke.segment.video_tokens_after == 6272 - 4515 + 1
 
 
@@ -116,7 +116,7 @@ def test_ablations_change_one_setting_of_hieravid_30() -> None:
     for model in MODELS:
         full = compile_plan(ROOT / "policies" / "hieravid-30.yaml", model)
         binned = compile_plan(ROOT / "policies" / "ablations" / "binned-first-stage.yaml", model)
-        assert [stage.selector for stage in binned.stages] == ["binned_relevance", "dpp", "dpp"]
+        assert [stage.selector.kind for stage in binned.stages] == ["binned_relevance", "dpp", "dpp"]
         assert binned.layer_video_tokens == full.layer_video_tokens and binned.retention == full.retention
         assert binned.stages[0].needs == ("last_query_attention",)  # no DPP features at the binned stage
 
@@ -132,18 +132,15 @@ def test_per_stage_selector_overrides_the_frame_selector() -> None:
     policy = load_policy(text)
     assert load_policy(policy.to_yaml()) == policy
     plan = compile_plan(policy, "qwen2-vl-7b")
-    assert [(stage.selector, stage.selector_options) for stage in plan.stages] == [
-        ("random", {"seed": 4}),
-        ("dpp", {"max_block": 64}),
-    ]
+    assert [stage.selector for stage in plan.stages] == [RandomSelector(seed=4), DppSelector(max_block=64)]
     assert plan.stages[0].needs == ("last_query_attention",)
     assert plan.stages[1].needs == ("last_query_attention", "post_attention_hidden")
     # Layer level off: the schedule collapses onto its first stage, selector included.
     collapsed = compile_plan(text + "  enabled: false\n", "qwen2-vl-7b")
-    assert collapsed.stage_layers == (3,) and collapsed.stages[0].selector == "random"
+    assert collapsed.stage_layers == (3,) and collapsed.stages[0].selector == RandomSelector(seed=4)
     # Frame level off: one global relevance top-k, whatever the stages say.
     no_frame = compile_plan(text.replace("frame: {selector", "frame: {enabled: false, selector"), "qwen2-vl-7b")
-    assert {stage.selector for stage in no_frame.stages} == {"topk_relevance"}
+    assert {stage.selector.kind for stage in no_frame.stages} == {"topk_relevance"}
 
 
 def test_a_bad_stage_selector_names_its_path() -> None:

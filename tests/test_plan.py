@@ -40,7 +40,7 @@ def test_hieravid_30_on_onevision_stage_counts() -> None:
     expected = sum(a + m for a, m in zip(plan.layer_video_tokens, plan.layer_mlp_video_tokens)) / (2 * 28 * 6273)
     assert plan.retention == pytest.approx(expected)
     for stage in plan.stages:
-        assert stage.selector == "dpp"
+        assert stage.selector.kind == "dpp"
         assert set(stage.needs) == {"last_query_attention", "post_attention_hidden"}
         assert stage.query_rows == 1
     assert compile_plan(POLICIES / "hieravid-30.yaml", "qwen2-vl-7b").stages[0].query_rows == 4
@@ -71,8 +71,8 @@ def test_ablations_switch_one_level_each() -> None:
     no_layer = compile_plan(POLICIES / "ablations" / "no-layer.yaml", "llava-onevision-7b")
     assert not no_segment.segment.enabled and no_segment.input_keep_fraction == 1.0
     assert no_segment.stage_layers == full.stage_layers
-    assert all(not stage.dynamic_budget for stage in no_segment.stages)
-    assert [stage.selector for stage in no_frame.stages] == ["topk_relevance"] * 3
+    assert all(stage.budget is None for stage in no_segment.stages)
+    assert [stage.selector.kind for stage in no_frame.stages] == ["topk_relevance"] * 3
     assert not any(stage.per_segment for stage in no_frame.stages)
     assert no_layer.stage_layers == (7,)
     assert no_layer.stages[0].prune_ratio == pytest.approx(1 - 0.7 * 0.7 * 0.43)

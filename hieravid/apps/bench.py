@@ -72,20 +72,14 @@ class SyntheticCase:
 
     def spec(self) -> Any:
         """The ModelSpec matching this model and prompt exactly (for ``compile_plan``)."""
+        from hieravid.adapters.registry import get_adapter
         from hieravid.specs import load_spec
 
         spec = load_spec(self.model, frames=self.llm_frames)
-        rows, cols = self._grid()
-        return dataclasses.replace(spec, name=self.name, rows=rows, cols=cols, text_tokens=_PROMPT_HEAD + _PROMPT_TAIL)
-
-    def _grid(self) -> tuple[int, int]:
-        config = self.model.config
-        if config.model_type == "qwen2_vl":
-            _, height, width = (int(v) for v in self.inputs["video_grid_thw"][0])
-            merge = config.vision_config.spatial_merge_size
-            return height // merge, width // merge
-        side = -(-(config.vision_config.image_size // config.vision_config.patch_size) // 2)
-        return side, side
+        geometry = get_adapter(self.model.config.model_type).inputs_geometry(self.model.config, self.inputs)
+        return dataclasses.replace(
+            spec, name=self.name, rows=geometry.rows, cols=geometry.cols, text_tokens=_PROMPT_HEAD + _PROMPT_TAIL
+        )
 
 
 def _onevision_config(size: str) -> Any:
@@ -360,9 +354,9 @@ def bench_policy(
     ``cuda_graphs`` is passed to :func:`hieravid.runtime.apply` (the segment level through CUDA graphs)."""
     import torch
 
+    from hieravid.compat import cache_from_output
     from hieravid.plan import compile_plan
     from hieravid.runtime import apply
-    from hieravid.runtime.compat import cache_from_output
 
     timer = _Timer(device)
     plan = compile_plan(policy or _NONE_POLICY, case.spec())
@@ -752,8 +746,8 @@ class _DecodeLoop:
     then each :meth:`step` feeds the greedy token back with the grown 2-D mask and the returned cache."""
 
     def __init__(self, model: Any, inputs: dict[str, Any]) -> None:
-        from hieravid.runtime.compat import cache_from_output
-        from hieravid.runtime.registry import get_adapter
+        from hieravid.adapters.registry import get_adapter
+        from hieravid.compat import cache_from_output
 
         self.model = model
         # Explicit positions (the adapter's text positions after the prompt): models with M-RoPE cannot
@@ -767,7 +761,7 @@ class _DecodeLoop:
     def step(self) -> None:
         import torch
 
-        from hieravid.runtime.compat import cache_argument, cache_from_output
+        from hieravid.compat import cache_argument, cache_from_output
 
         positions = self.adapter.default_position_ids(self.token, self.mask.shape[1])
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)

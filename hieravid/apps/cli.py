@@ -158,7 +158,7 @@ def _frame_list(text: str) -> list[int]:
 def stage_selectors(plan: Any) -> str:
     """The stages' selectors: one name when they all agree, else one per stage; ``(global)`` when the frame
     level is off (one budget over the whole video); ``-`` without stages."""
-    names = [stage.selector + ("" if stage.per_segment else " (global)") for stage in plan.stages]
+    names = [stage.selector.kind + ("" if stage.per_segment else " (global)") for stage in plan.stages]
     if not names:
         return "-"
     return names[0] if len(set(names)) == 1 else ", ".join(names)

@@ -315,7 +315,7 @@ def run_demo(
     result = run_request(
         loaded, inputs, chosen, max_new_tokens=max_new_tokens, compare_unpruned=True, warmup=1, trace=True
     )
-    thumbnails = llm_frame_thumbnails(video.frames, loaded.model_type, inputs.llm_frames, size=64)
+    thumbnails = llm_frame_thumbnails(video.frames, loaded.frames_per_step, inputs.llm_frames, size=64)
     trace = build_trace(
         result.stats,
         result.plan,

@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from hieravid.policy import Policy
 
 __all__ = [
-    "InputCapture",
     "LoadedModel",
     "ModelLoadError",
     "PreparedInputs",
@@ -49,12 +48,9 @@ __all__ = [
     "plan_for_inputs",
     "prepare_inputs",
     "run_request",
-    "segment_detail",
 ]
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-TEMPORAL_PATCH = {"qwen2_vl": 2, "qwen2_5_vl": 2}
-"""Sampled frames per LLM frame (temporal patch size) by model type; 1 otherwise."""
 
 
 class ModelLoadError(HieravidError, ValueError):
@@ -88,6 +84,18 @@ class LoadedModel:
     device: str
     dtype: str
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def adapter(self) -> Any:
+        """The architecture's adapter class (what the app asks about the model's video layout)."""
+        from hieravid.adapters.registry import get_adapter
+
+        return get_adapter(self.model_type)
+
+    @property
+    def frames_per_step(self) -> int:
+        """Video frames per language-model frame (Qwen2-VL's temporal patch: 2)."""
+        return self.adapter.video_geometry(self.model.config).frames_per_step
 
 
 def resolve_device(device: str | None) -> str:
@@ -172,7 +180,7 @@ def load_model(
     except (OSError, ValueError, KeyError) as error:
         raise _describe_missing(name, local, download, error) from None
     model_type = str(getattr(config, "model_type", ""))
-    from hieravid.runtime.registry import supported_model_types
+    from hieravid.adapters.registry import supported_model_types
 
     if model_type not in supported_model_types():
         raise ModelLoadError(
@@ -314,14 +322,8 @@ def prepare_inputs(loaded: LoadedModel, frames: np.ndarray, question: str) -> Pr
     }
     video_id = getattr(config, "video_token_id", None) or getattr(config, "video_token_index", None)
     video_tokens = int((tensors["input_ids"] == int(video_id)).sum())
-    if "video_grid_thw" in tensors:
-        grid_t, grid_h, grid_w = (int(v) for v in tensors["video_grid_thw"][0])
-        merge = int(getattr(config.vision_config, "spatial_merge_size", 2))
-        llm_frames, rows, cols = grid_t, grid_h // merge, grid_w // merge
-    else:
-        vision = config.vision_config
-        side = math.ceil(vision.image_size // vision.patch_size / 2)
-        llm_frames, rows, cols = int(tensors["pixel_values_videos"].shape[1]), side, side
+    geometry = loaded.adapter.inputs_geometry(config, tensors)
+    llm_frames, rows, cols = geometry.frames, geometry.rows, geometry.cols
     return PreparedInputs(
         tensors=tensors,
         frames=frames,
@@ -424,7 +426,7 @@ class _ForwardTimer:
 
 def language_model_of(loaded: LoadedModel) -> Any:
     """The decoder stack of ``loaded.model`` (through its hieravid adapter)."""
-    from hieravid.runtime.registry import get_adapter
+    from hieravid.adapters.registry import get_adapter
 
     return get_adapter(loaded.model_type)(loaded.model).language_model()
 
@@ -468,65 +470,9 @@ class RunResult:
     unpruned_timings: Timings | None = None
     notes: list[str] = field(default_factory=list)
     merge_target: Any = None
-    """``[F*P]`` merge map of the pruned prefill (content indices), when traced; see :func:`segment_detail`."""
+    """``[F*P]`` merge map of the pruned prefill (content indices), when traced."""
     frame_redundancy: Any = None
     """``[F]`` per-frame redundancy ``c[f]`` of the pruned prefill, when traced."""
-
-
-class InputCapture:
-    """Keeps the ``inputs_embeds`` the language model receives in its first call (the prefill), before any
-    pruning hook changes them (the hook is prepended)."""
-
-    def __init__(self, language_model: Any) -> None:
-        self.language_model = language_model
-        self.embeds: Any = None
-        self.handle: Any = None
-
-    def _hook(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
-        if self.embeds is None and kwargs.get("inputs_embeds") is not None:
-            self.embeds = kwargs["inputs_embeds"].detach()
-
-    def __enter__(self) -> InputCapture:
-        self.handle = self.language_model.register_forward_pre_hook(self._hook, with_kwargs=True, prepend=True)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.handle.remove()
-
-
-def segment_detail(stats: Any, plan: PruningPlan, embeds: Any, sample: int = 0) -> tuple[Any, Any] | None:
-    """The segment level's merge map and frame redundancy for one prefill, from its input embeddings.
-
-    Reruns :func:`hieravid.ops.segment.segment_level` (deterministic) on the video tokens of ``embeds`` with
-    the plan's thresholds, and returns ``(merge_target [F*P], redundancy [F])`` on the CPU — or None when the
-    plan's input level is not HieraVid's, or when the recomputed kept set differs from what the runtime kept
-    (then the runtime's own statistics are authoritative and no map is reported).
-    """
-    import torch
-
-    from hieravid.ops.segment import segment_level
-
-    segment = plan.segment
-    if stats is None or not getattr(stats, "pruned", False) or not segment.enabled:
-        return None
-    if getattr(segment, "kind", "hieravid") != "hieravid" or embeds is None:
-        return None
-    video = stats.videos[sample]
-    positions = _content_index(stats, sample)
-    frames = embeds[sample][positions.to(embeds.device)].view(video["frames"], video["rows"] * video["cols"], -1)
-    result = segment_level(
-        frames,
-        similarity_threshold=segment.similarity_threshold,
-        segment_threshold=segment.segment_threshold,
-        merge_ratio=segment.merge_ratio,
-        marginal_value_weight=segment.marginal_value_weight,
-    )
-    kept_positions = positions[result.kept_index.cpu()]
-    runtime_kept = stats.input_kept_positions[sample].cpu()
-    runtime_content = runtime_kept[torch.isin(runtime_kept, positions)]
-    if not torch.equal(kept_positions.sort().values, runtime_content.sort().values):
-        return None
-    return result.merge_target.cpu(), result.redundancy.cpu()
 
 
 def run_request(
@@ -543,7 +489,7 @@ def run_request(
 
     ``warmup`` unmeasured short generations (a prefill and two decode steps) run first, unpruned and pruned,
     so that one-time costs (kernel selection, lazy initialisation) do not count against either run.
-    ``trace`` also records the segment level's merge map and frame redundancy (:func:`segment_detail`).
+    ``trace`` also records the input level's merge map and frame redundancy (from the request's statistics).
     """
     import hieravid.runtime as runtime
 
@@ -556,16 +502,14 @@ def run_request(
     with runtime.apply(loaded.model, plan) as handle:
         for _ in range(warmup):
             generate(loaded, inputs, max_new_tokens=3)
-        with InputCapture(language_model_of(loaded)) as capture:
-            answer, ids, timings = generate(loaded, inputs, max_new_tokens=max_new_tokens)
+        answer, ids, timings = generate(loaded, inputs, max_new_tokens=max_new_tokens)
         stats = handle.last_request
     result = RunResult(
         answer=answer, answer_ids=ids, timings=timings, plan=plan, stats=stats, inputs=inputs, notes=list(loaded.notes)
     )
-    if trace:
-        detail = segment_detail(stats, plan, capture.embeds)
-        if detail is not None:
-            result.merge_target, result.frame_redundancy = detail
+    if trace and stats is not None and stats.pruned and stats.merge_targets and stats.merge_targets[0] is not None:
+        result.merge_target = stats.merge_targets[0].cpu()
+        result.frame_redundancy = stats.frame_redundancy[0].float().cpu()
     if unpruned is not None:
         result.unpruned_answer, result.unpruned_ids, result.unpruned_timings = unpruned
     return result
@@ -574,32 +518,10 @@ def run_request(
 # --------------------------------------------------------------------------- traces
 
 
-def _content_positions(video: dict[str, Any]) -> list[int]:
-    """Sequence positions of content tokens, frame-major, from a layout description (``VideoLayout.describe``)."""
-    start, _ = video["span"]
-    frames, rows, cols = video["frames"], video["rows"], video["cols"]
-    layout = video["newline_layout"]
-    positions: list[int] = []
-    cursor = start
-    for _ in range(frames):
-        for _ in range(rows):
-            positions.extend(range(cursor, cursor + cols))
-            cursor += cols
-            if "per_row" in layout:
-                cursor += 1
-        if "per_frame" in layout:
-            cursor += 1
-    return positions
-
-
 def _content_index(stats: Any, sample: int) -> torch.Tensor:
     """``[F*P]`` sequence positions of a sample's content tokens (the adapter's layout when exposed)."""
-    import torch
 
-    layouts = getattr(stats, "layouts", None) or ()
-    if len(layouts) > sample and layouts[sample] is not None:
-        return layouts[sample].frame_index.flatten().cpu()
-    return torch.tensor(_content_positions(stats.videos[sample]), dtype=torch.int64)
+    return stats.layouts[sample].frame_index.flatten().cpu()
 
 
 def build_trace(
@@ -614,10 +536,8 @@ def build_trace(
 ) -> RequestTrace:
     """A :class:`~hieravid.apps.trace.RequestTrace` from the runtime's ``handle.last_request`` (one sample).
 
-    Sequence positions are mapped back to content indices with the sample's video layout (the
-    ``layouts`` frame index when the runtime exposes it, else the layout description). The merge map
-    is ``merge_target`` when given (see :func:`segment_detail`), else ``stats.merge_targets`` when the
-    runtime exposes it.
+    Sequence positions are mapped back to content indices with the sample's video layout (its frame index).
+    The merge map is ``merge_target`` when given, else the request's own (``stats.merge_targets``).
     """
     import torch
 
@@ -641,9 +561,10 @@ def build_trace(
     for stage in stats.stages:
         kept, newlines = to_content(stage.kept_positions[sample])
         stages.append(StageTrace(layer=int(stage.layer), kept=kept, newlines_kept=newlines))
-    merge_targets = getattr(stats, "merge_targets", None) or ()
-    if merge_target is None and len(merge_targets) > sample and merge_targets[sample] is not None:
-        merge_target = merge_targets[sample].cpu()
+    if merge_target is None and stats.merge_targets and stats.merge_targets[sample] is not None:
+        merge_target = stats.merge_targets[sample].cpu()
+    if frame_redundancy is None and stats.frame_redundancy and stats.frame_redundancy[sample] is not None:
+        frame_redundancy = stats.frame_redundancy[sample].float().cpu()
     segment_ids = stats.frame_segment_ids[sample].cpu()
     values = stats.marginal_values[sample]
     values = values.float().cpu() if values is not None else torch.zeros(int(segment_ids.max()) + 1)
@@ -671,11 +592,12 @@ def build_trace(
     )
 
 
-def llm_frame_thumbnails(frames: np.ndarray, model_type: str, llm_frames: int, size: int = 96) -> np.ndarray:
-    """One small frame per LLM frame (the first of each temporal patch), longest side ``size`` pixels."""
+def llm_frame_thumbnails(frames: np.ndarray, frames_per_step: int, llm_frames: int, size: int = 96) -> np.ndarray:
+    """One small frame per LLM frame (the first of each temporal patch of ``frames_per_step`` frames), longest
+    side ``size`` pixels."""
     from hieravid.apps.video import resize_frames
 
-    step = TEMPORAL_PATCH.get(model_type, 1)
+    step = frames_per_step
     chosen = frames[::step][:llm_frames]
     height, width = chosen.shape[1:3]
     scale = size / max(height, width)
@@ -827,7 +749,7 @@ def run_command(args: Any) -> int:
     print(f"question: {args.question}")
     print(format_report(result, device=loaded.device, dtype=loaded.dtype))
     if args.trace:
-        thumbnails = llm_frame_thumbnails(frames, loaded.model_type, inputs.llm_frames)
+        thumbnails = llm_frame_thumbnails(frames, loaded.frames_per_step, inputs.llm_frames)
         trace = build_trace(
             result.stats,
             result.plan,

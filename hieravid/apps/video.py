@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hieravid.adapters.base import VideoInputs
 from hieravid.errors import HieravidError
 
 if TYPE_CHECKING:
@@ -365,103 +366,19 @@ def synthetic_video(
 # --------------------------------------------------------------------------- model inputs without torchvision
 
 
-@dataclass(frozen=True)
-class VideoInputs:
-    """Pixel inputs of one video for a model, and how many placeholder tokens the prompt needs.
-
-    Attributes:
-        tensors: keyword arguments for the model (``pixel_values_videos``, plus ``video_grid_thw`` for Qwen2-VL).
-        num_placeholders: copies of the video token the prompt must hold.
-    """
-
-    tensors: dict[str, Any]
-    num_placeholders: int
-
-
-def _video_config(processor_config: dict[str, Any], key: str, default: Any) -> Any:
-    value = processor_config.get(key)
-    return default if value is None else value
-
-
 def preprocess_video(
     frames: np.ndarray, model_type: str, processor_config: dict[str, Any], model_config: Any
 ) -> VideoInputs:
-    """Resize, rescale and normalise frames as the model's video processor would, without torchvision.
+    """Pixel inputs of one video as the model's video processor would build them, without torchvision: the
+    architecture's adapter does it (:meth:`hieravid.adapters.base.Adapter.preprocess_video`).
 
-    A fallback for environments without torchvision (which transformers' video processors need). It
-    follows ``video_preprocessor_config.json`` (size, mean, std, rescale factor, patch/merge sizes) and
-    the architecture's token layout; resampling can differ from the processor's in the last bits.
-
-    Supported: ``llava_onevision`` (fixed square resize, ``frames × ⌈n/2⌉² + 1`` tokens) and ``qwen2_vl`` /
-    ``qwen2_5_vl`` (smart resize to multiples of patch × merge, temporal patches of 2 frames, flattened
-    patches and ``video_grid_thw``).
+    Raises:
+        VideoError: the architecture has no adapter, or its adapter has no built-in preprocessing.
     """
-    import math
+    from hieravid.adapters.registry import get_adapter
+    from hieravid.errors import AdapterError
 
-    import numpy as np
-    import torch
-
-    clip_mean, clip_std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-    mean = torch.tensor(_video_config(processor_config, "image_mean", clip_mean), dtype=torch.float32)
-    std = torch.tensor(_video_config(processor_config, "image_std", clip_std), dtype=torch.float32)
-    rescale = float(_video_config(processor_config, "rescale_factor", 1 / 255))
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
-    height, width = video.shape[-2:]
-
-    def _resize(target_h: int, target_w: int) -> torch.Tensor:
-        if (target_h, target_w) == (height, width):
-            return video
-        resized = torch.nn.functional.interpolate(
-            video, size=(target_h, target_w), mode="bicubic", align_corners=False, antialias=True
-        )
-        return resized.round().clamp(0, 255)
-
-    def _normalise(pixels: torch.Tensor) -> torch.Tensor:
-        return (pixels * rescale - mean[:, None, None]) / std[:, None, None]
-
-    if model_type == "llava_onevision":
-        size = _video_config(processor_config, "size", {"height": 384, "width": 384})
-        target_h = int(size.get("height") or size.get("shortest_edge"))
-        target_w = int(size.get("width") or size.get("shortest_edge"))
-        pixels = _normalise(_resize(target_h, target_w))
-        vision = model_config.vision_config
-        per_side = vision.image_size // vision.patch_size
-        pooled = math.ceil(per_side / 2)
-        return VideoInputs({"pixel_values_videos": pixels.unsqueeze(0)}, frames.shape[0] * pooled * pooled + 1)
-
-    if model_type in ("qwen2_vl", "qwen2_5_vl"):
-        patch = int(_video_config(processor_config, "patch_size", 14))
-        merge = int(_video_config(processor_config, "merge_size", 2))
-        temporal = int(_video_config(processor_config, "temporal_patch_size", 2))
-        size = _video_config(processor_config, "size", {})
-        min_pixels = int(processor_config.get("min_pixels") or size.get("shortest_edge") or 128 * 28 * 28)
-        max_pixels = int(processor_config.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 768)
-        factor = patch * merge
-        h_bar, w_bar = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
-        if h_bar * w_bar > max_pixels:
-            beta = math.sqrt(height * width / max_pixels)
-            h_bar = max(factor, math.floor(height / beta / factor) * factor)
-            w_bar = max(factor, math.floor(width / beta / factor) * factor)
-        elif h_bar * w_bar < min_pixels:
-            beta = math.sqrt(min_pixels / (height * width))
-            h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-        pixels = _normalise(_resize(h_bar, w_bar)).unsqueeze(0)  # [1, T, C, H, W]
-        if pad := -pixels.shape[1] % temporal:
-            pixels = torch.cat([pixels, pixels[:, -1:].expand(-1, pad, -1, -1, -1)], dim=1)
-        _, count, channels = pixels.shape[:3]
-        grid_t, grid_h, grid_w = count // temporal, h_bar // patch, w_bar // patch
-        patches = pixels.view(
-            1, grid_t, temporal, channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch
-        )
-        patches = patches.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9).reshape(
-            grid_t * grid_h * grid_w, channels * temporal * patch * patch
-        )
-        grid = torch.tensor([[grid_t, grid_h, grid_w]])
-        return VideoInputs(
-            {"pixel_values_videos": patches, "video_grid_thw": grid}, grid_t * grid_h * grid_w // (merge * merge)
-        )
-
-    raise VideoError(
-        f"model type {model_type!r}: no built-in video preprocessing; install torchvision so that the model's own "
-        "video processor can be used"
-    )
+    try:
+        return get_adapter(model_type).preprocess_video(frames, processor_config, model_config)
+    except AdapterError as error:
+        raise VideoError(f"model type {model_type!r}: {error}") from None

@@ -7,6 +7,8 @@ in :mod:`hieravid.ops.peers`), frame level (:mod:`~hieravid.ops.relevance`,
 not initialise CUDA; Triton is imported lazily on the CUDA path of the DPP selection.
 """
 
+from hieravid.ops._graphs import GraphCache
+from hieravid.ops._registry import OperatorRegistry, UnregisteredOperatorError
 from hieravid.ops.budget import segment_budgets
 from hieravid.ops.dpp import (
     DEFAULT_MAX_BLOCK,
@@ -19,6 +21,7 @@ from hieravid.ops.dpp import (
 )
 from hieravid.ops.layer import (
     FrameLevelResult,
+    FrameStage,
     compose_keep,
     frame_level,
     stage_keep_fractions,
@@ -27,7 +30,6 @@ from hieravid.ops.peers import (
     DROPPED,
     INPUT_OPERATORS,
     InputOperator,
-    UnknownInputOperatorError,
     dycoke,
     evs,
     framefusion,
@@ -41,7 +43,6 @@ from hieravid.ops.relevance import RelevanceSign, last_query_attention, normaliz
 from hieravid.ops.segment import (
     FIRST_FRAME_SIMILARITY,
     MergeResult,
-    SegmentLevelGraphs,
     SegmentLevelResult,
     adjacent_frame_similarity,
     frame_redundancy,
@@ -54,7 +55,6 @@ from hieravid.ops.segment import (
 from hieravid.ops.selectors import (
     SELECTORS,
     Selector,
-    UnknownSelectorError,
     register_selector,
     select_tokens,
 )
@@ -68,14 +68,15 @@ __all__ = [
     "SELECTORS",
     "DppBackend",
     "FrameLevelResult",
+    "FrameStage",
+    "GraphCache",
     "InputOperator",
     "MergeResult",
+    "OperatorRegistry",
     "RelevanceSign",
-    "SegmentLevelGraphs",
     "SegmentLevelResult",
     "Selector",
-    "UnknownInputOperatorError",
-    "UnknownSelectorError",
+    "UnregisteredOperatorError",
     "adjacent_frame_similarity",
     "compose_keep",
     "dpp_select",

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
-from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,13 +13,6 @@ FLOOR_GUARD = 1e-9
 
 #: Norm clamp used for every L2 normalisation (zero vectors stay zero instead of becoming NaN).
 NORM_EPS = 1e-12
-
-
-@functools.lru_cache(maxsize=128)
-def accepts_keyword(fn: Callable[..., Any], name: str) -> bool:
-    """Whether ``fn`` declares a parameter ``name`` (registries pass optional extras only to operators
-    that take them; cached, since it runs on every call)."""
-    return name in inspect.signature(fn).parameters
 
 
 def floor_product(n: int, ratio: float) -> int:
@@ -45,11 +34,6 @@ def mask_to_indices(mask: Tensor, count: int) -> Tensor:
     src = torch.where(mask, torch.arange(n, device=mask.device), torch.full_like(pos, -1))
     out.index_put_((target,), src)
     return out[:count]
-
-
-def stable_rank_desc(scores: Tensor) -> Tensor:
-    """Permutation sorting ``scores`` in descending order, ties broken by lower index (stable)."""
-    return torch.sort(scores, descending=True, stable=True).indices
 
 
 def sanitize_scores(scores: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ MAP inference of Chen et al. (NeurIPS 2018, incremental Cholesky) runs for every
 
 * on CUDA, when Triton is importable, as one fused kernel launch (one program per block);
 * otherwise as a batched PyTorch loop over greedy steps (vectorised over blocks, no host sync per
-  step), optionally replayed from a captured CUDA graph (``backend="torch_graph"``).
+  step).
 
 Tie-breaking: each step picks the lowest index among equal maximal ``d²``. Numerical exhaustion: when
 the largest remaining ``d²`` of a block is ``<= eps · max(diag K)`` (or not finite), that block is
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections import OrderedDict
 from typing import Literal
 
 import torch
@@ -46,7 +45,7 @@ DEFAULT_MAX_BLOCK = 512
 #: (about ``steps · 6e-8`` relative), so that float32 and exact arithmetic agree on when to stop.
 DPP_EPS = 1e-4
 
-DppBackend = Literal["auto", "triton", "torch", "torch_graph"]
+DppBackend = Literal["auto", "triton", "torch"]
 
 
 def triton_available() -> bool:
@@ -55,8 +54,8 @@ def triton_available() -> bool:
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in ("auto", "triton", "torch", "torch_graph"):
-        raise ValueError(f"unknown DPP backend {backend!r}; expected auto, triton, torch or torch_graph")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"unknown DPP backend {backend!r}; expected auto, triton or torch")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
@@ -65,8 +64,6 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
             raise RuntimeError("backend='triton' needs the triton package")
         if device.type != "cuda" and not interpret:
             raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1)")
-    if backend == "torch_graph" and device.type != "cuda":
-        return "torch"
     return backend
 
 
@@ -111,51 +108,6 @@ def _greedy_torch(kernel: Tensor, valid: Tensor, budgets: Tensor, fallback: Tens
     return order
 
 
-class _GraphedGreedy:
-    """A captured CUDA graph of :func:`_greedy_torch` for one shape (static input/output buffers)."""
-
-    def __init__(self, G: int, n: int, steps: int, eps: float, device: torch.device) -> None:
-        self.kernel = torch.zeros((G, n, n), dtype=torch.float32, device=device)
-        self.valid = torch.zeros((G, n), dtype=torch.bool, device=device)
-        self.budgets = torch.zeros((G,), dtype=torch.int64, device=device)
-        self.fallback = torch.zeros((G, n), dtype=torch.float32, device=device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            _greedy_torch(self.kernel, self.valid, self.budgets, self.fallback, steps, eps)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.order = _greedy_torch(self.kernel, self.valid, self.budgets, self.fallback, steps, eps)
-
-    def __call__(self, kernel: Tensor, valid: Tensor, budgets: Tensor, fallback: Tensor) -> Tensor:
-        self.kernel.copy_(kernel)
-        self.valid.copy_(valid)
-        self.budgets.copy_(budgets)
-        self.fallback.copy_(fallback)
-        self.graph.replay()
-        return self.order.clone()
-
-
-#: Bounded cache of captured graphs, keyed by shape; a cache only (results never depend on it).
-_GRAPH_CACHE: OrderedDict[tuple[int, int, int, float, str], _GraphedGreedy] = OrderedDict()
-_GRAPH_CACHE_SIZE = 8
-
-
-def _greedy_graph(kernel: Tensor, valid: Tensor, budgets: Tensor, fallback: Tensor, steps: int, eps: float) -> Tensor:
-    G, n, _ = kernel.shape
-    key = (G, n, steps, float(eps), str(kernel.device))
-    runner = _GRAPH_CACHE.get(key)
-    if runner is None:
-        runner = _GraphedGreedy(G, n, steps, eps, kernel.device)
-        _GRAPH_CACHE[key] = runner
-        while len(_GRAPH_CACHE) > _GRAPH_CACHE_SIZE:
-            _GRAPH_CACHE.popitem(last=False)
-    else:
-        _GRAPH_CACHE.move_to_end(key)
-    return runner(kernel, valid, budgets, fallback)
-
-
 def _run_greedy(
     kernel: Tensor, valid: Tensor, budgets: Tensor, fallback: Tensor, steps: int, eps: float, mode: str
 ) -> Tensor:
@@ -168,8 +120,6 @@ def _run_greedy(
         from hieravid.ops._triton_dpp import greedy_dpp_triton
 
         return greedy_dpp_triton(kernel, valid, budgets, fallback, steps, eps)
-    if mode == "torch_graph":
-        return _greedy_graph(kernel, valid, budgets, fallback, steps, eps)
     return _greedy_torch(kernel, valid, budgets, fallback, steps, eps)
 
 
@@ -199,8 +149,7 @@ def greedy_map_dpp_order(
         eps: relative exhaustion threshold.
         max_steps: width of the returned order; must be ``>= max(budgets)`` after clamping. When omitted
             it is read from the budgets (one host sync).
-        backend: ``"auto"`` (Triton on CUDA when importable, else PyTorch), ``"triton"``, ``"torch"``
-            or ``"torch_graph"`` (PyTorch loop captured once per shape in a CUDA graph; CUDA only).
+        backend: ``"auto"`` (Triton on CUDA when importable, else PyTorch), ``"triton"`` or ``"torch"``.
 
     Returns:
         ``[G, max_steps]`` int64: the item picked at each step, ``-1`` after the block's budget.

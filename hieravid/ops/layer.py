@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -13,9 +13,11 @@ from torch import Tensor
 from hieravid.ops.budget import segment_budgets
 from hieravid.ops.relevance import RelevanceSign, normalize_relevance
 from hieravid.ops.selectors import select_tokens
+from hieravid.policy import DynamicBudget, SelectorConfig
 
 __all__ = [
     "FrameLevelResult",
+    "FrameStage",
     "compose_keep",
     "frame_level",
     "stage_keep_fractions",
@@ -58,6 +60,22 @@ def stage_keep_fractions(prune_ratios: Sequence[float]) -> list[float]:
     return out
 
 
+class FrameStage(Protocol):
+    """What one frame-level stage needs (:class:`hieravid.plan.StagePlan` provides it)."""
+
+    @property
+    def prune_ratio(self) -> float: ...
+
+    @property
+    def selector(self) -> SelectorConfig: ...
+
+    @property
+    def relevance_sign(self) -> RelevanceSign: ...
+
+    @property
+    def budget(self) -> DynamicBudget | None: ...
+
+
 @dataclass(frozen=True)
 class FrameLevelResult:
     """Output of :func:`frame_level`.
@@ -73,7 +91,7 @@ class FrameLevelResult:
     local_keep: Tensor
     segment_ids_kept: Tensor
     budgets: Tensor
-    host_budgets: Tensor | None = None
+    host_budgets: Tensor
 
 
 def frame_level(
@@ -81,39 +99,26 @@ def frame_level(
     attention: Tensor,
     segment_ids: Tensor,
     marginal_values: Tensor,
-    prune_ratio: float,
+    stage: FrameStage,
     *,
-    selector: str = "dpp",
-    sign: RelevanceSign = "negative",
-    dynamic: bool = True,
-    scale: float = 0.1,
-    min_keep: float = 0.05,
-    max_keep: float = 0.95,
-    min_tokens: int = 1,
-    generator: torch.Generator | None = None,
-    max_block: int | None = None,
     host_meta: tuple[Tensor, Tensor] | None = None,
-    **selector_options: Any,
 ) -> FrameLevelResult:
     """One frame-level stage on the video tokens of one sample.
 
-    Relevance = :func:`normalize_relevance` of ``attention`` with ``sign``; per-segment counts (segments
-    emptied by earlier stages count 0 and get budget 0); budgets by :func:`segment_budgets`; then the
-    registered ``selector``. One host synchronisation per call (counts and marginal values are read once;
-    the budgets are computed on the host and the DPP selector reuses the counts).
+    Relevance = :func:`normalize_relevance` of ``attention`` with ``stage.relevance_sign``; per-segment counts
+    (segments emptied by earlier stages count 0 and get budget 0); budgets by :func:`segment_budgets` (dynamic
+    with ``stage.budget``, ``1 - ρ`` per segment without); then the operator bound to ``stage.selector``.
 
     Args:
-        hidden: ``[n, D]`` post-attention hidden states of the stage's video tokens.
+        hidden: ``[n, D]`` post-attention hidden states of the stage's video tokens (may be ``[n, 0]`` when the
+            selector reads no features).
         attention: ``[n]`` last-query attention over those tokens.
         segment_ids: ``[n]`` segment id of each token, in ``[0, G)``.
         marginal_values: ``[G]`` segment marginal values.
-        prune_ratio: ρ of the stage.
-        selector: name in :data:`hieravid.ops.selectors.SELECTORS`.
-        max_block: DPP block cap; None uses the DPP default (ignored by other selectors).
-        host_meta: optional ``(counts, marginal_values)`` already on the host: ``[G]`` int64 token count
-            of each segment (must equal the counts of ``segment_ids``) and ``[G]`` float64 marginal values;
-            the call then does not synchronise (a caller batching several calls reads them all at once).
-        selector_options: extra keyword options for the selector.
+        stage: the stage (prune ratio, selector config, relevance sign, budget rule).
+        host_meta: optional ``(counts, marginal_values)`` already on the host: ``[G]`` int64 token count of each
+            segment (must equal the counts of ``segment_ids``) and ``[G]`` float64 marginal values; the call then
+            does not synchronise (otherwise it reads both once).
 
     Returns:
         A :class:`FrameLevelResult`.
@@ -124,7 +129,7 @@ def frame_level(
     device = hidden.device
     G = marginal_values.shape[0]
     seg = segment_ids.to(device=device, dtype=torch.int64)
-    relevance = normalize_relevance(attention.to(device), sign)
+    relevance = normalize_relevance(attention.to(device), stage.relevance_sign)
     if host_meta is not None:
         counts_h, marginal_h = host_meta[0].to(torch.int64), host_meta[1].to(torch.float64)
         if counts_h.shape != (G,) or marginal_h.shape != (G,):
@@ -133,25 +138,18 @@ def frame_level(
             )
     else:
         counts = torch.zeros(G, dtype=torch.int64, device=device).index_add_(0, seg, torch.ones_like(seg))
-        # One host sync for the stage: counts and marginal values come to the host, the budgets are computed
-        # there, and the DPP selector reuses both without synchronising again.
+        # One host sync: counts and marginal values come to the host, the budgets are computed there.
         meta = torch.cat([counts.double(), marginal_values.to(device=device, dtype=torch.float64)]).cpu()
         counts_h, marginal_h = meta[:G].long(), meta[G:]
+    budget = stage.budget
     budgets = segment_budgets(
         counts_h,
         marginal_h,
-        prune_ratio,
-        scale=scale,
-        min_keep=min_keep,
-        max_keep=max_keep,
-        dynamic=dynamic,
-        min_tokens=min_tokens,
+        stage.prune_ratio,
+        dynamic=budget is not None,
+        **({} if budget is None else {"scale": budget.scale, "min_keep": budget.min_keep, "max_keep": budget.max_keep}),
     )
-    options = dict(selector_options)
-    if selector == "dpp" and max_block is not None:
-        options["max_block"] = max_block
-    options.setdefault("counts", counts_h)
-    local = select_tokens(selector, hidden, relevance, seg, budgets, generator=generator, **options)
+    local = select_tokens(stage.selector, hidden, relevance, seg, budgets, counts=counts_h)
     # A host-to-device copy that does not wait for the device (the host tensor is not reused).
     return FrameLevelResult(
         local_keep=local,

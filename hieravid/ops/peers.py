@@ -1,9 +1,10 @@
 """Input-level operators of peer methods (SPEC §4), registered next to HieraVid's segment level.
 
-Each operator is a pure tensor function ``op(frames, **options) -> SegmentLevelResult`` on one video
+Each operator is a pure tensor function ``op(frames, *, prune_ratio, ...) -> SegmentLevelResult`` on one video
 ``frames: [F, P, D]`` (the LLM input embeddings of ``F`` frames of ``P`` tokens, newlines excluded; flat
 token index ``f * P + p``). It returns the same result type as :func:`hieravid.ops.segment.segment_level`,
-so the runtime runs any of them through :func:`input_level` without special cases. Peers leave the video
+so the runtime runs any of them through :func:`input_level` without special cases: the bindings at the end of
+this module run each config class (:mod:`hieravid.policy`) with its typed fields. Peers leave the video
 one segment: ``frame_segment_ids`` and ``token_segment_ids`` are all 0, ``marginal_values`` is ``[0.]`` and
 ``num_segments`` is 1 (a later frame-level stage then works over the whole video, ``max_block`` bounding
 the DPP's cost).
@@ -22,7 +23,7 @@ Conventions shared by the peers:
   guard as the rest of the operators) unless stated otherwise: EVS never removes frame 0 and DyCoke never
   removes a window's first frame, so they remove ``min(⌊ρ·F·P⌋, capacity)``, and FrameFusion removes *at
   most* ``min(⌊ρ·F·P⌋, (F-1)·P)`` (only pairs above its threshold). These counts are what
-  :meth:`hieravid.policy.InputLevel` ``.removed_tokens`` reports to the planner, so the plan's static
+  :meth:`hieravid.policy.InputLevelConfig.removed_tokens` reports to the planner, so the plan's static
   estimate is exact (an upper bound on removals for FrameFusion).
 - Deterministic: ties are broken by the lower flat index (stable sorts); :func:`random_input` draws from a
   seeded CPU generator, so a seed gives the same selection on every device.
@@ -33,15 +34,15 @@ Conventions shared by the peers:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from hieravid.errors import HieravidError
-from hieravid.ops._util import NORM_EPS, accepts_keyword, floor_product, mask_to_indices
+from hieravid.ops._graphs import GraphCache
+from hieravid.ops._registry import OperatorRegistry
+from hieravid.ops._util import NORM_EPS, floor_product, mask_to_indices
 from hieravid.ops.segment import (
-    SegmentLevelGraphs,
     SegmentLevelResult,
     _check_frames,
     adjacent_frame_similarity,
@@ -50,12 +51,21 @@ from hieravid.ops.segment import (
     num_merged_tokens,
     segment_level,
 )
+from hieravid.policy import (
+    DycokeInput,
+    EvsInput,
+    FrameFusionInput,
+    InputLevelConfig,
+    RandomInput,
+    SegmentLevel,
+    UniformInput,
+    VidCom2Input,
+)
 
 __all__ = [
     "DROPPED",
     "INPUT_OPERATORS",
     "InputOperator",
-    "UnknownInputOperatorError",
     "dycoke",
     "evs",
     "framefusion",
@@ -71,54 +81,33 @@ DROPPED = -1
 
 
 class InputOperator(Protocol):
-    """Signature of an input-level operator: ``[F, P, D]`` frames and keyword options in, a result out."""
+    """Signature of a registered input-level operator: ``[F, P, D]`` frames and the level's config in, a
+    :class:`~hieravid.ops.segment.SegmentLevelResult` out. ``graphs`` (a :class:`~hieravid.ops.GraphCache` owned
+    by the caller) may be used to replay the operator's work from CUDA graphs; operators may ignore it."""
 
-    def __call__(self, frames: Tensor, /, **options: Any) -> SegmentLevelResult: ...
-
-
-class UnknownInputOperatorError(HieravidError, KeyError):
-    """An input-level operator name is not registered."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
+    def __call__(
+        self, frames: Tensor, config: InputLevelConfig, /, *, graphs: GraphCache | None = None
+    ) -> SegmentLevelResult: ...
 
 
-#: Registered input-level operators by policy ``segment.kind``. ``hieravid`` is the segment level itself.
-INPUT_OPERATORS: dict[str, InputOperator] = {"hieravid": segment_level}
+#: Input-level operators by config class (:class:`~hieravid.policy.SegmentLevel` is HieraVid's own).
+INPUT_OPERATORS: OperatorRegistry[InputOperator] = OperatorRegistry(
+    "input-level operator", InputLevelConfig, "register_input_operator"
+)
 
 
-def register_input_operator(name: str) -> Callable[[InputOperator], InputOperator]:
-    """Decorator registering an operator under ``name`` in :data:`INPUT_OPERATORS` (re-registering replaces)."""
-    if not name or not isinstance(name, str):
-        raise ValueError(f"input operator name must be a non-empty string, got {name!r}")
-
-    def deco(fn: InputOperator) -> InputOperator:
-        INPUT_OPERATORS[name] = fn
-        return fn
-
-    return deco
+def register_input_operator(config_class: type[InputLevelConfig]) -> Callable[[InputOperator], InputOperator]:
+    """Decorator binding an input-level config class to its operator (re-registering replaces)."""
+    return INPUT_OPERATORS.register(config_class)
 
 
-def input_level(
-    kind: str, frames: Tensor, *, cuda_graphs: SegmentLevelGraphs | None = None, **options: Any
-) -> SegmentLevelResult:
-    """Run the input-level operator registered as ``kind`` on one video.
-
-    ``options`` are the operator's keyword arguments (a plan's ``SegmentPlan.options``: for ``hieravid``
-    the segment level's thresholds and ``merge_ratio``, for the peers ``prune_ratio`` and their own).
-    ``cuda_graphs`` goes to operators that take a ``cuda_graphs`` keyword (the segment level).
+def input_level(config: InputLevelConfig, frames: Tensor, *, graphs: GraphCache | None = None) -> SegmentLevelResult:
+    """Run the input-level operator bound to ``config``'s class on one video ``[F, P, D]``.
 
     Raises:
-        UnknownInputOperatorError: (a ``KeyError``) when ``kind`` is not registered; the message lists them.
+        UnregisteredOperatorError: no operator is bound to ``config``'s class.
     """
-    try:
-        fn = INPUT_OPERATORS[kind]
-    except KeyError:
-        known = ", ".join(sorted(INPUT_OPERATORS))
-        raise UnknownInputOperatorError(f"unknown input-level operator {kind!r}; known: {known}") from None
-    if cuda_graphs is not None and accepts_keyword(fn, "cuda_graphs"):
-        options["cuda_graphs"] = cuda_graphs
-    return fn(frames, **options)
+    return INPUT_OPERATORS.lookup(config)(frames, config, graphs=graphs)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -198,7 +187,6 @@ def _allocate(weights: Tensor, total: int, cap: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- operators
-@register_input_operator("evs")
 def evs(frames: Tensor, *, prune_ratio: float = 0.5) -> SegmentLevelResult:
     """EVS: drop the tokens least different from the previous frame's same-position token.
 
@@ -230,7 +218,6 @@ def evs(frames: Tensor, *, prune_ratio: float = 0.5) -> SegmentLevelResult:
     return _drop_result(frames, keep, N - m, sim)
 
 
-@register_input_operator("dycoke")
 def dycoke(frames: Tensor, *, prune_ratio: float = 0.5, window: int = 4) -> SegmentLevelResult:
     """DyCoke's temporal token merging (TTM), its pre-LLM stage: prune tokens repeated within a window.
 
@@ -276,7 +263,6 @@ def dycoke(frames: Tensor, *, prune_ratio: float = 0.5, window: int = 4) -> Segm
     return _drop_result(frames, keep, N - m, adjacent_frame_similarity(frames))
 
 
-@register_input_operator("vidcom2")
 def vidcom2(frames: Tensor, *, prune_ratio: float = 0.5, temperature: float = 0.01) -> SegmentLevelResult:
     """VidCom2: per-frame budgets by frame uniqueness, then each frame's most distinctive tokens.
 
@@ -318,7 +304,6 @@ def vidcom2(frames: Tensor, *, prune_ratio: float = 0.5, temperature: float = 0.
     return _drop_result(frames, keep, kept, adjacent_frame_similarity(frames))
 
 
-@register_input_operator("framefusion")
 def framefusion(frames: Tensor, *, prune_ratio: float = 0.5, similarity_threshold: float = 0.6) -> SegmentLevelResult:
     """FrameFusion's merging: fold tokens that repeat the previous frame into it, above a threshold.
 
@@ -362,7 +347,6 @@ def framefusion(frames: Tensor, *, prune_ratio: float = 0.5, similarity_threshol
     )
 
 
-@register_input_operator("uniform")
 def uniform_input(frames: Tensor, *, prune_ratio: float = 0.5) -> SegmentLevelResult:
     """Uniform baseline: keep evenly spaced tokens of every frame.
 
@@ -392,7 +376,6 @@ def uniform_input(frames: Tensor, *, prune_ratio: float = 0.5) -> SegmentLevelRe
     return _drop_result(frames, keep.contiguous(), kept, adjacent_frame_similarity(frames))
 
 
-@register_input_operator("random")
 def random_input(frames: Tensor, *, prune_ratio: float = 0.5, seed: int = 0) -> SegmentLevelResult:
     """Random baseline: keep a uniformly random subset of the video's tokens (seeded).
 
@@ -413,3 +396,62 @@ def random_input(frames: Tensor, *, prune_ratio: float = 0.5, seed: int = 0) -> 
     chosen = torch.sort(keys, descending=True, stable=True).indices[:kept].to(frames.device)
     keep = torch.zeros(N, dtype=torch.bool, device=frames.device).index_fill_(0, chosen, True).view(F, P)
     return _drop_result(frames, keep, kept, adjacent_frame_similarity(frames))
+
+
+# ---------------------------------------------------------------------------------------------- bindings
+# Each config class runs its pure operator with its typed fields.
+@register_input_operator(SegmentLevel)
+def _run_segment_level(
+    frames: Tensor, config: InputLevelConfig, /, *, graphs: GraphCache | None = None
+) -> SegmentLevelResult:
+    assert isinstance(config, SegmentLevel)
+    return segment_level(
+        frames,
+        similarity_threshold=config.similarity_threshold,
+        segment_threshold=config.segment_threshold,
+        merge_ratio=config.merge_ratio,
+        marginal_value_weight=config.marginal_value_weight,
+        graphs=graphs,
+    )
+
+
+@register_input_operator(EvsInput)
+def _run_evs(frames: Tensor, config: InputLevelConfig, /, *, graphs: GraphCache | None = None) -> SegmentLevelResult:
+    assert isinstance(config, EvsInput)
+    return evs(frames, prune_ratio=config.prune_ratio)
+
+
+@register_input_operator(DycokeInput)
+def _run_dycoke(frames: Tensor, config: InputLevelConfig, /, *, graphs: GraphCache | None = None) -> SegmentLevelResult:
+    assert isinstance(config, DycokeInput)
+    return dycoke(frames, prune_ratio=config.prune_ratio, window=config.window)
+
+
+@register_input_operator(VidCom2Input)
+def _run_vidcom2(
+    frames: Tensor, config: InputLevelConfig, /, *, graphs: GraphCache | None = None
+) -> SegmentLevelResult:
+    assert isinstance(config, VidCom2Input)
+    return vidcom2(frames, prune_ratio=config.prune_ratio, temperature=config.temperature)
+
+
+@register_input_operator(FrameFusionInput)
+def _run_framefusion(
+    frames: Tensor, config: InputLevelConfig, /, *, graphs: GraphCache | None = None
+) -> SegmentLevelResult:
+    assert isinstance(config, FrameFusionInput)
+    return framefusion(frames, prune_ratio=config.prune_ratio, similarity_threshold=config.similarity_threshold)
+
+
+@register_input_operator(UniformInput)
+def _run_uniform(
+    frames: Tensor, config: InputLevelConfig, /, *, graphs: GraphCache | None = None
+) -> SegmentLevelResult:
+    assert isinstance(config, UniformInput)
+    return uniform_input(frames, prune_ratio=config.prune_ratio)
+
+
+@register_input_operator(RandomInput)
+def _run_random(frames: Tensor, config: InputLevelConfig, /, *, graphs: GraphCache | None = None) -> SegmentLevelResult:
+    assert isinstance(config, RandomInput)
+    return random_input(frames, prune_ratio=config.prune_ratio, seed=config.seed)

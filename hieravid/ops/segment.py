@@ -7,19 +7,17 @@ the only host synchronisation is in :func:`segment_level`, which reads the numbe
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from hieravid.ops._graphs import GraphCache
 from hieravid.ops._util import NORM_EPS, floor_product, mask_to_indices
 
 __all__ = [
     "FIRST_FRAME_SIMILARITY",
     "MergeResult",
-    "SegmentLevelGraphs",
     "SegmentLevelResult",
     "adjacent_frame_similarity",
     "frame_redundancy",
@@ -313,7 +311,7 @@ def segment_level(
     merge_ratio: float = 0.5,
     marginal_value_weight: float = 0.5,
     merge: bool = True,
-    cuda_graphs: SegmentLevelGraphs | None = None,
+    graphs: GraphCache | None = None,
 ) -> SegmentLevelResult:
     """The whole segment level (SPEC §2.1) on one video.
 
@@ -322,10 +320,10 @@ def segment_level(
     when ``merge`` is False or the ratio is 0). All shapes are static (they depend on ``F, P, D`` and the
     ratio only); a single host synchronisation at the end reads the number of segments.
 
-    ``cuda_graphs`` (CUDA inputs only; ignored on other devices): a :class:`SegmentLevelGraphs` that captures
-    the whole computation once per input shape, dtype and parameter set and replays it afterwards (results
-    identical to the eager path). Worth it when videos of one geometry are processed repeatedly: it
-    removes the per-operator launch cost, which dominates at these sizes.
+    ``graphs`` (CUDA inputs only; ignored on other devices): a :class:`~hieravid.ops.GraphCache` through which
+    the whole computation is captured once per input shape, dtype and parameter set and replayed afterwards
+    (results identical to the eager path). It removes the per-operator launch cost (about 200 small kernels),
+    which dominates at these sizes.
 
     Args:
         frames: ``[F, P, D]`` video tokens (LLM input embeddings, newline tokens excluded).
@@ -334,13 +332,17 @@ def segment_level(
         A :class:`SegmentLevelResult`.
     """
     _check_frames(frames)
-    if cuda_graphs is not None and frames.is_cuda:
-        return cuda_graphs.run(
-            frames, similarity_threshold, segment_threshold, merge_ratio if merge else 0.0, marginal_value_weight
-        )
-    out = _segment_level_padded(
-        frames, similarity_threshold, segment_threshold, merge_ratio if merge else 0.0, marginal_value_weight
+    params = (
+        float(similarity_threshold),
+        float(segment_threshold),
+        float(merge_ratio if merge else 0.0),
+        float(marginal_value_weight),
     )
+    if graphs is not None and frames.is_cuda:
+        key = ("segment_level", tuple(frames.shape), frames.dtype, str(frames.device), params)
+        out = graphs.run(key, lambda video: _segment_level_padded(video, *params), (frames,))
+    else:
+        out = _segment_level_padded(frames, *params)
     return _finish_segment_level(out)
 
 
@@ -377,63 +379,3 @@ def _finish_segment_level(out: dict[str, Tensor]) -> SegmentLevelResult:
         similarity=out["similarity"],
         redundancy=out["redundancy"],
     )
-
-
-class _GraphedSegmentLevel:
-    """:func:`_segment_level_padded` captured once in a CUDA graph for one input shape and parameter set."""
-
-    def __init__(self, frames: Tensor, params: tuple[float, float, float, float]) -> None:
-        self.frames = torch.empty_like(frames)
-        self.frames.copy_(frames)
-        side = torch.cuda.Stream(frames.device)
-        side.wait_stream(torch.cuda.current_stream(frames.device))
-        with torch.cuda.stream(side):
-            _segment_level_padded(self.frames, *params)
-        torch.cuda.current_stream(frames.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = _segment_level_padded(self.frames, *params)
-
-    def __call__(self, frames: Tensor) -> SegmentLevelResult:
-        self.frames.copy_(frames)
-        self.graph.replay()
-        return _finish_segment_level({k: v.clone() for k, v in self.out.items()})
-
-
-class SegmentLevelGraphs:
-    """CUDA graphs of :func:`segment_level`, one per input shape, dtype, device and parameter set.
-
-    Pass an instance as ``segment_level(..., cuda_graphs=graphs)``: the first call of a geometry captures
-    the whole computation (about 200 small kernels) and later calls replay it, which removes the
-    per-operator launch cost that dominates at these sizes. Results are identical to the eager path. The
-    owner decides the lifetime (the runtime keeps one per :class:`~hieravid.runtime.PruningHandle`); each
-    graph holds its static input and output buffers and a private memory pool, so at most ``size`` graphs
-    are kept (least recently used dropped).
-    """
-
-    def __init__(self, size: int = 4) -> None:
-        if size < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
-        self.size = size
-        self._graphs: OrderedDict[tuple[Any, ...], _GraphedSegmentLevel] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._graphs)
-
-    def clear(self) -> None:
-        """Drop every graph (and the memory it holds)."""
-        self._graphs.clear()
-
-    def run(self, frames: Tensor, tau: float, beta: float, ratio: float, weight: float) -> SegmentLevelResult:
-        """The segment level of ``frames`` (CUDA) through the graph of its geometry, captured if needed."""
-        params = (float(tau), float(beta), float(ratio), float(weight))
-        key = (tuple(frames.shape), frames.dtype, str(frames.device), params)
-        runner = self._graphs.get(key)
-        if runner is None:
-            runner = _GraphedSegmentLevel(frames, params)
-            self._graphs[key] = runner
-            while len(self._graphs) > self.size:
-                self._graphs.popitem(last=False)
-        else:
-            self._graphs.move_to_end(key)
-        return runner(frames)

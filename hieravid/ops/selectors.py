@@ -1,34 +1,41 @@
-"""Registry of frame-level token selectors.
+"""Frame-level token selectors, each bound to its config class (:mod:`hieravid.policy`).
 
 Every selector has the signature
-``(features, relevance, segment_ids, budgets, *, generator=None, **options) -> LongTensor`` and returns
+``(features, relevance, segment_ids, budgets, config, *, counts=None) -> LongTensor`` and returns
 ascending local indices of the kept tokens, ``min(budgets[g], n_g)`` of them per segment ``g``.
 Selectors are vectorised over segments (sorts and cumulative sums, no Python loop over segments). Sizing
-the output needs the total ``Σ_g min(budgets[g], n_g)``: the built-in selectors take an optional ``counts``
-keyword (``[G]`` segment sizes); with ``counts`` and ``budgets`` on the host they never synchronise with
-the device, otherwise they read the total once. :func:`select_tokens` passes ``counts`` to the selectors
-that declare it.
+the output needs the total ``Σ_g min(budgets[g], n_g)``: with ``counts`` (``[G]`` segment sizes) and
+``budgets`` on the host a selector never synchronises with the device, otherwise it reads the total once.
 
-Built-in: ``dpp`` (HieraVid), ``topk_relevance``, ``binned_relevance``, ``uniform``, ``random``.
-Register more with :func:`register_selector`.
+Built-in: :class:`~hieravid.policy.DppSelector` (HieraVid), ``TopkRelevanceSelector``,
+``BinnedRelevanceSelector``, ``UniformSelector``, ``RandomSelector``. A new selector is a config class
+(``kind: Literal["name"] = "name"``, deriving from :class:`~hieravid.policy.SelectorConfig`) plus a function
+decorated with :func:`register_selector`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from hieravid.errors import HieravidError
-from hieravid.ops._util import accepts_keyword, mask_to_indices, sanitize_scores
-from hieravid.ops.dpp import DEFAULT_MAX_BLOCK, DPP_EPS, dpp_select
+from hieravid.ops._registry import OperatorRegistry
+from hieravid.ops._util import mask_to_indices, sanitize_scores
+from hieravid.ops.dpp import dpp_select
+from hieravid.policy import (
+    BinnedRelevanceSelector,
+    DppSelector,
+    RandomSelector,
+    SelectorConfig,
+    TopkRelevanceSelector,
+    UniformSelector,
+)
 
 __all__ = [
     "SELECTORS",
     "Selector",
-    "UnknownSelectorError",
     "register_selector",
     "select_tokens",
 ]
@@ -43,64 +50,39 @@ class Selector(Protocol):
         relevance: Tensor,
         segment_ids: Tensor,
         budgets: Tensor,
+        config: SelectorConfig,
         *,
-        generator: torch.Generator | None = None,
-        **options: Any,
+        counts: Tensor | None = None,
     ) -> Tensor: ...
 
 
-class UnknownSelectorError(HieravidError, KeyError):
-    """A selector name is not registered."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
+#: Selectors by config class.
+SELECTORS: OperatorRegistry[Selector] = OperatorRegistry("selector", SelectorConfig, "register_selector")
 
 
-#: Registered selectors by name.
-SELECTORS: dict[str, Selector] = {}
-
-
-def register_selector(name: str) -> Callable[[Selector], Selector]:
-    """Decorator registering a selector under ``name`` in :data:`SELECTORS` (re-registering replaces)."""
-    if not name or not isinstance(name, str):
-        raise ValueError(f"selector name must be a non-empty string, got {name!r}")
-
-    def deco(fn: Selector) -> Selector:
-        SELECTORS[name] = fn
-        return fn
-
-    return deco
+def register_selector(config_class: type[SelectorConfig]) -> Callable[[Selector], Selector]:
+    """Decorator binding a selector config class to its operator (re-registering replaces)."""
+    return SELECTORS.register(config_class)
 
 
 def select_tokens(
-    name: str,
+    config: SelectorConfig,
     features: Tensor,
     relevance: Tensor,
     segment_ids: Tensor,
     budgets: Tensor,
     *,
-    generator: torch.Generator | None = None,
     counts: Tensor | None = None,
-    **options: Any,
 ) -> Tensor:
-    """Run the selector registered as ``name``.
+    """Run the selector bound to ``config``'s class.
 
-    ``counts`` (``[G]`` token count of each segment, equal to the counts of ``segment_ids``) is passed on
-    to selectors that take a ``counts`` keyword; with host ``counts`` and ``budgets`` they size their
-    output without a device sync.
+    ``counts`` (``[G]`` token count of each segment, equal to the counts of ``segment_ids``) lets a selector
+    size its output without a device sync when it and ``budgets`` are on the host.
 
     Raises:
-        UnknownSelectorError: (a ``KeyError``) when ``name`` is not registered; the message lists the
-            known selectors.
+        UnregisteredOperatorError: no operator is bound to ``config``'s class.
     """
-    try:
-        fn = SELECTORS[name]
-    except KeyError:
-        known = ", ".join(sorted(SELECTORS))
-        raise UnknownSelectorError(f"unknown selector {name!r}; known selectors: {known}") from None
-    if counts is not None and accepts_keyword(fn, "counts"):
-        options["counts"] = counts
-    return fn(features, relevance, segment_ids, budgets, generator=generator, **options)
+    return SELECTORS.lookup(config)(features, relevance, segment_ids, budgets, config, counts=counts)
 
 
 def _total(k: Tensor, budgets: Tensor, counts: Tensor | None) -> int:
@@ -113,19 +95,15 @@ def _total(k: Tensor, budgets: Tensor, counts: Tensor | None) -> int:
 
 
 def _positional_layout(
-    name: str,
     features: Tensor,
     relevance: Tensor,
     segment_ids: Tensor,
     budgets: Tensor,
-    options: dict[str, Any],
     counts: Tensor | None = None,
 ) -> tuple[int, torch.device, Tensor, Tensor, int, Tensor, Tensor, Tensor] | None:
     """Shared start of the position-based selectors: validate, then per token its in-segment position,
     segment id, the total budget, its segment's size and budget (None when nothing can be selected)."""
     n = _check(features, relevance, segment_ids, budgets)
-    if options:
-        raise TypeError(f"{name} selector got unknown options {sorted(options)}")
     device = features.device
     if n == 0 or budgets.shape[0] == 0:
         return None
@@ -181,69 +159,52 @@ def _topk_by_score(scores: Tensor, segment_ids: Tensor, budgets: Tensor, host_co
     return mask_to_indices(keep, total)
 
 
-@register_selector("dpp")
+@register_selector(DppSelector)
 def dpp_selector(
     features: Tensor,
     relevance: Tensor,
     segment_ids: Tensor,
     budgets: Tensor,
+    config: SelectorConfig,
     *,
-    generator: torch.Generator | None = None,
-    max_block: int | None = DEFAULT_MAX_BLOCK,
-    eps: float = DPP_EPS,
-    backend: str = "auto",
     counts: Tensor | None = None,
-    **options: Any,
 ) -> Tensor:
-    """HieraVid's greedy DPP per segment (:func:`hieravid.ops.dpp.dpp_select`); ``generator`` is unused."""
+    """HieraVid's greedy DPP per segment (:func:`hieravid.ops.dpp.dpp_select`), blocks capped at
+    ``config.max_block`` tokens (``None``: no split)."""
+    assert isinstance(config, DppSelector)
     _check(features, relevance, segment_ids, budgets)
-    if options:
-        raise TypeError(f"dpp selector got unknown options {sorted(options)}")
-    return dpp_select(
-        features,
-        relevance,
-        segment_ids,
-        budgets,
-        max_block=max_block,
-        eps=eps,
-        backend=backend,  # type: ignore[arg-type]
-        counts=counts,
-    )
+    return dpp_select(features, relevance, segment_ids, budgets, max_block=config.max_block, counts=counts)
 
 
-@register_selector("topk_relevance")
+@register_selector(TopkRelevanceSelector)
 def topk_relevance_selector(
     features: Tensor,
     relevance: Tensor,
     segment_ids: Tensor,
     budgets: Tensor,
+    config: SelectorConfig,
     *,
-    generator: torch.Generator | None = None,
     counts: Tensor | None = None,
-    **options: Any,
 ) -> Tensor:
     """Per segment, the ``k_g`` tokens of highest relevance (ties → lower index; NaN lowest)."""
     _check(features, relevance, segment_ids, budgets)
-    if options:
-        raise TypeError(f"topk_relevance selector got unknown options {sorted(options)}")
     return _topk_by_score(relevance.to(features.device), segment_ids, budgets, counts)
 
 
-@register_selector("binned_relevance")
+@register_selector(BinnedRelevanceSelector)
 def binned_relevance_selector(
     features: Tensor,
     relevance: Tensor,
     segment_ids: Tensor,
     budgets: Tensor,
+    config: SelectorConfig,
     *,
-    generator: torch.Generator | None = None,
     counts: Tensor | None = None,
-    **options: Any,
 ) -> Tensor:
     """Per segment, split its tokens (in index order) into ``k_g`` contiguous near-equal bins
     (bin ``b`` = in-segment positions ``[⌊b·n_g/k_g⌋, ⌊(b+1)·n_g/k_g⌋)``) and keep the highest-relevance
     token of each bin (ties → lower index)."""
-    layout = _positional_layout("binned_relevance", features, relevance, segment_ids, budgets, options, counts)
+    layout = _positional_layout(features, relevance, segment_ids, budgets, counts)
     if layout is None:
         return torch.zeros(0, dtype=torch.int64, device=features.device)
     n, device, pos, seg, total, n_tok, k_tok, k = layout
@@ -261,20 +222,19 @@ def binned_relevance_selector(
     return mask_to_indices(keep, total)
 
 
-@register_selector("uniform")
+@register_selector(UniformSelector)
 def uniform_selector(
     features: Tensor,
     relevance: Tensor,
     segment_ids: Tensor,
     budgets: Tensor,
+    config: SelectorConfig,
     *,
-    generator: torch.Generator | None = None,
     counts: Tensor | None = None,
-    **options: Any,
 ) -> Tensor:
     """Per segment, ``k_g`` evenly spaced tokens: in-segment positions ``⌊(2i+1)·n_g / (2k_g)⌋`` for
     ``i = 0..k_g-1`` (the centres of ``k_g`` equal bins). Ignores features and relevance."""
-    layout = _positional_layout("uniform", features, relevance, segment_ids, budgets, options, counts)
+    layout = _positional_layout(features, relevance, segment_ids, budgets, counts)
     if layout is None:
         return torch.zeros(0, dtype=torch.int64, device=features.device)
     _, _, pos, _, total, n_tok, k_tok, _ = layout
@@ -288,25 +248,20 @@ def uniform_selector(
     return mask_to_indices(hit & (k_tok > 0), total)
 
 
-@register_selector("random")
+@register_selector(RandomSelector)
 def random_selector(
     features: Tensor,
     relevance: Tensor,
     segment_ids: Tensor,
     budgets: Tensor,
+    config: SelectorConfig,
     *,
-    generator: torch.Generator | None = None,
     counts: Tensor | None = None,
-    **options: Any,
 ) -> Tensor:
-    """Per segment, ``k_g`` tokens chosen uniformly at random without replacement.
-
-    Reproducible through ``generator`` (a ``torch.Generator`` on any device; the draws are moved to the
-    tokens' device). Without a generator the global RNG is used.
-    """
+    """Per segment, ``k_g`` tokens chosen uniformly at random without replacement, reproducibly: the draw is
+    made on the host from ``config.seed`` (the same on every device) and moved to the tokens' device."""
+    assert isinstance(config, RandomSelector)
     n = _check(features, relevance, segment_ids, budgets)
-    if options:
-        raise TypeError(f"random selector got unknown options {sorted(options)}")
-    gen_device = generator.device if generator is not None else features.device
-    keys = torch.rand(n, generator=generator, device=gen_device).to(features.device, non_blocking=True)
+    generator = torch.Generator().manual_seed(config.seed)
+    keys = torch.rand(n, generator=generator).to(features.device, non_blocking=True)
     return _topk_by_score(keys, segment_ids, budgets, counts)

@@ -18,12 +18,12 @@ _EXPORTS: dict[str, str] = {
     "find_handle": "hieravid.runtime.handle",
     "RequestStats": "hieravid.runtime.state",
     "StageStats": "hieravid.runtime.state",
-    "register_adapter": "hieravid.runtime.registry",
-    "unregister_adapter": "hieravid.runtime.registry",
-    "get_adapter": "hieravid.runtime.registry",
-    "supported_model_types": "hieravid.runtime.registry",
-    "AdapterRegistry": "hieravid.runtime.registry",
-    "ENTRY_POINT_GROUP": "hieravid.runtime.registry",
+    "register_adapter": "hieravid.adapters.registry",
+    "unregister_adapter": "hieravid.adapters.registry",
+    "get_adapter": "hieravid.adapters.registry",
+    "supported_model_types": "hieravid.adapters.registry",
+    "AdapterRegistry": "hieravid.adapters.registry",
+    "ENTRY_POINT_GROUP": "hieravid.adapters.registry",
 }
 
 __all__ = list(_EXPORTS)

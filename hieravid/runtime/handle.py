@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import functools
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from hieravid.adapters.registry import get_adapter
 from hieravid.errors import AdapterError, PlanError
+from hieravid.ops import GraphCache
 from hieravid.runtime.engine import Pruner
-from hieravid.runtime.registry import get_adapter
+from hieravid.runtime.state import RequestStats
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
@@ -18,7 +20,6 @@ if TYPE_CHECKING:
     from hieravid.adapters.base import Adapter
     from hieravid.plan import PruningPlan
     from hieravid.policy import Policy
-    from hieravid.runtime.state import RequestStats
 
 __all__ = ["PruningHandle", "apply", "find_handle"]
 
@@ -36,41 +37,41 @@ class PruningHandle:
         self.model = model
         self.adapter = adapter
         self.plan = plan
-        self._pruner = Pruner(model, adapter, plan, cuda_graphs=cuda_graphs)
-        self._pruner.handle = self  # type: ignore[attr-defined]
+        # Owned here and dropped with the handle: CUDA graphs of the input level (one per video geometry).
+        self._graphs = GraphCache() if cuda_graphs else None
+        self._pruner = Pruner(model, adapter, plan, graphs=self._graphs, handle=self)
         self._hooks: list[RemovableHandle] = []
         self._active = False
 
     # -------------------------------------------------------------- lifecycle
     def _install(self) -> None:
         try:
-            self._pruner.install(self._register)
+            for site in self._pruner.sites():
+                register = (
+                    site.module.register_forward_pre_hook
+                    if site.kind == "forward_pre"
+                    else site.module.register_forward_hook
+                )
+                self._hooks.append(register(site.hook, **dict(site.options)))
         except BaseException:
             self._remove_hooks()
             raise
+        # A plain instance attribute (not a submodule, parameter or buffer), removed with the hooks.
+        self.model.__dict__[HANDLE_ATTRIBUTE] = weakref.ref(self)
         self._active = True
-
-    def _register(self, module: nn.Module, kind: str, fn: Any, **options: Any) -> None:
-        if kind == "forward_pre":
-            hook = module.register_forward_pre_hook(fn, **options)
-        elif kind == "forward":
-            hook = module.register_forward_hook(fn, **options)
-        else:  # pragma: no cover - engine bug
-            raise ValueError(f"unknown hook kind {kind!r}")
-        self._hooks.append(hook)
 
     def _remove_hooks(self) -> None:
         hooks, self._hooks = self._hooks, []
-        errors: list[BaseException] = []
-        for hook in reversed(hooks):
-            try:
+        try:
+            for hook in reversed(hooks):
                 hook.remove()
-            except BaseException as error:  # pragma: no cover - torch's remove() does not raise
-                errors.append(error)
-        self._pruner.request = None
-        self._pruner.pending_call = None
-        if errors:  # pragma: no cover
-            raise errors[0]
+        finally:
+            reference = self.model.__dict__.get(HANDLE_ATTRIBUTE)
+            if reference is not None and reference() is self:
+                del self.model.__dict__[HANDLE_ATTRIBUTE]
+            self._pruner.reset()
+            if self._graphs is not None:
+                self._graphs.clear()
 
     def remove(self) -> None:
         """Remove every hook; the model is exactly as before :func:`apply`. Idempotent."""
@@ -91,7 +92,10 @@ class PruningHandle:
     # -------------------------------------------------------------- inspection
     @property
     def last_request(self) -> RequestStats | None:
-        """Statistics of the latest prefill (realised kept counts per stage, segments, layouts, ...)."""
+        """Statistics of the latest prefill (realised kept counts per stage, segments, layouts, ...). A plan that
+        prunes nothing installs no hook and sees no call: its statistics say so (batch size and prompt length 0)."""
+        if not self.plan.prunes:
+            return RequestStats(pruned=False, reason="plan prunes nothing", batch_size=0, prompt_length=0)
         return self._pruner.last_stats
 
     @property
@@ -106,22 +110,15 @@ class PruningHandle:
         )
 
 
-def _hook_owner(fn: Any) -> Pruner | None:
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    owner = getattr(fn, "__self__", None)
-    return owner if isinstance(owner, Pruner) else None
+#: Attribute of a model instance that refers (weakly) to the handle installed on it, while installed.
+HANDLE_ATTRIBUTE = "_hieravid_handle"
 
 
 def find_handle(model: nn.Module) -> PruningHandle | None:
-    """The active :class:`PruningHandle` installed on ``model``, if any (found through its hooks)."""
-    for module in model.modules():
-        for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for fn in hooks.values():
-                owner = _hook_owner(fn)
-                if owner is not None:
-                    return getattr(owner, "handle", None)
-    return None
+    """The active :class:`PruningHandle` installed on ``model``, if any."""
+    reference = model.__dict__.get(HANDLE_ATTRIBUTE)
+    handle = reference() if reference is not None else None
+    return handle if handle is not None and handle.active else None
 
 
 def _model_type(model: nn.Module) -> str:

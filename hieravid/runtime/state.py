@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
 from torch import Tensor
 
 __all__ = ["RequestStats", "StageStats"]
-
-# Row kinds in a coordinate system.
-TEXT, CONTENT, NEWLINE, PAD = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -64,6 +59,9 @@ class RequestStats:
         stage_positions: per coordinate system (0: rows entering layer 0; ``s``: rows after stage ``s``),
             ``[B, K_s]`` original positions of its rows (-1 for padding slots).
         layouts: per sample, the :class:`~hieravid.adapters.base.VideoLayout` found (None without video).
+        merge_targets: per sample, ``[F*P]`` the flat content index each content token went to at the input level
+            (itself when kept, the anchor it was merged into, -1 when dropped); None without video or input level.
+        frame_redundancy: per sample, ``[F]`` the input level's per-frame redundancy (None likewise).
     """
 
     pruned: bool
@@ -81,6 +79,8 @@ class RequestStats:
     output_positions: Tensor | None = None
     stage_positions: tuple[Tensor, ...] = ()
     layouts: tuple[Any, ...] = ()
+    merge_targets: tuple[Tensor | None, ...] = ()
+    frame_redundancy: tuple[Tensor | None, ...] = ()
 
     def summary(self) -> str:
         """One line per level, for logs."""
@@ -111,6 +111,8 @@ class Coords:
     ``src`` indexes the previous system (stage 0: the original sequence), ``idx0`` the stage-0 rows,
     ``orig`` the original sequence. ``valid`` is False for padding slots that equalise lengths across
     the batch; ``kind`` is TEXT/CONTENT/NEWLINE/PAD; ``seg`` the segment id of content rows (else -1).
+    ``counts`` holds, per sample, the video tokens (content + newlines) of the system; ``all_valid`` whether
+    ``valid`` is all True — both known on the host by construction.
     """
 
     src: Tensor
@@ -119,20 +121,12 @@ class Coords:
     valid: Tensor
     kind: Tensor
     seg: Tensor
-    counts: tuple[int, ...] | None = None
-    """Per sample, the video tokens (content + newlines) of the system, when known on the host."""
-    all_valid: bool | None = None
-    """Whether ``valid`` is all True, when known on the host by construction."""
+    counts: tuple[int, ...]
+    all_valid: bool
 
     @property
     def length(self) -> int:
         return int(self.src.shape[1])
-
-    def video_counts(self) -> tuple[int, ...]:
-        if self.counts is not None:
-            return self.counts
-        video = (self.kind == CONTENT) | (self.kind == NEWLINE)
-        return tuple(int(v) for v in video.sum(dim=1).tolist())
 
 
 @dataclass
@@ -163,16 +157,76 @@ class SampleCounts:
 
 
 @dataclass
-class Request:
-    """Mutable state of one request (a prefill and the calls that continue its cache).
+class SampleRecord:
+    """What the input level found and did for one sample of a prefill (the request's record)."""
 
-    Reset at every new prefill. ``phase`` is ``"prefill"`` or ``"continuation"`` while the language
-    model runs, ``"idle"`` between calls; ``pruned`` says whether the prefill was pruned.
+    layout: Any
+    """The adapter's :class:`~hieravid.adapters.base.VideoLayout`."""
+    num_segments: int
+    frame_segment_ids: Tensor
+    marginal_values: Tensor
+    input_kept_positions: Tensor
+    """Ascending original positions of the video tokens (content and newlines) entering layer 0."""
+    merge_target: Tensor | None
+    """``[F*P]`` where each content token went (itself, its anchor, or -1 when dropped); None: level off."""
+    redundancy: Tensor | None
+    """``[F]`` per-frame redundancy of the input level; None: level off."""
+
+
+@dataclass
+class StageCapture:
+    """What the query/key projection hooks of a stage layer collect for its selection."""
+
+    stage: int
+    layer: int
+    position_embeddings: tuple[Tensor, Tensor]
+    query: Tensor | None = None
+    key: Tensor | None = None
+
+
+@dataclass
+class PendingCut:
+    """A stage's selection, waiting for the stage layer's MLP (``after_attention``) and output to be cut."""
+
+    layer: int
+    selection: Tensor
+    """``[B, K]`` rows of the stage's input coordinates the following layers keep."""
+    valid: Tensor
+    """``[B, K]`` False at padding slots."""
+    length: int
+    """Rows of the stage's input coordinates."""
+
+
+@dataclass
+class StageInputs:
+    """What every layer of one coordinate system receives instead of the language model's own inputs."""
+
+    mask: Any
+    """The attention mask in the system's coordinates (None: causal without padding, as the model's own)."""
+    position_embeddings: tuple[Tensor, Tensor] | None = None
+    """RoPE ``(cos, sin)`` gathered at the system's original positions (prefill only)."""
+
+
+@dataclass
+class StaticSlots:
+    """Per coordinate system, which slots of a static (pre-allocated) KV cache hold real rows, so that decode
+    steps build each system's mask from the cache's own fill counter, without any host value."""
+
+    slot_valid: list[Tensor]
+    """Per system, ``[B, max_cache_len]`` bool: real prompt rows, and every slot past the prompt (decode tokens)."""
+    first_layers: list[int]
+    """Per system, its first decoder layer (whose cache counter says how many slots are filled)."""
+
+
+@dataclass
+class Request:
+    """State of one request: a prefill and the calls that continue its cache. Replaced at every new prefill.
+
+    ``phase`` is ``"prefill"`` or ``"continuation"`` while the language model runs, ``"idle"`` between calls.
     """
 
     batch: int
     original_length: int = 0
-    total_length: int = 0
     pruned: bool = False
     phase: Literal["idle", "prefill", "continuation"] = "idle"
     coords: list[Coords] = field(default_factory=list)
@@ -185,18 +239,32 @@ class Request:
     """The prefill's 2-D mask had no zero (no left padding)."""
     stage_all_valid: list[bool] = field(default_factory=list)
     """Per coordinate system: every prompt row is real and unmasked (no padding slot, no padding)."""
-    cache: weakref.ReferenceType | None = None
-    stage_inputs: dict[int, Any] = field(default_factory=dict)
-    capture: dict[str, Any] | None = None
-    pending: dict[str, Any] | None = None
-    stats: dict[str, Any] = field(default_factory=dict)
+    static: StaticSlots | None = None
+    """Set when the cache is a static one (decode masks come from its fill counters)."""
+    samples: list[SampleRecord | None] = field(default_factory=list)
+    stages: list[StageStats] = field(default_factory=list)
+    stage_inputs: dict[int, StageInputs] = field(default_factory=dict)
+    capture: StageCapture | None = None
+    pending: PendingCut | None = None
+    owner: Any = None
+    """The engine that runs the request (a cache filled by another handle is not continued as pruned)."""
 
-    def holds_cache(self, cache: Any) -> bool:
-        return self.cache is not None and cache is not None and self.cache() is cache
+    def total_length(self, cache: Any) -> int:
+        """Original positions seen so far: the prompt, then every token the cache took since (host read)."""
+        if cache is None or not self.coords:
+            return self.original_length
+        return self.original_length + int(cache.get_seq_length()) - self.coords[0].length
+
+    def reset_call(self) -> None:
+        """Forget what belongs to one language-model call (masks and stage work in flight)."""
+        self.stage_inputs.clear()
+        self.capture = None
+        self.pending = None
 
     def translate_mask(self, stage: int) -> Tensor:
         """The current call's 2-D mask in the coordinates of ``stage`` (kept prompt rows, then new tokens)."""
+        from hieravid.runtime.packing import translate_mask
+
         assert self.mask2d is not None
         coords = self.coords[stage]
-        prompt = self.mask2d[:, : self.original_length].gather(1, coords.orig) & coords.valid
-        return torch.cat([prompt, self.mask2d[:, self.original_length :]], dim=1)
+        return translate_mask(self.mask2d, self.original_length, coords.orig, coords.valid)

@@ -97,7 +97,7 @@ def reference_run(
     from the prompt's last one (+1 per token on every M-RoPE row, as ``generate`` extends them).
     """
     from hieravid.ops.peers import input_level
-    from hieravid.runtime.compat import causal_mask
+    from hieravid.compat import causal_mask
 
     language_model = adapter.language_model()
     layers = list(adapter.decoder_layers())
@@ -120,7 +120,7 @@ def reference_run(
         video[layout.newline_index] = True
         kept_video = stats.input_kept_positions[sample]
         if plan.segment.enabled:  # HieraVid's segment level or a peer's input operator
-            result = input_level(plan.segment.kind, embeds[layout.frame_index], **plan.segment.options)
+            result = input_level(plan.segment.config, embeds[layout.frame_index])
             rows_embeds[layout.frame_index.flatten()[result.kept_index]] = result.features.to(embeds.dtype)
     else:
         kept_video = torch.zeros(0, dtype=torch.long, device=device)

@@ -14,7 +14,7 @@ from hieravid.errors import AdapterError, PlanError, PolicyError
 from hieravid.plan import compile_plan
 from hieravid.policy import policy_from_dict
 from hieravid.runtime import apply, find_handle
-from hieravid.runtime.compat import cache_argument, cache_from_kwargs, cache_from_output
+from hieravid.compat import cache_argument, cache_from_kwargs, cache_from_output
 
 ROOT = Path(__file__).resolve().parents[2]
 HIERAVID_30 = ROOT / "policies" / "hieravid-30.yaml"
@@ -92,15 +92,20 @@ def test_failed_install_leaves_model_untouched_and_keeps_replaced_plan(tiny_llav
     before = _snapshot(model)
     from hieravid.runtime import engine
 
-    original = engine.Pruner.install
+    original = engine.Pruner.sites
 
-    def failing_install(self, register):
-        original(self, register)
-        if self.plan.policy.name == "hieravid-20":
+    class Exploding:
+        def register_forward_hook(self, *args, **kwargs):
             raise RuntimeError("boom after installing every hook")
 
+    def failing_sites(self):
+        sites = original(self)
+        if self.plan.policy.name == "hieravid-20":  # a last hook that cannot be installed
+            sites.append(engine.HookSite(Exploding(), "forward", None))
+        return sites
+
     failing_plan = compile_plan(ROOT / "policies" / "hieravid-20.yaml", tiny_llava.spec())
-    monkeypatch.setattr(engine.Pruner, "install", failing_install)
+    monkeypatch.setattr(engine.Pruner, "sites", failing_sites)
     with pytest.raises(RuntimeError, match="boom"):
         apply(model, failing_plan)
     assert _snapshot(model) == before

@@ -1,6 +1,6 @@
 """What differs across the supported transformers range, checked on whichever version is installed.
 
-* :mod:`hieravid.runtime.compat` reads the KV cache under either name (``cache`` / ``past_key_values``).
+* :mod:`hieravid.compat` reads the KV cache under either name (``cache`` / ``past_key_values``).
 * Adapters locate a video from the encoded features that transformers >= 5.24's ``generate`` passes
   instead of the pixels (no ``pixel_values_videos``; Qwen2-VL: no ``video_grid_thw``, M-RoPE positions
   instead) exactly as from the pixels: built here by hand, so the path runs on every version.
@@ -22,7 +22,7 @@ from hieravid.adapters.base import MultimodalCall
 from hieravid.errors import AdapterError
 from hieravid.plan import compile_plan
 from hieravid.runtime import apply, get_adapter
-from hieravid.runtime.compat import cache_argument, cache_from_kwargs, cache_from_output, video_encoder_output
+from hieravid.compat import cache_argument, cache_from_kwargs, cache_from_output, video_encoder_output
 
 ROOT = Path(__file__).resolve().parents[2]
 HIERAVID_30 = ROOT / "policies" / "hieravid-30.yaml"

@@ -17,7 +17,7 @@ from hv_reference import capture_layer_outputs, capture_lm_inputs, reference_run
 from hieravid.plan import compile_plan
 from hieravid.policy import load_policy, policy_from_dict
 from hieravid.runtime import apply, find_handle
-from hieravid.runtime.compat import cache_argument, cache_from_output
+from hieravid.compat import cache_argument, cache_from_output
 
 ROOT = Path(__file__).resolve().parents[2]
 ATOL = RTOL = 1e-4
@@ -120,7 +120,9 @@ def test_identity_policies_are_bit_identical_and_remove_restores(tiny, policy):
     weights_before = {k: v.clone() for k, v in model.state_dict().items()}
 
     handle = apply(model, _plan(tiny, policy))
-    assert _hook_snapshot(model) != hooks_before  # the plan is really installed
+    assert find_handle(model) is handle
+    # The plan is really installed; a plan that prunes nothing needs (and installs) no hook at all.
+    assert (_hook_snapshot(model) != hooks_before) == handle.plan.prunes
     with torch.no_grad():
         pruned_logits = model(**inputs).logits
         pruned_generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)

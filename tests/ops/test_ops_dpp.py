@@ -13,7 +13,7 @@ from hieravid.ops import DPP_EPS, dpp_select, greedy_map_dpp, greedy_map_dpp_ord
 
 BACKENDS = ["torch"]
 if torch.cuda.is_available():
-    BACKENDS += ["torch_graph"] + (["triton"] if triton_available() else [])
+    BACKENDS += ["triton"] if triton_available() else []
 
 
 def random_stage(n: int, D: int, G: int, seed: int, device, dtype=torch.float32):
@@ -102,10 +102,10 @@ def test_greedy_large_replay(device, backend):
 @pytest.mark.parametrize(
     ("G", "n", "D", "frac"), [(8, 392, 256, 0.7), (3, 1000, 128, 0.5), (20, 50, 64, 1.0), (4, 30, 512, 0.5)]
 )
-def test_triton_and_graph_vs_torch(seed, G, n, D, frac):
-    """Fused kernel and graph replay against the eager loop. The graph replays the same kernels, so it is
-    bit-identical; the fused kernel sums in another order, so near-ties may break differently at these
-    sizes: small problems must match exactly, large ones must be valid greedy runs (float64 replay)."""
+def test_triton_vs_torch(seed, G, n, D, frac):
+    """Fused kernel against the eager loop. The fused kernel sums in another order, so near-ties may break
+    differently at these sizes: small problems must match exactly, large ones must be valid greedy runs
+    (float64 replay)."""
     g = torch.Generator().manual_seed(seed)
     X = torch.nn.functional.normalize(torch.randn(G, n, D, generator=g), dim=-1).cuda()
     r = (torch.rand(G, n, generator=g) + 0.05).cuda()
@@ -114,8 +114,6 @@ def test_triton_and_graph_vs_torch(seed, G, n, D, frac):
     budgets = (valid.sum(1) * frac).long()
     a = greedy_map_dpp_order(K, valid, budgets, r, backend="torch")
     b = greedy_map_dpp_order(K, valid, budgets, r, backend="triton")
-    c = greedy_map_dpp_order(K, valid, budgets, r, backend="torch_graph")
-    assert torch.equal(a, c)
     if n <= 64:
         assert torch.equal(a, b)
     for blk in range(G):

@@ -8,7 +8,7 @@ from ops_reference import ref_marginal_values, ref_merge, ref_segments, ref_simi
 
 from hieravid.ops import (
     FIRST_FRAME_SIMILARITY,
-    SegmentLevelGraphs,
+    GraphCache,
     adjacent_frame_similarity,
     frame_redundancy,
     merge_redundant_tokens,
@@ -252,11 +252,11 @@ def test_bad_inputs():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_segment_level_cuda_graph_matches_eager(dtype):
-    graphs = SegmentLevelGraphs()
+    graphs = GraphCache()
     for seed in range(3):  # the second and third calls replay the captured graph on new inputs
         frames = scene_video(12, 9, 32, seed, scenes=4).to("cuda", dtype)
         eager = segment_level(frames)
-        graphed = segment_level(frames, cuda_graphs=graphs)
+        graphed = segment_level(frames, graphs=graphs)
         assert len(graphs) == 1
         assert graphed.num_segments == eager.num_segments
         for name in (
@@ -274,8 +274,8 @@ def test_segment_level_cuda_graph_matches_eager(dtype):
 
 def test_segment_level_cuda_graphs_are_ignored_on_cpu():
     frames = scene_video(5, 4, 8, 0)
-    graphs = SegmentLevelGraphs()
-    a = segment_level(frames, cuda_graphs=graphs)
+    graphs = GraphCache()
+    a = segment_level(frames, graphs=graphs)
     b = segment_level(frames)
     assert torch.equal(a.kept_index, b.kept_index) and torch.equal(a.features, b.features)
     assert len(graphs) == 0
@@ -283,4 +283,4 @@ def test_segment_level_cuda_graphs_are_ignored_on_cpu():
 
 def test_segment_level_graphs_reject_an_empty_cache():
     with pytest.raises(ValueError, match="size must be >= 1"):
-        SegmentLevelGraphs(size=0)
+        GraphCache(size=0)

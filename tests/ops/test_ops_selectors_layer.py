@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass, field
+from typing import Literal
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from ops_reference import ref_binned, ref_dpp_select, ref_topk, ref_uniform
 
 from hieravid.ops import (
     SELECTORS,
-    UnknownSelectorError,
+    UnregisteredOperatorError,
     compose_keep,
     frame_level,
     register_selector,
@@ -19,6 +21,28 @@ from hieravid.ops import (
     select_tokens,
     stage_keep_fractions,
 )
+from hieravid.policy import (
+    BinnedRelevanceSelector,
+    DppSelector,
+    DynamicBudget,
+    RandomSelector,
+    SelectorConfig,
+    TopkRelevanceSelector,
+    UniformSelector,
+)
+
+TOPK, BINNED, UNIFORM = TopkRelevanceSelector(), BinnedRelevanceSelector(), UniformSelector()
+DPP, RANDOM = DppSelector(max_block=None), RandomSelector()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What frame_level reads of a stage (hieravid.plan.StagePlan provides the same)."""
+
+    prune_ratio: float
+    selector: SelectorConfig = field(default_factory=DppSelector)
+    relevance_sign: str = "negative"
+    budget: DynamicBudget | None = field(default_factory=DynamicBudget)
 
 
 def stage(n: int, G: int, seed: int, device, ties: bool = False):
@@ -40,12 +64,12 @@ def test_relevance_selectors_match_reference(device, seed, ties):
     feats, rel, seg, budgets, counts = stage(57, 6, seed, device, ties)
     clamped = torch.minimum(budgets.cpu(), counts).tolist()
     scores, ids = rel.cpu().tolist(), seg.cpu().tolist()
-    assert select_tokens("topk_relevance", feats, rel, seg, budgets).cpu().tolist() == ref_topk(scores, ids, clamped)
-    assert select_tokens("binned_relevance", feats, rel, seg, budgets).cpu().tolist() == ref_binned(
+    assert select_tokens(TOPK, feats, rel, seg, budgets).cpu().tolist() == ref_topk(scores, ids, clamped)
+    assert select_tokens(BINNED, feats, rel, seg, budgets).cpu().tolist() == ref_binned(
         scores, ids, clamped
     )
-    assert select_tokens("uniform", feats, rel, seg, budgets).cpu().tolist() == ref_uniform(ids, clamped)
-    assert select_tokens("dpp", feats, rel, seg, budgets).cpu().tolist() == ref_dpp_select(
+    assert select_tokens(UNIFORM, feats, rel, seg, budgets).cpu().tolist() == ref_uniform(ids, clamped)
+    assert select_tokens(DPP, feats, rel, seg, budgets).cpu().tolist() == ref_dpp_select(
         feats.cpu(), rel.cpu(), seg.cpu(), budgets.cpu()
     )
 
@@ -58,18 +82,16 @@ def test_uniform_and_binned_exhaustive_small(n, k):
     seg = torch.zeros(n, dtype=torch.long)
     b = torch.tensor([k])
     kk = min(k, n)
-    uni = select_tokens("uniform", feats, rel, seg, b).tolist()
+    uni = select_tokens(UNIFORM, feats, rel, seg, b).tolist()
     assert uni == ref_uniform([0] * n, [kk])
     assert len(set(uni)) == kk
-    binned = select_tokens("binned_relevance", feats, rel, seg, b).tolist()
+    binned = select_tokens(BINNED, feats, rel, seg, b).tolist()
     assert binned == [i * n // kk for i in range(kk)]  # first token of each bin
 
 
 def test_random_selector_seeded(device):
     feats, rel, seg, budgets, counts = stage(80, 5, 1, device)
-    sel = lambda s: select_tokens(  # noqa: E731
-        "random", feats, rel, seg, budgets, generator=torch.Generator().manual_seed(s)
-    )
+    sel = lambda s: select_tokens(RandomSelector(seed=s), feats, rel, seg, budgets)  # noqa: E731
     a, b, c = sel(0), sel(0), sel(1)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
@@ -81,8 +103,8 @@ def test_random_selector_seeded(device):
 def test_selectors_common_contract(device):
     feats, rel, seg, budgets, counts = stage(90, 7, 3, device)
     expected = torch.minimum(budgets.cpu(), counts)
-    for name in ("dpp", "topk_relevance", "binned_relevance", "uniform", "random"):
-        out = select_tokens(name, feats, rel, seg, budgets, generator=torch.Generator().manual_seed(0))
+    for name in (DPP, TOPK, BINNED, UNIFORM, RANDOM):
+        out = select_tokens(name, feats, rel, seg, budgets)
         assert out.dtype == torch.int64 and out.device.type == device.type
         assert torch.all(out[1:] > out[:-1]), name
         assert torch.bincount(seg[out].cpu(), minlength=7).tolist() == expected.tolist(), name
@@ -90,33 +112,32 @@ def test_selectors_common_contract(device):
         assert empty.numel() == 0
 
 
-def test_unknown_selector_error():
-    with pytest.raises(KeyError) as info:
-        select_tokens("nope", torch.zeros(1, 1), torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.ones(1))
-    assert isinstance(info.value, UnknownSelectorError)
-    msg = str(info.value)
-    assert "nope" in msg and "dpp" in msg and "uniform" in msg and not msg.startswith('"')
-    with pytest.raises(TypeError, match="unknown options"):
-        select_tokens(
-            "uniform", torch.zeros(1, 1), torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.ones(1), colour="red"
-        )
+def test_a_config_without_operator_is_a_clear_error():
+    class Unbound(SelectorConfig):
+        kind: Literal["unbound_test"] = "unbound_test"
+
+    with pytest.raises(UnregisteredOperatorError) as info:
+        select_tokens(Unbound(), torch.zeros(1, 1), torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.ones(1))
+    message = str(info.value)
+    assert "Unbound" in message and "unbound_test" in message and "@register_selector(Unbound)" in message
 
 
-def test_register_selector():
-    @register_selector("first_k_test")
-    def first_k(features, relevance, segment_ids, budgets, *, generator=None, **options):
-        return torch.arange(int(budgets.sum()))
+def test_register_selector_binds_a_config_class():
+    class FirstK(SelectorConfig):
+        kind: Literal["first_k_test"] = "first_k_test"
+        offset: int = 0
 
-    try:
-        assert SELECTORS["first_k_test"] is first_k
-        out = select_tokens(
-            "first_k_test", torch.zeros(5, 1), torch.zeros(5), torch.zeros(5, dtype=torch.long), torch.tensor([2])
-        )
-        assert out.tolist() == [0, 1]
-    finally:
-        del SELECTORS["first_k_test"]
-    with pytest.raises(ValueError):
-        register_selector("")
+    @register_selector(FirstK)
+    def first_k(features, relevance, segment_ids, budgets, config, *, counts=None):
+        return torch.arange(int(budgets.sum())) + config.offset
+
+    assert SELECTORS.lookup(FirstK()) is first_k
+    out = select_tokens(
+        FirstK(offset=1), torch.zeros(5, 1), torch.zeros(5), torch.zeros(5, dtype=torch.long), torch.tensor([2])
+    )
+    assert out.tolist() == [1, 2]
+    with pytest.raises(TypeError, match="SelectorConfig"):
+        register_selector(int)
 
 
 def test_compose_keep(device):
@@ -136,7 +157,7 @@ def test_stage_keep_fractions():
     assert stage_keep_fractions([0.5, 0.5, 0.7, 0.8]) == pytest.approx([0.5, 0.25, 0.075, 0.015])
 
 
-@pytest.mark.parametrize("selector", ["dpp", "topk_relevance", "uniform"])
+@pytest.mark.parametrize("selector", [DPP, TOPK, UNIFORM], ids=["dpp", "topk", "uniform"])
 def test_frame_level_composite(device, selector):
     g = torch.Generator().manual_seed(4)
     n, G = 120, 6
@@ -146,33 +167,33 @@ def test_frame_level_composite(device, selector):
     seg[seg == 3] = 2  # segment 3 emptied by an earlier stage
     seg = seg.to(device)
     mv = torch.randn(G, generator=g).to(device)
-    res = frame_level(hidden, attn, seg, mv, 0.3, selector=selector)
+    res = frame_level(hidden, attn, seg, mv, Stage(0.3, selector))
     counts = torch.bincount(seg.cpu(), minlength=G)
     assert res.budgets.cpu().tolist() == segment_budgets(counts, mv.cpu(), 0.3).tolist()
     assert res.budgets[3] == 0
     assert torch.equal(res.segment_ids_kept, seg[res.local_keep])
     assert torch.bincount(res.segment_ids_kept.cpu(), minlength=G).tolist() == res.budgets.cpu().tolist()
-    if selector == "topk_relevance":  # default sign: least attended first
+    if selector == TOPK:  # default sign: least attended first
         scores = (-attn).cpu().tolist()
         assert res.local_keep.cpu().tolist() == ref_topk(scores, seg.cpu().tolist(), res.budgets.cpu().tolist())
-    pos = frame_level(hidden, attn, seg, mv, 0.3, selector="topk_relevance", sign="positive", dynamic=False)
+    pos = frame_level(hidden, attn, seg, mv, Stage(0.3, TOPK, "positive", None))
     assert pos.local_keep.cpu().tolist() == ref_topk(
         attn.cpu().tolist(), seg.cpu().tolist(), segment_budgets(counts, mv.cpu(), 0.3, dynamic=False).tolist()
     )
 
 
-def test_frame_level_max_block_and_options(device):
+def test_frame_level_max_block(device):
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(64, 8, generator=g).to(device)
     attn = torch.rand(64, generator=g).to(device)
     seg = torch.zeros(64, dtype=torch.long, device=device)
     mv = torch.zeros(1, device=device)
-    a = frame_level(hidden, attn, seg, mv, 0.5, max_block=16)
+    a = frame_level(hidden, attn, seg, mv, Stage(0.5, DppSelector(max_block=16)))
     assert a.local_keep.numel() == 32
     # four blocks of 16, 8 kept in each
     assert torch.bincount(a.local_keep.cpu() // 16, minlength=4).tolist() == [8, 8, 8, 8]
     with pytest.raises(ValueError):
-        frame_level(hidden, attn[:5], seg, mv, 0.5)
+        frame_level(hidden, attn[:5], seg, mv, Stage(0.5))
 
 
 def test_import_is_light():
@@ -188,7 +209,11 @@ def test_import_is_light():
 def test_frame_level_outputs_share_the_device(device):
     hidden = torch.randn(20, 4, device=device)
     res = frame_level(
-        hidden, torch.rand(20, device=device), torch.arange(20, device=device) // 5, torch.zeros(4, device=device), 0.5
+        hidden,
+        torch.rand(20, device=device),
+        torch.arange(20, device=device) // 5,
+        torch.zeros(4, device=device),
+        Stage(0.5),
     )
     for t in (res.local_keep, res.segment_ids_kept, res.budgets):
         assert t.device == hidden.device

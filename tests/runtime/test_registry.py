@@ -10,8 +10,8 @@ import textwrap
 import pytest
 
 from hieravid.errors import AdapterError
-from hieravid.runtime import registry as registry_module
-from hieravid.runtime.registry import ENTRY_POINT_GROUP, AdapterRegistry
+from hieravid.adapters import registry as registry_module
+from hieravid.adapters.registry import ENTRY_POINT_GROUP, AdapterRegistry
 
 THIRD_PARTY = '''
 from hieravid.adapters.llava_onevision import LlavaOnevisionAdapter

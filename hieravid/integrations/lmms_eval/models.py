@@ -158,39 +158,23 @@ class HieravidVideoLMM(lmms):
             with torch.inference_mode():
                 output = self.loaded.model.generate(**inputs.tensors, **generate_args)
         else:
-            from hieravid.apps.run import InputCapture, language_model_of
-
-            with (
-                runtime.apply(self.loaded.model, self._plan(inputs)) as handle,
-                torch.inference_mode(),
-                InputCapture(language_model_of(self.loaded)) as capture,
-            ):
+            with runtime.apply(self.loaded.model, self._plan(inputs)) as handle, torch.inference_mode():
                 output = self.loaded.model.generate(**inputs.tensors, **generate_args)
                 self.last_stats = handle.last_request
             if self.trace_path:
-                self._record(inputs, question, capture.embeds)
+                self._record(inputs, question)
         text = tokenizer.decode(output[0, inputs.prompt_length :], skip_special_tokens=True)
         for stop in [until] if isinstance(until, str) else (until or []):
             if stop and stop in text:
                 text = text.split(stop)[0]
         return text.strip()
 
-    def _record(self, inputs: Any, question: str, embeds: Any) -> None:
-        from hieravid.apps.run import build_trace, llm_frame_thumbnails, segment_detail
+    def _record(self, inputs: Any, question: str) -> None:
+        from hieravid.apps.run import build_trace, llm_frame_thumbnails
 
         plan = self._plan(inputs)
-        thumbs = llm_frame_thumbnails(inputs.frames, self.loaded.model_type, inputs.llm_frames, size=48)
-        merge_target, redundancy = segment_detail(self.last_stats, plan, embeds) or (None, None)
-        self.traces.append(
-            build_trace(
-                self.last_stats,
-                plan,
-                thumbnails=thumbs,
-                merge_target=merge_target,
-                frame_redundancy=redundancy,
-                info={"question": question},
-            )
-        )
+        thumbs = llm_frame_thumbnails(inputs.frames, self.loaded.frames_per_step, inputs.llm_frames, size=48)
+        self.traces.append(build_trace(self.last_stats, plan, thumbnails=thumbs, info={"question": question}))
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         from tqdm import tqdm

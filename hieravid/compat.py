@@ -4,6 +4,8 @@
   call it ``past_key_values``; in 5.24 they call it ``cache`` (forwards still accept ``past_key_values``
   with a ``FutureWarning`` until 5.40, outputs still answer ``.past_key_values`` with a deprecation log).
   A forward pre-hook sees the name the *caller* used, so both names are read, the new one first.
+* **Static caches.** Each layer of a static cache fills its own slots and counts them in a device tensor
+  (``cumulative_length``); ``generate`` then passes prepared 4-D masks (a mapping by attention type).
 * **Pre-encoded multimodal inputs.** From 5.24 ``generate()`` runs the vision encoder once before the first
   forward (``get_video_features``) and passes ``mm_encoder_outputs={"video": <BaseModelOutputWithPooling>}``
   instead of ``pixel_values_videos``; the keys the encoder consumed (``pixel_values_videos``, and for
@@ -25,6 +27,7 @@ __all__ = [
     "cache_from_kwargs",
     "cache_from_output",
     "causal_mask",
+    "static_fill_counter",
     "video_encoder_output",
 ]
 
@@ -80,3 +83,12 @@ def video_encoder_output(kwargs: Mapping[str, Any]) -> Any:
     if isinstance(outputs, Mapping):
         return outputs.get("video")
     return None
+
+
+def static_fill_counter(layer: Any) -> Any:
+    """A static cache layer's count of filled slots, as the device tensor it keeps (``cumulative_length`` in both
+    5.17 and 5.24), so that a compiled decode step reads no host value."""
+    counter = getattr(layer, "cumulative_length", None)
+    if counter is None:
+        raise TypeError(f"{type(layer).__name__} keeps no fill counter (cumulative_length); not a static cache layer")
+    return counter

@@ -1,0 +1,86 @@
+"""Attention masks of the pruned coordinate systems: reading the caller's mask, and masks for static caches.
+
+A dynamic cache holds exactly the rows each layer saw, so a system's mask is transformers' own causal mask
+built from the 2-D mask in that system's coordinates (``create_causal_mask(..., layer_idx=first layer of the
+system)``). A static cache pre-allocates ``max_cache_len`` slots per layer and each layer fills its own slots
+(its ``cumulative_length`` counter), so during decoding each system's mask is built from that counter and a
+per-system record of which prompt slots are real — tensors only, so a compiled decode step reads no host value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hieravid.compat import static_fill_counter
+from hieravid.runtime.state import Request, StaticSlots
+
+__all__ = ["input_mask_2d", "is_static_cache", "static_mask", "static_slots", "with_mask"]
+
+
+def _mask_tensor(mask: Any) -> Tensor | None:
+    """The tensor of a mask argument: itself, or the full-attention entry of a prepared mask mapping."""
+    if isinstance(mask, Mapping):
+        mask = mask.get("full_attention", next(iter(mask.values()), None))
+    return mask if isinstance(mask, Tensor) else None
+
+
+def input_mask_2d(mask: Any, length: int) -> Tensor | None:
+    """The 2-D (bool, ``[B, length]``) mask of a prefill from the caller's mask argument: a 2-D mask, or a prepared
+    4-D mask (or mapping of them, as ``generate`` passes with static caches), read from its last query row (a left-
+    padded prompt's last row sees every real key). None when the caller masks nothing."""
+    tensor = _mask_tensor(mask)
+    if tensor is None:
+        return None
+    if tensor.dim() == 2:
+        return tensor.bool()
+    if tensor.dim() == 4:
+        row = tensor[:, 0, -1, :length]
+        return row if row.dtype == torch.bool else row == 0
+    raise ValueError(f"attention_mask of shape {tuple(tensor.shape)} is not supported (expected 2-D or 4-D)")
+
+
+def with_mask(original: Any, mask: Tensor | None) -> Any:
+    """``mask`` in the form the caller used: inside a mapping when the caller passed a mapping of prepared masks."""
+    if isinstance(original, Mapping):
+        return {key: mask for key in original}
+    return mask
+
+
+def is_static_cache(cache: Any) -> bool:
+    """Whether ``cache`` pre-allocates its slots (transformers' static caches: ``is_compileable``)."""
+    return bool(getattr(cache, "is_compileable", False))
+
+
+def static_slots(request: Request, cache: Any, first_layers: list[int]) -> StaticSlots:
+    """Which slots of each coordinate system's static cache layers hold real prompt rows (and every slot past the
+    prompt, where decode tokens go), from the prefill's coordinates and 2-D mask."""
+    assert request.mask2d is not None
+    valid: list[Tensor] = []
+    for system, coords in enumerate(request.coords):
+        capacity = int(cache.layers[first_layers[system]].max_cache_len)
+        prompt = request.mask2d[:, : request.original_length].gather(1, coords.orig) & coords.valid
+        slots = torch.ones(prompt.shape[0], capacity, dtype=torch.bool, device=prompt.device)
+        slots[:, : prompt.shape[1]] = prompt
+        valid.append(slots)
+    return StaticSlots(slot_valid=valid, first_layers=list(first_layers))
+
+
+def static_mask(slots: StaticSlots, system: int, cache: Any, query_length: int, like: Any) -> Tensor:
+    """``[B, 1, q, max_cache_len]`` mask of one coordinate system for the next ``q`` tokens of a static cache: the
+    real prompt slots and the filled decode slots, causal within the new tokens. Same dtype convention as ``like``
+    (the mask transformers built for layer 0: bool, or additive float)."""
+    valid = slots.slot_valid[system]
+    filled = static_fill_counter(cache.layers[slots.first_layers[system]])
+    columns = torch.arange(valid.shape[1], device=valid.device)
+    rows = torch.arange(query_length, device=valid.device)
+    visible = columns.unsqueeze(0) < (filled.to(valid.device) + rows.unsqueeze(1) + 1)
+    mask = valid[:, None, None, :] & visible[None, None]
+    reference = _mask_tensor(like)
+    if reference is None or reference.dtype == torch.bool:
+        return mask
+    zero = torch.zeros((), dtype=reference.dtype, device=mask.device)
+    return torch.where(mask, zero, torch.finfo(reference.dtype).min)

@@ -1,0 +1,179 @@
+"""The input level of a prefill: locate each sample's video, run the input-level operator, build stage 0.
+
+This is the only part of a pruned prefill that reads the device (the adapter locating the video, then one
+read of the mask's padding and of the per-segment counts and marginal values). From then on every count is
+known on the host, so the frame-level stages never wait for the device.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from hieravid.ops.peers import input_level
+from hieravid.runtime.packing import CONTENT, NEWLINE, PAD, TEXT, gather_positions, gather_rows, pack_rows
+from hieravid.runtime.state import Coords, Request, SampleCounts, SampleRecord
+
+if TYPE_CHECKING:
+    from hieravid.adapters.base import Adapter, VideoLayout
+    from hieravid.ops import GraphCache
+    from hieravid.plan import PruningPlan
+
+__all__ = ["prune_inputs"]
+
+
+def prune_inputs(
+    request: Request,
+    plan: PruningPlan,
+    adapter: Adapter,
+    kwargs: dict[str, Any],
+    inputs_embeds: Tensor,
+    mask2d: Tensor | None,
+    layouts: list[VideoLayout | None],
+    *,
+    graphs: GraphCache | None,
+) -> None:
+    """Build the request's stage-0 coordinates and, when the input level is on, rewrite the language model's
+    inputs in place (``kwargs``: gathered ``inputs_embeds`` with merged features, original ``position_ids``,
+    the 2-D mask in stage-0 coordinates or None when nothing is padded).
+
+    Args:
+        mask2d: the prefill's 2-D mask (bool, original coordinates), or None when the caller passed none.
+    """
+    batch, length = inputs_embeds.shape[:2]
+    device = inputs_embeds.device
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        position_ids = adapter.default_position_ids(inputs_embeds, 0)
+    segment = plan.segment
+    query_rows = max((stage.query_rows for stage in plan.stages), default=1)
+    keeps: list[Tensor] = []
+    kinds: list[Tensor] = []
+    segs: list[Tensor] = []
+    merged: list[tuple[Tensor, Tensor] | None] = []
+    counts: list[int] = []
+    # Per sample with several segments, its per-segment counts and marginal values, read in the one sync below.
+    to_read: list[tuple[int, Tensor, Tensor]] = []
+    for sample, layout in enumerate(layouts):
+        kind = torch.full((length,), TEXT, dtype=torch.int8, device=device)
+        seg = torch.full((length,), -1, dtype=torch.long, device=device)
+        keep = torch.ones(length, dtype=torch.bool, device=device)
+        if layout is None:
+            request.marginal_values.append(torch.zeros(1, device=device))
+            request.schedule.append(
+                SampleCounts(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.float64), 0, length)
+            )
+            request.samples.append(None)
+            counts.append(length)
+            merged.append(None)
+        else:
+            content = layout.frame_index.flatten()
+            if segment.config is not None:
+                result = input_level(segment.config, inputs_embeds[sample][layout.frame_index], graphs=graphs)
+                frame_segments, token_segments = result.frame_segment_ids, result.token_segment_ids
+                marginal = result.marginal_values
+                kept_content = content[result.kept_index]
+                merged.append((kept_content, result.features))
+                merge_target, redundancy = result.merge_target, result.redundancy
+            else:  # level off: one segment, nothing merged or dropped
+                frame_segments = torch.zeros(layout.frames, dtype=torch.long, device=device)
+                token_segments = torch.zeros(content.numel(), dtype=torch.long, device=device)
+                marginal = torch.zeros(1, device=device)
+                kept_content = content
+                merged.append(None)
+                merge_target = redundancy = None
+            request.marginal_values.append(marginal.to(device))
+            # Shapes are known on the host: rows kept, content kept, newlines.
+            kept, newlines = int(kept_content.numel()), int(layout.newline_index.numel())
+            counts.append(length - int(content.numel()) + kept)
+            groups = int(marginal.numel())
+            request.schedule.append(
+                SampleCounts(
+                    torch.tensor([kept]), torch.zeros(1, dtype=torch.float64), newlines, counts[-1] - kept - newlines
+                )
+            )
+            if segment.makes_segments and groups > 1 and any(stage.per_segment for stage in plan.stages):
+                tokens = torch.zeros(groups, dtype=torch.long, device=device)
+                tokens.index_add_(0, token_segments.to(device), torch.ones_like(token_segments, device=device))
+                to_read.append((sample, tokens, marginal))
+            # index_fill_, not ``x[index] = scalar``: that copies the scalar to the device and waits for it.
+            keep.index_fill_(0, content, False).index_fill_(0, kept_content, True)
+            kind.index_fill_(0, kept_content, CONTENT).index_fill_(0, layout.newline_index, NEWLINE)
+            seg[kept_content] = token_segments.to(device)
+            request.samples.append(
+                SampleRecord(
+                    layout=layout,
+                    num_segments=groups if segment.config is not None else 1,
+                    frame_segment_ids=frame_segments,
+                    marginal_values=marginal,
+                    input_kept_positions=torch.cat([kept_content, layout.newline_index]).sort().values,
+                    merge_target=merge_target,
+                    redundancy=redundancy,
+                )
+            )
+        keeps.append(keep)
+        kinds.append(kind)
+        segs.append(seg)
+
+    keep_all, kind_stack = torch.stack(keeps), torch.stack(kinds)
+    right_padded, prompt_unmasked = _read_segment_meta(request, mask2d, to_read)
+    if right_padded:
+        raise NotImplementedError("right-padded batches are not supported; pad on the left (generate's default)")
+    index, valid = pack_rows(keep_all, kind_stack, counts, query_rows)
+    positions0 = torch.arange(index.shape[1], device=device).unsqueeze(0).expand(batch, -1)
+    request.coords = [
+        Coords(
+            src=index,
+            idx0=positions0.contiguous(),
+            orig=index,
+            valid=valid,
+            kind=torch.where(valid, kind_stack.gather(1, index), PAD),
+            seg=torch.where(valid, torch.stack(segs).gather(1, index), -1),
+            counts=tuple(sample.video for sample in request.schedule),
+            all_valid=min(counts) == max(counts),
+        )
+    ]
+    request.mask2d = mask2d if mask2d is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+    request.prompt_unmasked = prompt_unmasked
+    # valid is False exactly at padding slots, which exist only when the samples keep unequal counts.
+    request.stage_all_valid = [prompt_unmasked and min(counts) == max(counts)]
+    request.pruned = True
+    if segment.config is None:
+        return  # nothing changes before the first stage: the language model's inputs stay untouched
+    embeds = gather_rows(inputs_embeds, index)
+    for sample, item in enumerate(merged):
+        if item is None:
+            continue
+        kept_content, features = item
+        target = torch.searchsorted(index[sample].contiguous(), kept_content.contiguous())
+        # Padding slots copy the previous row; searchsorted returns the first occurrence (the real row).
+        embeds[sample, target] = features.to(embeds.dtype)
+    kwargs["inputs_embeds"] = embeds
+    kwargs["position_ids"] = gather_positions(position_ids, index)
+
+
+def _read_segment_meta(
+    request: Request, mask2d: Tensor | None, to_read: list[tuple[int, Tensor, Tensor]]
+) -> tuple[bool, bool]:
+    """The one host sync of the input level (none when there is nothing to read): the mask's two checks (right
+    padding, any padding) and, per sample with several segments, its per-segment content counts and marginal
+    values, stored in ``request.schedule``. Returns ``(right_padded, prompt_unmasked)``."""
+    parts: list[Tensor] = []
+    if mask2d is not None:
+        parts.append(torch.stack([~mask2d[:, -1].all(), mask2d.all()]).double())
+    for _, tokens, marginal in to_read:
+        parts += [tokens.double(), marginal.to(device=tokens.device, dtype=torch.float64)]
+    if not parts:
+        return False, True
+    host = torch.cat([part.to(parts[0].device) for part in parts]).cpu()
+    right_padded, prompt_unmasked = (bool(host[0]), bool(host[1])) if mask2d is not None else (False, True)
+    offset = 2 if mask2d is not None else 0
+    for sample, tokens, _ in to_read:
+        groups = tokens.numel()
+        counts = request.schedule[sample]
+        counts.segment_tokens = host[offset : offset + groups].long()
+        counts.marginal_values = host[offset + groups : offset + 2 * groups].clone()
+        offset += 2 * groups
+    return right_padded, prompt_unmasked

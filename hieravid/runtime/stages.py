@@ -1,0 +1,125 @@
+"""One frame-level stage of a prefill: per sample, the frame level on its video rows, then the new coordinates.
+
+Every count is known on the host (``Request.schedule``): a selector keeps exactly its budgets, so the stage
+only enqueues device work and never waits for the device.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from hieravid.errors import AdapterError
+from hieravid.ops.layer import frame_level
+from hieravid.runtime.packing import CONTENT, NEWLINE, PAD, TEXT, compact, pack_rows
+from hieravid.runtime.state import Coords, Request, StageStats
+
+if TYPE_CHECKING:
+    from hieravid.plan import StagePlan
+
+__all__ = ["select_stage"]
+
+
+def select_stage(
+    request: Request,
+    stage_index: int,
+    stage: StagePlan,
+    hidden: Tensor,
+    attention: Tensor,
+    *,
+    keep_newlines: bool,
+) -> tuple[Tensor, Coords, StageStats]:
+    """Run stage ``stage_index`` on the request's current coordinates.
+
+    Args:
+        request: the prefill's state (its last coordinate system is the stage's input).
+        stage: the stage's plan.
+        hidden: ``[B, K, D]`` post-attention hidden states of the stage layer.
+        attention: ``[B, K]`` relevance (last-query attention) of every row.
+        keep_newlines: newline rows survive the stage (else they are dropped with the content).
+
+    Returns:
+        ``(selection, coords, stats)``: ``[B, K']`` rows of the input coordinates the next layers keep, the new
+        coordinate system, and what the stage did.
+    """
+    coords = request.coords[-1]
+    schedule = request.schedule
+    batch = coords.src.shape[0]
+    kind = coords.kind
+    keep = (kind == TEXT) | ((kind == NEWLINE) & keep_newlines)
+    n_content = [counts.content for counts in schedule]
+    before = [counts.video for counts in schedule]
+    n_base = [counts.text + (counts.newlines if keep_newlines else 0) for counts in schedule]
+    candidates_all = compact(kind == CONTENT, max(n_content))
+    features_all = hidden if stage.selector.uses_features else hidden[..., :0]
+    kept: list[int] = []
+    budgets: list[tuple[int, ...]] = []
+    for sample in range(batch):
+        counts = schedule[sample]
+        if not n_content[sample]:
+            kept.append(0)
+            budgets.append(())
+            continue
+        candidates = candidates_all[sample, : n_content[sample]]
+        if stage.per_segment:
+            segment_ids = coords.seg[sample, candidates]
+            marginal = request.marginal_values[sample]
+            host_meta = (counts.segment_tokens, counts.marginal_values)
+        else:
+            segment_ids = torch.zeros_like(candidates)
+            marginal = torch.zeros(1, device=hidden.device)
+            host_meta = (counts.segment_tokens.sum().view(1), torch.zeros(1, dtype=torch.float64))
+        result = frame_level(
+            features_all[sample, candidates],
+            attention[sample, candidates],
+            segment_ids,
+            marginal,
+            stage,
+            host_meta=host_meta,
+        )
+        keep[sample].index_fill_(0, candidates[result.local_keep], True)
+        kept.append(int(result.local_keep.numel()))
+        host_budgets = result.host_budgets
+        if kept[-1] != int(host_budgets.sum()):
+            # The schedule below relies on it; a shape is known on the host, so checking costs no sync.
+            raise AdapterError(
+                f"selector {stage.selector.kind!r} kept {kept[-1]} tokens of sample {sample} at stage "
+                f"{stage_index + 1} (layer {stage.layer}), but its budgets sum to {int(host_budgets.sum())}: a "
+                "selector must keep exactly min(budgets[g], n_g) tokens of each segment g"
+            )
+        budgets.append(tuple(int(value) for value in host_budgets.tolist()))
+        # A selector keeps exactly its (clamped) budgets: the next stage's counts follow on the host.
+        counts.segment_tokens = host_budgets.to(torch.int64) if stage.per_segment else torch.tensor([kept[-1]])
+    if not keep_newlines:
+        for counts in schedule:
+            counts.newlines = 0
+    rows = [base + k for base, k in zip(n_base, kept)]
+    after = [
+        k + (video_count - content_count if keep_newlines else 0)
+        for k, video_count, content_count in zip(kept, before, n_content)
+    ]
+    selection, valid = pack_rows(keep, kind, rows, stage.query_rows)
+    kept_video = keep & (kind != TEXT)
+    video_orig = coords.orig.gather(1, compact(kept_video, max(after)))
+    new_coords = Coords(
+        src=selection,
+        idx0=coords.idx0.gather(1, selection),
+        orig=coords.orig.gather(1, selection),
+        valid=coords.valid.gather(1, selection) & valid,
+        kind=torch.where(valid, kind.gather(1, selection), PAD),
+        seg=torch.where(valid, coords.seg.gather(1, selection), -1),
+        counts=tuple(after),
+        all_valid=min(rows) == max(rows),
+    )
+    stats = StageStats(
+        layer=stage.layer,
+        prune_point=stage.prune_point,
+        video_tokens_before=tuple(before),
+        video_tokens_after=tuple(after),
+        budgets=tuple(budgets),
+        kept_positions=tuple(video_orig[sample, : after[sample]] for sample in range(batch)),
+        sequence_length=int(selection.shape[1]),
+    )
+    return selection, new_coords, stats
