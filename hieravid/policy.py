@@ -110,10 +110,18 @@ class DycokeInput(_InputPruner):
 
 
 class VidCom2Input(_InputPruner):
-    """VidCom2: per-frame budgets by frame uniqueness; keep each frame's most unique tokens."""
+    """VidCom2, as its authors' code does it (``hieravid.ops.vidcom2``): per-frame budgets from how unlike the
+    video a frame is, then each frame's tokens least similar to their frame and to the video (multi-scale
+    Gaussian on the lower-variance half of the channels), corrected globally to an exact total."""
 
     kind: Literal["vidcom2"]
-    temperature: float = Field(0.01, gt=0.0, description="softmax temperature of the frame-uniqueness budgets")
+    temperature: float = Field(0.01, gt=0.0, description="softmax temperature of the frame budgets")
+
+    def removed_tokens(self, frames: int, tokens_per_frame: int) -> int:
+        """``N − R`` with ``R = max(F, min(⌊N·(1 − q)⌋, N))`` kept, ``N = F·P`` (at least one token per frame
+        on average)."""
+        total = frames * tokens_per_frame
+        return total - max(frames, min(_floor_product(total, 1.0 - self.prune_ratio), total))
 
 
 class FrameFusionInput(_InputPruner):

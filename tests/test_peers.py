@@ -160,7 +160,9 @@ def test_a_bad_stage_selector_names_its_path() -> None:
         ("{kind: dycoke, prune_ratio: 0.9, window: 4}", 8, 6 * 196),  # window anchors are kept
         ("{kind: dycoke, prune_ratio: 0.5, window: 4}", 8, 784),
         ("{kind: framefusion, prune_ratio: 0.9}", 2, 196),
-        ("{kind: vidcom2, prune_ratio: 0.9}", 1, 176),
+        ("{kind: vidcom2, prune_ratio: 0.9}", 1, 196 - 19),  # R = ⌊196·0.1⌋
+        ("{kind: vidcom2, prune_ratio: 0.99}", 4, 784 - 7),  # R = ⌊784·0.01⌋ = 7 (>= 4 frames)
+        ("{kind: vidcom2, prune_ratio: 0.999}", 4, 784 - 4),  # R = max(F, ⌊0.784⌋) = 4
         ("{merge_ratio: 0.5}", 1, 0),  # HieraVid never absorbs frame 0 either
     ],
 )

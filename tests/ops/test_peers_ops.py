@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
 from ops_reference import cos64, floor_ratio, ref_similarity
 
+from hieravid.diagnostics import SyncSpy
 from hieravid.errors import HieravidError
 from hieravid.ops import (
     DROPPED,
@@ -24,7 +26,6 @@ from hieravid.ops import (
     uniform_input,
     vidcom2,
 )
-from hieravid.ops.peers import _allocate
 from hieravid.policy import policy_from_dict
 
 PEERS = ("evs", "dycoke", "vidcom2", "framefusion", "uniform", "random")
@@ -79,41 +80,69 @@ def ref_dycoke(frames: torch.Tensor, q: float, window: int) -> list[int]:
     return kept
 
 
-def ref_allocate(weights: list[float], total: int, cap: int) -> list[int]:
-    """Water filling by repeated capping, then largest remainders (ties → lower frame index)."""
-    F = len(weights)
-    capped: set[int] = set()
-    while True:
-        free = [f for f in range(F) if f not in capped]
-        share = (total - cap * len(capped)) / sum(weights[f] for f in free) if free else 0.0
-        over = [f for f in free if share * weights[f] > cap * (1 + 1e-12)]
-        if not over:
-            break
-        capped.add(max(over, key=lambda f: (weights[f], -f)))
-    ideal = [float(cap) if f in capped else min(cap, share * weights[f]) for f in range(F)]
-    base = [min(cap, math.floor(x)) for x in ideal]
-    order = sorted(range(F), key=lambda f: (-(ideal[f] - base[f]) if base[f] < cap else 1.0, f))
-    for f in order[: total - sum(base)]:
-        base[f] += 1
-    return base
+VIDCOM2_BANDWIDTHS = (1 / 8, 1 / 4, 1 / 2, 1.0, 2.0)
+
+
+def ref_vidcom2_kept(F: int, P: int, q: float) -> int:
+    """R = max(F, min(⌊N(1 − q)⌋, N)), exact for a decimal q."""
+    N = F * P
+    return max(F, min(math.floor((1 - Fraction(str(q))) * N), N))
 
 
 def ref_vidcom2(frames: torch.Tensor, q: float, temperature: float) -> list[int]:
-    F, P, _ = frames.shape
-    x = frames.double()
-    g = [x[f].mean(0) for f in range(F)]
-    video = torch.stack(g).mean(0)
-    u = [-cos64(g[f], video) for f in range(F)]
-    top = max(v / temperature for v in u)
-    e = [math.exp(v / temperature - top) for v in u]
-    sigma = [v / sum(e) for v in e]
-    budgets = ref_allocate([1 + s - 1 / F for s in sigma], F * P - floor_ratio(F * P, q), P)
-    kept: list[int] = []
+    """VidCom2 as its authors' code does it, one plain loop per step, float64 throughout (ties → lower index)."""
+    F, P, D = frames.shape
+    N = F * P
+    R = ref_vidcom2_kept(F, P, q)
+    x = frames.double().tolist()
+    tokens = [x[f][p] for f in range(F) for p in range(P)]  # flat index f·P + p
+    # 2. population variance of each channel over the video's tokens; the lower half (at least one) is kept.
+    variance = []
+    for c in range(D):
+        values = [t[c] for t in tokens]
+        mean = sum(values) / N
+        variance.append(sum((v - mean) ** 2 for v in values) / N)
+    channels = sorted(range(D), key=lambda c: (variance[c], c))[: max(1, D // 2)]
+    # 3. unit tokens on those channels, video and frame centres.
+    units = []
+    for t in tokens:
+        v = [t[c] for c in channels]
+        norm = max(math.sqrt(sum(a * a for a in v)), 1e-12)
+        units.append([a / norm for a in v])
+    width = len(channels)
+    video = [sum(u[j] for u in units) / N for j in range(width)]
+    frame_centre = [[sum(units[f * P + p][j] for p in range(P)) / P for j in range(width)] for f in range(F)]
+
+    def s(u: list[float], c: list[float]) -> float:
+        d2 = sum((a - b) ** 2 for a, b in zip(u, c))
+        return sum(math.exp(-d2 / (2 * a)) for a in VIDCOM2_BANDWIDTHS)
+
+    # 4. redundancy; 5. frame budgets.
+    to_video = [s(units[i], video) for i in range(N)]
+    redundancy = [to_video[i] + s(units[i], frame_centre[i // P]) for i in range(N)]
+    score = [-sum(to_video[f * P : (f + 1) * P]) / P for f in range(F)]
+    top = max(score)
+    e = [math.exp((v - top) / temperature) for v in score]
+    p = [v / sum(e) for v in e]
+    mean_p = sum(p) / F
+    budgets = []
     for f in range(F):
-        scores = [-(cos64(x[f, p], g[f]) + cos64(x[f, p], video)) for p in range(P)]
-        chosen = ref_topk(scores, budgets[f])
-        kept += [f * P + p for p in range(P) if p in chosen]
-    return kept
+        y = min(1.0, (1 - q) * (1 + p[f] - mean_p)) * P
+        if abs(y - (math.floor(y) + 0.5)) < 1e-9:
+            y = math.floor(y) + 0.5
+        budgets.append(min(P, max(1, round(y))))  # Python's round: half to even
+    # 6. per frame, the k_t least redundant tokens.
+    keep: set[int] = set()
+    for f in range(F):
+        ranked = sorted(range(f * P, (f + 1) * P), key=lambda i: (redundancy[i], i))
+        keep.update(ranked[: budgets[f]])
+    # 7. exact total, globally.
+    ascending = sorted(range(N), key=lambda i: (redundancy[i], i))
+    if len(keep) > R:
+        keep = set([i for i in ascending if i in keep][:R])
+    elif len(keep) < R:
+        keep |= set([i for i in ascending if i not in keep][: R - len(keep)])
+    return sorted(keep)
 
 
 def ref_framefusion(frames: torch.Tensor, q: float, tau: float) -> tuple[list[int], torch.Tensor, list[int]]:
@@ -194,22 +223,77 @@ def test_dycoke_matches_reference(device, seed, F, window, q):
 
 
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize(("q", "temperature"), [(0.72, 0.01), (0.5, 0.1), (0.2, 1.0), (0.05, 0.01)])
-def test_vidcom2_matches_reference(device, seed, q, temperature):
-    frames = scene_video(7, 8, 12, seed).to(device)
+@pytest.mark.parametrize(
+    ("F", "P", "D", "q", "temperature"),
+    [
+        (7, 8, 12, 0.72, 0.01),
+        (7, 8, 12, 0.5, 0.1),
+        (7, 8, 13, 0.2, 1.0),  # odd width: ⌊13/2⌋ channels
+        (7, 8, 12, 0.05, 0.01),
+        (5, 9, 6, 0.9, 0.01),
+        (13, 7, 6, 0.95, 0.01),  # R = F: one token per frame on average
+        (6, 5, 4, 0.0, 0.01),
+        (1, 11, 8, 0.6, 0.01),
+        (4, 6, 1, 0.5, 0.01),  # one channel
+    ],
+)
+def test_vidcom2_matches_reference(device, seed, F, P, D, q, temperature):
+    frames = scene_video(F, P, D, seed).to(device)
     result = vidcom2(frames, prune_ratio=q, temperature=temperature)
-    check_dropping(result, frames, ref_vidcom2(frames.cpu(), q, temperature))
+    kept = ref_vidcom2(frames.cpu(), q, temperature)
+    check_dropping(result, frames, kept)
+    assert len(kept) == ref_vidcom2_kept(F, P, q) == F * P - removed_by_policy("vidcom2", F, P, q)
 
 
-@pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize(("total", "cap"), [(0, 5), (7, 5), (20, 5), (34, 5), (35, 5), (12, 3)])
-def test_allocation_is_capped_proportional_and_exact(seed, total, cap):
-    g = torch.Generator().manual_seed(seed)
-    F = 7 if cap == 5 else 4
-    weights = torch.rand(F, generator=g).double() ** 4 + 0.01  # skewed: some frames hit the cap
-    budgets = _allocate(weights, min(total, F * cap), cap)
-    assert budgets.tolist() == ref_allocate(weights.tolist(), min(total, F * cap), cap)
-    assert int(budgets.sum()) == min(total, F * cap) and int(budgets.max()) <= cap and int(budgets.min()) >= 0
+def test_vidcom2_degenerate_inputs():
+    # identical frames: equal budgets round((1 − q)·P), then exact total with ties → lower flat index.
+    same = scene_video(1, 6, 8, 0).expand(5, 6, 8).contiguous()
+    for q in (0.0, 0.5, 0.75, 0.72, 0.95, 0.99):  # (1 − 0.75)·6 = 1.5: half to even → 2 per frame
+        assert vidcom2(same, prune_ratio=q).kept_index.tolist() == ref_vidcom2(same, q, 0.01), q
+    kept = vidcom2(same, prune_ratio=0.75).kept_index
+    # 10 budgeted, R = ⌊30·0.25⌋ = 7: the 3 most redundant kept tokens go, the later frame's first on ties.
+    assert sorted(torch.bincount(kept // 6, minlength=5).tolist()) == [1, 1, 1, 2, 2]
+    # all-zero video: every token ties; one frame; zero vectors among others.
+    zeros = torch.zeros(4, 5, 6)
+    assert vidcom2(zeros, prune_ratio=0.6).kept_index.tolist() == ref_vidcom2(zeros, 0.6, 0.01)
+    frames = scene_video(6, 7, 8, 3)
+    frames[2] = 0.0
+    frames[4, 3] = 0.0
+    result = vidcom2(frames, prune_ratio=0.72)
+    assert result.kept_index.tolist() == ref_vidcom2(frames, 0.72, 0.01)
+    assert not result.features.isnan().any()
+    one = scene_video(1, 9, 8, 4)
+    assert vidcom2(one, prune_ratio=0.5).kept_index.tolist() == ref_vidcom2(one, 0.5, 0.01)
+    # bf16: decided on the bf16 values (cast up), features returned in bf16.
+    low = scene_video(6, 7, 8, 5).to(torch.bfloat16)
+    out = vidcom2(low, prune_ratio=0.72)
+    assert out.kept_index.tolist() == ref_vidcom2(low, 0.72, 0.01) and out.features.dtype == torch.bfloat16
+
+
+def test_vidcom2_ignores_high_variance_channels_and_favours_unlike_frames():
+    """The high-variance half of the channels plays no part; a frame unlike the rest gets the most tokens."""
+    g = torch.Generator().manual_seed(1)
+    frames = scene_video(6, 8, 8, 0, noise=0.1)
+    noisy = frames.clone()
+    noisy[..., 4:] = 50 * torch.randn(6, 8, 4, generator=g)
+    other = noisy.clone()
+    other[..., 4:] = 50 * torch.randn(6, 8, 4, generator=g)
+    assert torch.equal(vidcom2(noisy, prune_ratio=0.5).kept_index, vidcom2(other, prune_ratio=0.5).kept_index)
+    video = scene_video(1, 8, 8, 2, noise=0.0).expand(6, 8, 8) + 0.01 * torch.randn(6, 8, 8, generator=g)
+    video[3] = torch.randn(8, 8, generator=g)
+    kept = vidcom2(video, prune_ratio=0.6).kept_index
+    assert int(torch.bincount(kept // 8, minlength=6).argmax()) == 3
+
+
+@pytest.mark.parametrize("kind", ["vidcom2", "evs", "uniform"])
+def test_input_operators_do_not_synchronise(kind):
+    """Static output sizes: nothing in these operators reads the device (SyncSpy: tensors made outside count
+    as device tensors)."""
+    frames = scene_video(9, 7, 8, 0)
+    spy = SyncSpy()
+    with spy:
+        input_level(kind, frames, prune_ratio=0.72)
+    assert {site: n for site, n in spy.counts.items() if "ops/" in site[0]} == {}
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -262,7 +346,7 @@ def test_random_is_seeded_and_device_independent(device, seed):
 
 # ---------------------------------------------------------------------------------------------- properties
 @pytest.mark.parametrize("kind", PEERS)
-@pytest.mark.parametrize(("F", "P"), [(1, 5), (2, 3), (5, 4), (8, 6), (13, 7)])
+@pytest.mark.parametrize(("F", "P"), [(1, 5), (2, 3), (3, 4), (4, 4), (5, 4), (8, 6), (9, 5), (13, 7)])
 @pytest.mark.parametrize("q", [0.0, 0.25, 0.5, 0.72, 0.8, 0.95])
 def test_counts_match_the_planner(kind, F, P, q):
     """Each operator removes exactly what the policy reports to the planner (FrameFusion: at most)."""
@@ -274,7 +358,9 @@ def test_counts_match_the_planner(kind, F, P, q):
         assert removed <= planned
     else:
         assert removed == planned
-        if kind not in ("evs", "dycoke"):
+        if kind == "vidcom2":
+            assert removed == F * P - ref_vidcom2_kept(F, P, q)
+        elif kind not in ("evs", "dycoke"):
             assert removed == floor_ratio(F * P, q)
     assert len(set(result.kept_index.tolist())) == result.kept_index.numel()
 
