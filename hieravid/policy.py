@@ -97,16 +97,33 @@ class EvsInput(_InputPruner):
 
 
 class DycokeInput(_InputPruner):
-    """DyCoke's temporal token merging: within windows of frames, drop tokens too similar to the
-    same-position token of the window's neighbouring frames."""
+    """DyCoke's temporal token merging (TTM), as its authors' code does it (``hieravid.ops.dycoke``): frames
+    in pairs, the second of a pair keeps its ``⌊(1 − k)·P⌋`` positions least similar to the first; then in
+    windows of 4 (starts ``i < F − 4``) frame ``i + 2`` is pruned the same way against frame ``i``.
+
+    ``prune_ratio`` is DyCoke's ``k``: the fraction of each *pruned frame's* tokens removed (default 0.7, the
+    authors'), not a fraction of the whole video."""
 
     kind: Literal["dycoke"]
-    window: int = Field(4, ge=2, le=64, description="frames per window")
+    prune_ratio: PruneRatio = Field(
+        0.7, description="k: fraction of each pruned frame's tokens removed (DyCoke's pruning rate)"
+    )
+    odd_last_frame: Literal["keep", "drop"] = Field(
+        "keep",
+        description="the last frame of an odd frame count has no partner: keep it whole, or drop it entirely "
+        "(what the authors' code does)",
+    )
 
     def removed_tokens(self, frames: int, tokens_per_frame: int) -> int:
-        """``min(⌊ρ·F·P⌋, (F − ⌈F/window⌉)·P)``: each window's first frame is kept whole."""
-        compared = frames - -(-frames // self.window)
-        return min(super().removed_tokens(frames, tokens_per_frame), compared * tokens_per_frame)
+        """``(⌊F/2⌋ + ⌊(F−1)/4⌋)·(P − ⌊(1 − k)·P⌋)``, plus ``P`` when an odd last frame is dropped (``F >= 3``).
+
+        ``⌊F/2⌋`` frames are pruned in pairs and ``⌊(F−1)/4⌋`` re-pruned in windows of 4 (none for ``F <= 4``,
+        where the authors' code fails; a single frame is kept whole)."""
+        pruned = frames // 2 + (frames - 1) // 4
+        removed = pruned * (tokens_per_frame - _floor_product(tokens_per_frame, 1.0 - self.prune_ratio))
+        if self.odd_last_frame == "drop" and frames % 2 == 1 and frames >= 3:
+            removed += tokens_per_frame
+        return removed
 
 
 class VidCom2Input(_InputPruner):

@@ -18,13 +18,14 @@ Conventions shared by the peers:
   :func:`~hieravid.ops.segment.adjacent_frame_similarity` (row 0 = -1) for every operator, as a diagnostic;
   ``redundancy[f]`` is the fraction of frame ``f``'s tokens the operator removed (FrameFusion: the fraction
   above its threshold, as in the segment level).
-- Counts: every operator removes a number of tokens fixed by the shapes and its options, except FrameFusion
-  (the output size is static). EVS, DyCoke, uniform and random remove ``⌊ρ·F·P⌋`` (``floor`` with the same
-  decimal guard as the rest of the operators), except that EVS never removes frame 0 and DyCoke never removes
-  a window's first frame, so they remove ``min(⌊ρ·F·P⌋, capacity)``; VidCom2 keeps its authors' ``R =
-  max(F, min(⌊F·P·(1 − q)⌋, F·P))``; FrameFusion removes *at most* ``min(⌊ρ·F·P⌋, (F-1)·P)`` (only pairs
-  above its threshold). These counts are what :meth:`hieravid.policy.InputLevel` ``.removed_tokens`` reports
-  to the planner, so the plan's static estimate is exact (an upper bound on removals for FrameFusion).
+- Counts: every operator but FrameFusion removes a number of tokens fixed by the shapes and its options,
+  so the output size is static. EVS, uniform and random remove ``⌊prune_ratio·F·P⌋`` (``floor`` with the
+  same decimal guard as the rest of the operators), EVS at most ``(F-1)·P`` (frame 0 is kept); VidCom2
+  keeps its authors' ``R = max(F, min(⌊F·P·(1 − q)⌋, F·P))``; DyCoke's ``prune_ratio`` is a *per-frame*
+  ratio ``k`` and it removes ``P − ⌊(1 − k)·P⌋`` tokens from each frame it prunes; FrameFusion removes *at
+  most* ``min(⌊ρ·F·P⌋, (F-1)·P)`` (only pairs above its threshold). These counts are what
+  :meth:`hieravid.policy.InputLevel` ``.removed_tokens`` reports to the planner, so the plan's static
+  estimate is exact (an upper bound on removals for FrameFusion).
 - Deterministic: ties are broken by the lower flat index (stable sorts); :func:`random_input` draws from a
   seeded CPU generator, so a seed gives the same selection on every device.
 - Vectorised for the GPU: no Python loop over tokens or frames; no host synchronisation except one in
@@ -165,11 +166,6 @@ def _drop_result(frames: Tensor, keep: Tensor, kept: int, similarity: Tensor) ->
     )
 
 
-def _keep_top_per_frame(scores: Tensor, budgets: Tensor) -> Tensor:
-    """``[F, P]`` mask keeping, in each frame ``f``, the ``budgets[f]`` highest scores (ties → lower index)."""
-    return _rank_in_rows(scores) < budgets.unsqueeze(1)
-
-
 # ---------------------------------------------------------------------------------------------- operators
 @register_input_operator("evs")
 def evs(frames: Tensor, *, prune_ratio: float = 0.5) -> SegmentLevelResult:
@@ -204,49 +200,67 @@ def evs(frames: Tensor, *, prune_ratio: float = 0.5) -> SegmentLevelResult:
 
 
 @register_input_operator("dycoke")
-def dycoke(frames: Tensor, *, prune_ratio: float = 0.5, window: int = 4) -> SegmentLevelResult:
-    """DyCoke's temporal token merging (TTM), its pre-LLM stage: prune tokens repeated within a window.
+def dycoke(frames: Tensor, *, prune_ratio: float = 0.7, odd_last_frame: str = "keep") -> SegmentLevelResult:
+    """DyCoke's temporal token merging (TTM), its pre-LLM stage, as the authors' code does it.
 
     Paper: Tao et al., *DyCoke: Dynamic Compression of Tokens for Fast Video Large Language Models*,
-    CVPR 2025 (arXiv 2411.15024). Its second stage (dynamic KV-cache pruning during decoding) is not
-    reproduced here.
+    CVPR 2025 (arXiv 2411.15024), and the TTM function of the authors' released code. Its second stage
+    (dynamic KV-cache pruning during decoding) is not reproduced here.
 
-    Intuition: frames are cut into windows of ``window`` consecutive frames; the window's first frame is an
-    anchor kept whole, and every other frame is compared position by position with a nearby reference
-    frame of the same window — odd offsets with the frame just before, even offsets with the window's first
-    frame (DyCoke's pairwise-then-anchor comparison; for the default window of 4: 1→0, 2→0, 3→2). In each
-    compared frame the tokens most similar to their reference are dropped: they repeat content the
-    reference already shows. Every compared frame loses the same number of tokens (± 1), as in DyCoke,
-    rather than ranking the whole video at once.
+    Intuition: consecutive frames repeat most of their content at the same positions, so a frame can be
+    reduced to what differs from a nearby frame that is kept. With ``k = prune_ratio`` and ``P`` tokens per
+    frame, every pruned frame keeps exactly ``K = ⌊(1 − k)·P⌋`` tokens, its positions *least* similar
+    (cosine) to the same positions of its reference frame:
 
-    Removes exactly ``min(⌊ρ·F·P⌋, C·P)`` tokens, ``C = F − ⌈F/window⌉`` the compared frames (for windows of
-    4, ``ρ <= 0.75`` is exact); the extra one of uneven counts goes to the earlier frames; ties → lower index.
+    1. Pairs ``(0, 1), (2, 3), …``: the first frame of a pair is kept whole; the second is pruned against it.
+    2. Windows of 4: for every ``i = 0, 4, 8, …`` strictly below ``F − 4``, frame ``i + 2`` (kept whole by
+       step 1) is pruned against frame ``i``, which stays whole. The last window's third frame is therefore
+       never pruned. Both steps compare the *input* features (frame ``i + 3`` is pruned against the whole
+       frame ``i + 2`` even when ``i + 2`` is pruned itself), as the authors' code does.
+    3. With an odd frame count the last frame has no partner: the authors' code drops it entirely
+       (``odd_last_frame="drop"``); by default it is kept whole (``"keep"``): with the even frame counts
+       usually evaluated (32, 64) the case never arises, and losing a frame's content is unlikely to be
+       intended. A single frame is always kept whole.
+
+    The authors' code fails for ``F <= 4`` (it stacks an empty list of step-2 similarities; for ``F = 1``
+    also of step-1 ones); here those videos simply have no step-2 windows (and ``F = 1`` no pair).
+
+    Removes exactly ``(⌊F/2⌋ + ⌊(F−1)/4⌋)·(P − K)`` tokens, plus ``P`` when the odd last frame is dropped
+    (:meth:`hieravid.policy.DycokeInput.removed_tokens`). ``K`` is floored with the library's decimal guard
+    (``k = 0.9, P = 10`` keeps 1 token; the authors' ``int((1 - k) * P)`` of the float product gives 0 there).
+    Ties → the lower position is kept (the authors' code fixes no order on exact ties). Not reproduced: the
+    authors emit a pruned frame's tokens in ascending-similarity order (and their LLaVA code gives the
+    shortened sequence consecutive positions). A :class:`~hieravid.ops.segment.SegmentLevelResult` carries an
+    ascending ``kept_index`` from which the runtime builds a keep mask, so kept rows stay in raster order with
+    their original position ids; another order would need the runtime to permute rows and positions.
 
     Args:
         frames: ``[F, P, D]`` video tokens.
-        prune_ratio: fraction of the video's tokens removed, in ``[0, 1)``.
-        window: frames per window, ``>= 2``.
+        prune_ratio: ``k``, the fraction of each *pruned frame's* tokens removed, in ``[0, 1)`` (DyCoke's
+            default 0.7) — not a fraction of the whole video.
+        odd_last_frame: ``"keep"`` (default) or ``"drop"`` (the authors' code) for the last frame of an odd
+            frame count.
     """
     _check_frames(frames)
     _check_ratio(prune_ratio)
-    if window < 2:
-        raise ValueError(f"window must be >= 2, got {window}")
+    if odd_last_frame not in ("keep", "drop"):
+        raise ValueError(f"odd_last_frame must be 'keep' or 'drop', got {odd_last_frame!r}")
     F, P, _ = frames.shape
-    N = F * P
     device = frames.device
+    keep_per_frame = floor_product(P, 1.0 - prune_ratio)
+    drop_last = odd_last_frame == "drop" and F % 2 == 1 and F >= 3
     fidx = torch.arange(F, device=device)
-    offset = fidx % window
-    compared = offset > 0
-    reference = torch.where(offset % 2 == 1, fidx - 1, fidx - offset)
-    num_compared = F - (F + window - 1) // window
-    m = min(floor_product(N, prune_ratio), num_compared * P)
-    # The c-th compared frame (in frame order) drops ⌊m/C⌋ tokens, one more when c < m mod C.
-    c = torch.cumsum(compared.to(torch.int64), 0) - 1
-    per_frame = m // max(num_compared, 1) + (c < m % max(num_compared, 1)).to(torch.int64)
-    drops = torch.where(compared, per_frame, torch.zeros_like(per_frame))
-    sim_ref = _cosine_rows(frames, frames[reference])  # [F, P]; anchors compare with themselves (unused)
-    keep = ~_keep_top_per_frame(sim_ref, drops)
-    return _drop_result(frames, keep, N - m, adjacent_frame_similarity(frames))
+    paired = fidx % 2 == 1  # the second frame of each pair (an odd index always has its partner)
+    windowed = (fidx % 4 == 2) & (fidx < F - 2)  # frame i + 2 of each window start i < F − 4
+    reference = torch.where(windowed, fidx - 2, fidx - 1).clamp_min(0)
+    pruned = paired | windowed
+    whole = fidx != F - 1 if drop_last else torch.ones_like(pruned)
+    sim_ref = _cosine_rows(frames, frames.index_select(0, reference))  # [F, P]; unpruned rows unused
+    least_similar = _rank_in_rows(-sim_ref) < keep_per_frame  # ascending similarity, ties → lower index
+    keep = torch.where(pruned.unsqueeze(1), least_similar, whole.unsqueeze(1))
+    num_pruned = F // 2 + (F - 1) // 4
+    kept = F * P - num_pruned * (P - keep_per_frame) - (P if drop_last else 0)
+    return _drop_result(frames, keep, kept, adjacent_frame_similarity(frames))
 
 
 #: Bandwidths ``a`` of VidCom2's multi-scale Gaussian similarity ``Σ_a exp(−‖x − c‖² / (2a))``.

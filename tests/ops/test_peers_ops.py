@@ -61,23 +61,32 @@ def ref_evs(frames: torch.Tensor, q: float) -> list[int]:
     return [i for i in range(F * P) if i not in dropped]
 
 
-def ref_dycoke(frames: torch.Tensor, q: float, window: int) -> list[int]:
+def ref_kept_per_pruned_frame(P: int, k: float) -> int:
+    """Exact ⌊(1 − k)·P⌋ for a decimal k."""
+    return math.floor((1 - Fraction(str(k))) * P)
+
+
+def ref_dycoke(frames: torch.Tensor, k: float, odd_last_frame: str = "keep") -> list[int]:
+    """DyCoke's TTM as its authors' loops run it (pairs, then windows of 4), on float64 cosines; a pruned frame
+    keeps its ⌊(1 − k)·P⌋ positions least similar to the reference frame (ties → lower position). Where the
+    authors' code fails (F <= 4: an empty stack) there are simply no windows; a single frame is kept whole."""
     F, P, _ = frames.shape
-    compared = [f for f in range(F) if f % window]
-    m = min(floor_ratio(F * P, q), len(compared) * P)
-    kept: list[int] = []
-    for f in range(F):
-        offset = f % window
-        if offset == 0:
-            kept += [f * P + p for p in range(P)]
-            continue
-        reference = f - 1 if offset % 2 else f - offset
-        c = compared.index(f)
-        drops = m // len(compared) + (1 if c < m % len(compared) else 0)
+    K = ref_kept_per_pruned_frame(P, k)
+
+    def least_similar(f: int, reference: int) -> list[int]:
         sims = [cos64(frames[f, p], frames[reference, p]) for p in range(P)]
-        dropped = ref_topk(sims, drops)
-        kept += [f * P + p for p in range(P) if p not in dropped]
-    return kept
+        return sorted(range(P), key=lambda p: (sims[p], p))[:K]
+
+    kept: dict[int, list[int]] = {0: list(range(P))} if F == 1 else {}
+    for i in range(0, F - 1, 2):
+        kept[i] = list(range(P))
+        kept[i + 1] = least_similar(i + 1, i)
+    for i in range(0, F - 4, 4):
+        kept[i] = list(range(P))
+        kept[i + 2] = least_similar(i + 2, i)
+    if F % 2 == 1 and F >= 3 and odd_last_frame == "keep":
+        kept[F - 1] = list(range(P))  # the authors' code drops it ("drop")
+    return sorted(f * P + p for f, positions in kept.items() for p in positions)
 
 
 VIDCOM2_BANDWIDTHS = (1 / 8, 1 / 4, 1 / 2, 1.0, 2.0)
@@ -213,13 +222,59 @@ def test_evs_matches_reference_and_keeps_frame_0(device, seed, q):
 
 
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize(("F", "window", "q"), [(8, 4, 0.5), (8, 4, 0.72), (10, 4, 0.6), (9, 3, 0.3), (7, 2, 0.45)])
-def test_dycoke_matches_reference(device, seed, F, window, q):
-    frames = scene_video(F, 6, 10, seed).to(device)
-    result = dycoke(frames, prune_ratio=q, window=window)
-    check_dropping(result, frames, ref_dycoke(frames.cpu(), q, window))
-    anchors = {f * 6 + p for f in range(0, F, window) for p in range(6)}
-    assert anchors <= set(result.kept_index.tolist())
+@pytest.mark.parametrize("odd_last_frame", ["keep", "drop"])
+@pytest.mark.parametrize(
+    ("F", "k"), [(1, 0.7), (2, 0.7), (3, 0.5), (4, 0.7), (5, 0.7), (8, 0.7), (9, 0.72), (13, 0.9), (16, 0.0)]
+)
+def test_dycoke_matches_reference(device, seed, odd_last_frame, F, k):
+    frames = scene_video(F, 10, 10, seed).to(device)
+    result = dycoke(frames, prune_ratio=k, odd_last_frame=odd_last_frame)
+    kept = ref_dycoke(frames.cpu(), k, odd_last_frame)
+    check_dropping(result, frames, kept)
+    assert F * 10 - len(kept) == removed_by_policy("dycoke", F, 10, k, odd_last_frame=odd_last_frame)
+    per_frame = [sum(1 for i in kept if i // 10 == f) for f in range(F)]
+    K = ref_kept_per_pruned_frame(10, k)
+    assert set(per_frame) <= {0, K, 10}  # whole, pruned to exactly K, or (odd last, "drop") dropped
+    assert per_frame[0] == 10
+
+
+def test_dycoke_frame_roles():
+    """Which frames the authors' loops prune (p), keep whole (W) and drop (-, odd count with "drop")."""
+    expected = {
+        1: "W",
+        2: "Wp",
+        3: "Wp-",
+        4: "WpWp",
+        5: "Wppp-",  # window 0 (0 < F − 4): frame 2 re-cut against frame 0
+        8: "WpppWpWp",  # a window at 4 would need 4 < F − 4: the last window's third frame stays whole
+        9: "WpppWppp-",
+        13: "WpppWpppWppp-",
+    }
+    for F, roles in expected.items():
+        counts = dycoke(scene_video(F, 4, 6, F), prune_ratio=0.5, odd_last_frame="drop").redundancy.tolist()
+        assert "".join({0.0: "W", 0.5: "p", 1.0: "-"}[c] for c in counts) == roles, F
+
+
+def test_dycoke_degenerate_inputs():
+    P = 6
+    # identical frames: every similarity is 1, so ties keep the lowest positions of each pruned frame.
+    same = scene_video(1, P, 8, 0).expand(8, P, 8).contiguous()
+    kept = dycoke(same, prune_ratio=0.5).kept_index.tolist()
+    assert kept == ref_dycoke(same, 0.5)
+    assert [i % P for i in kept if i // P == 1] == [0, 1, 2]
+    # zero vectors: cosines are 0, never NaN; ties again.
+    frames = scene_video(6, P, 8, 1)
+    frames[1] = 0.0
+    frames[4] = 0.0
+    result = dycoke(frames, prune_ratio=0.7)
+    assert result.kept_index.tolist() == ref_dycoke(frames, 0.7)
+    # k = 0 keeps everything; a k that keeps 0 tokens per pruned frame keeps the whole frames only.
+    assert dycoke(frames, prune_ratio=0.0).kept_index.tolist() == list(range(6 * P))
+    assert dycoke(frames, prune_ratio=0.9).kept_index.tolist() == [f * P + p for f in (0, 4) for p in range(P)]
+    # bf16: decided on the bf16 values (cast up), features returned in bf16.
+    low = scene_video(9, P, 8, 2).to(torch.bfloat16)
+    out = dycoke(low, prune_ratio=0.72, odd_last_frame="drop")
+    assert out.kept_index.tolist() == ref_dycoke(low, 0.72, "drop") and out.features.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -285,7 +340,7 @@ def test_vidcom2_ignores_high_variance_channels_and_favours_unlike_frames():
     assert int(torch.bincount(kept // 8, minlength=6).argmax()) == 3
 
 
-@pytest.mark.parametrize("kind", ["vidcom2", "evs", "uniform"])
+@pytest.mark.parametrize("kind", ["dycoke", "vidcom2", "evs", "uniform"])
 def test_input_operators_do_not_synchronise(kind):
     """Static output sizes: nothing in these operators reads the device (SyncSpy: tensors made outside count
     as device tensors)."""
@@ -351,18 +406,24 @@ def test_random_is_seeded_and_device_independent(device, seed):
 def test_counts_match_the_planner(kind, F, P, q):
     """Each operator removes exactly what the policy reports to the planner (FrameFusion: at most)."""
     frames = scene_video(F, P, 6, F * P, noise=0.05)
-    result = input_level(kind, frames, prune_ratio=q)
-    removed = F * P - result.kept_index.numel()
-    planned = removed_by_policy(kind, F, P, q)
-    if kind == "framefusion":
-        assert removed <= planned
-    else:
-        assert removed == planned
+    variants: list[dict[str, object]] = [{"odd_last_frame": "keep"}, {"odd_last_frame": "drop"}]
+    for options in variants if kind == "dycoke" else [{}]:
+        result = input_level(kind, frames, prune_ratio=q, **options)
+        removed = F * P - result.kept_index.numel()
+        planned = removed_by_policy(kind, F, P, q, **options)
+        if kind == "framefusion":
+            assert removed <= planned
+        else:
+            assert removed == planned
         if kind == "vidcom2":
             assert removed == F * P - ref_vidcom2_kept(F, P, q)
-        elif kind not in ("evs", "dycoke"):
+        elif kind == "dycoke":
+            pruned = len(range(1, F, 2)) + len(range(0, F - 4, 4))  # pairs' second frames, windows' third
+            dropped = P if options["odd_last_frame"] == "drop" and F % 2 and F >= 3 else 0
+            assert removed == pruned * (P - ref_kept_per_pruned_frame(P, q)) + dropped
+        elif kind in ("uniform", "random"):
             assert removed == floor_ratio(F * P, q)
-    assert len(set(result.kept_index.tolist())) == result.kept_index.numel()
+        assert len(set(result.kept_index.tolist())) == result.kept_index.numel()
 
 
 @pytest.mark.parametrize("kind", PEERS)
@@ -390,8 +451,8 @@ def test_invalid_arguments_are_rejected():
     for kind in PEERS:
         with pytest.raises(ValueError, match="prune_ratio"):
             input_level(kind, frames, prune_ratio=1.0)
-    with pytest.raises(ValueError, match="window"):
-        dycoke(frames, prune_ratio=0.5, window=1)
+    with pytest.raises(ValueError, match="odd_last_frame"):
+        dycoke(frames, prune_ratio=0.5, odd_last_frame="first")
     with pytest.raises(ValueError, match="temperature"):
         vidcom2(frames, prune_ratio=0.5, temperature=0.0)
     with pytest.raises(ValueError, match="shape"):
