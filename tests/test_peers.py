@@ -85,8 +85,11 @@ def test_peer_plans_on_onevision() -> None:
         return compile_plan(ROOT / "policies" / "peers" / f"{name}.yaml", "llava-onevision-7b")
 
     fastv, pdrop, framefusion = plan("fastv"), plan("pdrop"), plan("framefusion")
-    assert fastv.stage_layers == (2,) and not fastv.segment.enabled
-    assert [stage.video_tokens_after for stage in fastv.stages] == [1254 + 1]  # ⌊6272·0.2⌋ + the newline
+    # FastV's timing: layer 1's attention decides, the cut follows layer 1's MLP, layer 2 runs pruned.
+    assert fastv.stage_layers == (1,) and not fastv.segment.enabled
+    assert fastv.stages[0].prune_point == "after_mlp" and fastv.stages[0].query_rows == 1
+    assert [stage.video_tokens_after for stage in fastv.stages] == [1379 + 1]  # ⌊6272·0.22⌋ + the newline
+    assert fastv.layer_video_tokens[:3] == (6273, 6273, 1380)
     assert pdrop.stage_layers == (2, 8, 16, 24) and {stage.prune_ratio for stage in pdrop.stages} == {0.55}
     assert framefusion.segment.kind == "framefusion" and framefusion.stage_layers == (2,)
     assert framefusion.segment.video_tokens_after == 3136 + 1  # at most half merged: a lower bound
