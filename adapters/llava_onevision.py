@@ -75,7 +75,7 @@ class LlavaOnevisionAdapter(Adapter):
         width = int(size.get("width") or size.get("shortest_edge"))
         video = FramePixels(frames, processor_config)
         pixels = video.normalised(video.resized(height, width))
-        rows, cols = cls.pooled_grid_of(cls._check_video_config(config))
+        rows, cols = cls.pooled_grid_of(config_value(config, "vision_config"))
         return VideoInputs({"pixel_values_videos": pixels.unsqueeze(0)}, int(frames.shape[0]) * rows * cols + 1)
 
     @staticmethod

@@ -224,7 +224,7 @@ class SegmentLevel(InputLevelConfig):
         return min(_floor_product(frames * tokens_per_frame, self.merge_ratio), (frames - 1) * tokens_per_frame)
 
 
-class _InputPruner(InputLevelConfig):
+class InputPruner(InputLevelConfig):
     """Base of the peer methods' input-level operators: each removes ``prune_ratio`` of the frame tokens
     before layer 0 and leaves the whole video as one segment for the frame level."""
 
@@ -240,7 +240,7 @@ class _InputPruner(InputLevelConfig):
         return _floor_product(frames * tokens_per_frame, self.prune_ratio)
 
 
-class EvsInput(_InputPruner):
+class EvsInput(InputPruner):
     """EVS (vLLM): drop the tokens least different from the previous frame's same-position token."""
 
     kind: Literal["evs"] = "evs"
@@ -250,27 +250,52 @@ class EvsInput(_InputPruner):
         return min(super().removed_tokens(frames, tokens_per_frame), (frames - 1) * tokens_per_frame)
 
 
-class DycokeInput(_InputPruner):
-    """DyCoke's temporal token merging: within windows of frames, drop tokens too similar to the
-    same-position token of the window's neighbouring frames."""
+class DycokeInput(InputPruner):
+    """DyCoke's temporal token merging (TTM), as its authors' code does it (``hieravid.ops.dycoke``): frames
+    in pairs, the second of a pair keeps its ``⌊(1 − k)·P⌋`` positions least similar to the first; then in
+    windows of 4 (starts ``i < F − 4``) frame ``i + 2`` is pruned the same way against frame ``i``.
+
+    ``prune_ratio`` is DyCoke's ``k``: the fraction of each *pruned frame's* tokens removed (default 0.7, the
+    authors'), not a fraction of the whole video."""
 
     kind: Literal["dycoke"] = "dycoke"
-    window: int = Field(4, ge=2, le=64, description="frames per window")
+    prune_ratio: PruneRatio = Field(
+        0.7, description="k: fraction of each pruned frame's tokens removed (DyCoke's pruning rate)"
+    )
+    odd_last_frame: Literal["keep", "drop"] = Field(
+        "keep",
+        description="the last frame of an odd frame count has no partner: keep it whole, or drop it entirely "
+        "(what the authors' code does)",
+    )
 
     def removed_tokens(self, frames: int, tokens_per_frame: int) -> int:
-        """``min(⌊ρ·F·P⌋, (F − ⌈F/window⌉)·P)``: each window's first frame is kept whole."""
-        compared = frames - -(-frames // self.window)
-        return min(super().removed_tokens(frames, tokens_per_frame), compared * tokens_per_frame)
+        """``(⌊F/2⌋ + ⌊(F−1)/4⌋)·(P − ⌊(1 − k)·P⌋)``, plus ``P`` when an odd last frame is dropped (``F >= 3``).
+
+        ``⌊F/2⌋`` frames are pruned in pairs and ``⌊(F−1)/4⌋`` re-pruned in windows of 4 (none for ``F <= 4``,
+        where the authors' code fails; a single frame is kept whole)."""
+        pruned = frames // 2 + (frames - 1) // 4
+        removed = pruned * (tokens_per_frame - _floor_product(tokens_per_frame, 1.0 - self.prune_ratio))
+        if self.odd_last_frame == "drop" and frames % 2 == 1 and frames >= 3:
+            removed += tokens_per_frame
+        return removed
 
 
-class VidCom2Input(_InputPruner):
-    """VidCom2: per-frame budgets by frame uniqueness; keep each frame's most unique tokens."""
+class VidCom2Input(InputPruner):
+    """VidCom2, as its authors' code does it (``hieravid.ops.vidcom2``): per-frame budgets from how unlike the
+    video a frame is, then each frame's tokens least similar to their frame and to the video (multi-scale
+    Gaussian on the lower-variance half of the channels), corrected globally to an exact total."""
 
     kind: Literal["vidcom2"] = "vidcom2"
-    temperature: float = Field(0.01, gt=0.0, description="softmax temperature of the frame-uniqueness budgets")
+    temperature: float = Field(0.01, gt=0.0, description="softmax temperature of the frame budgets")
+
+    def removed_tokens(self, frames: int, tokens_per_frame: int) -> int:
+        """``N − R`` with ``R = max(F, min(⌊N·(1 − q)⌋, N))`` kept, ``N = F·P`` (at least one token per frame
+        on average)."""
+        total = frames * tokens_per_frame
+        return total - max(frames, min(_floor_product(total, 1.0 - self.prune_ratio), total))
 
 
-class FrameFusionInput(_InputPruner):
+class FrameFusionInput(InputPruner):
     """FrameFusion's merging stage: merge tokens whose same-position similarity to the previous frame
     exceeds a threshold, at most ``prune_ratio`` of the tokens."""
 
@@ -282,13 +307,13 @@ class FrameFusionInput(_InputPruner):
         return min(super().removed_tokens(frames, tokens_per_frame), (frames - 1) * tokens_per_frame)
 
 
-class UniformInput(_InputPruner):
+class UniformInput(InputPruner):
     """Keep evenly spaced tokens of every frame (baseline)."""
 
     kind: Literal["uniform"] = "uniform"
 
 
-class RandomInput(_InputPruner):
+class RandomInput(InputPruner):
     """Keep random tokens (seeded, deterministic; baseline)."""
 
     kind: Literal["random"] = "random"

@@ -192,7 +192,6 @@ def spec_from_config(
         adapter = get_adapter(model_type)
     except AdapterError as error:
         raise SpecError(str(error)) from None
-    geometry = adapter.video_geometry(config, sampled_frames=sampled_frames, processor_config=processor_config)
     text = _text_config(config)
     heads = _dimension(text, "num_attention_heads", model_type)
     dims = dict(
@@ -203,6 +202,7 @@ def spec_from_config(
         num_key_value_heads=_dimension(text, "num_key_value_heads", model_type, heads),
         vocab_size=int(_get(text, "vocab_size", 0) or 0),
     )
+    geometry = adapter.video_geometry(config, sampled_frames=sampled_frames, processor_config=processor_config)
     return ModelSpec(
         name=name or str(_get(config, "_name_or_path", "") or model_type),
         model_type=model_type,
@@ -223,6 +223,27 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SpecError(f"{path}: a model config must be a JSON object")
     return data
+
+
+def _with_defaults(config: dict[str, Any], path: Path) -> Any:
+    """The config object transformers builds from a ``config.json`` mapping (``save_pretrained`` leaves out values
+    equal to the class defaults, e.g. the video token id), or the mapping itself when transformers does not know
+    the model type. Builds configuration classes only, no model code.
+
+    Raises:
+        SpecError: transformers refuses a value (its message names the field).
+    """
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(**config)
+    except ValueError as error:
+        if "Unrecognized model" in str(error) or "model_type" not in config:
+            return config  # not a transformers architecture: read the mapping as written
+        raise SpecError(f"{path}: invalid model config: {str(error).splitlines()[0]}") from None
+    except Exception as error:  # transformers' strict config validation
+        detail = " ".join(str(error).split())
+        raise SpecError(f"{path}: invalid model config: {detail}") from None
 
 
 def _processor_config(folder: Path) -> dict[str, Any] | None:
@@ -253,7 +274,7 @@ def load_spec(name_or_path: str | Path | Any, *, frames: int | None = None) -> M
     if path.is_dir():
         path = path / "config.json"
     if path.is_file():
-        config = _read_json(path)
+        config = _with_defaults(_read_json(path), path)
         return spec_from_config(
             config, name=str(name_or_path), frames=frames, processor_config=_processor_config(folder)
         )

@@ -67,12 +67,18 @@ def test_every_shipped_policy_validates_round_trips_and_compiles(path: str) -> N
 @pytest.mark.parametrize("peer", PEERS)
 def test_peers_are_tuned_to_25_to_30_percent_retention(peer: str, model: str) -> None:
     plan = compile_plan(ROOT / "policies" / "peers" / f"{peer}.yaml", model)
-    assert 0.25 <= plan.retention <= 0.30, plan.summary()
+    upper = 0.30
+    if peer == "dycoke":  # TTM never prunes ⌈F/4⌉-ish frames: 5 of Qwen2-VL's 16 temporal patches are 31.25%
+        F = plan.spec.frames
+        upper = max(upper, (F - F // 2 - (F - 1) // 4) / F + 0.01)
+    assert 0.25 <= plan.retention <= upper, plan.summary()
     if peer in INPUT_ONLY:  # the whole budget before layer 0, no in-LLM stage
         assert plan.segment.kind == peer and not plan.stages
         assert plan.retention == pytest.approx(plan.input_keep_fraction)
     else:
-        assert all(stage.selector.kind == "topk_relevance" and stage.relevance_sign == "positive" for stage in plan.stages)
+        assert all(
+            stage.selector.kind == "topk_relevance" and stage.relevance_sign == "positive" for stage in plan.stages
+        )
         assert all(stage.budget is None for stage in plan.stages)
 
 
@@ -81,14 +87,21 @@ def test_peer_plans_on_onevision() -> None:
         return compile_plan(ROOT / "policies" / "peers" / f"{name}.yaml", "llava-onevision-7b")
 
     fastv, pdrop, framefusion = plan("fastv"), plan("pdrop"), plan("framefusion")
-    assert fastv.stage_layers == (2,) and not fastv.segment.enabled
-    assert [stage.video_tokens_after for stage in fastv.stages] == [1254 + 1]  # ⌊6272·0.2⌋ + the newline
+    # FastV's timing: layer 1's attention decides, the cut follows layer 1's MLP, layer 2 runs pruned.
+    assert fastv.stage_layers == (1,) and not fastv.segment.enabled
+    assert fastv.stages[0].prune_point == "after_mlp" and fastv.stages[0].query_rows == 1
+    assert [stage.video_tokens_after for stage in fastv.stages] == [1379 + 1]  # ⌊6272·0.22⌋ + the newline
+    assert fastv.layer_video_tokens[:3] == (6273, 6273, 1380)
     assert pdrop.stage_layers == (2, 8, 16, 24) and {stage.prune_ratio for stage in pdrop.stages} == {0.55}
     assert framefusion.segment.kind == "framefusion" and framefusion.stage_layers == (2,)
     assert framefusion.segment.video_tokens_after == 3136 + 1  # at most half merged: a lower bound
     dycoke = plan("dycoke")
-    assert dycoke.segment.config.model_dump(exclude={"kind", "enabled"}) == {"prune_ratio": 0.72, "window": 4}
-    assert dycoke.segment.video_tokens_after == 6272 - 4515 + 1
+    assert dycoke.segment.config.model_dump(exclude={"kind", "enabled"}) == {
+        "prune_ratio": 0.99,
+        "odd_last_frame": "keep",
+    }
+    # 32 frames: 16 pair frames + 7 window frames pruned to ⌊0.01·196⌋ = 1 token, 9 frames whole, + the newline.
+    assert dycoke.segment.video_tokens_after == 9 * 196 + 23 * 1 + 1
 
 
 def test_ablations_change_one_setting_of_hieravid_30() -> None:
@@ -154,10 +167,15 @@ def test_a_bad_stage_selector_names_its_path() -> None:
     [
         ("{kind: evs, prune_ratio: 0.9}", 1, 0),  # frame 0 is always kept
         ("{kind: evs, prune_ratio: 0.9}", 4, 3 * 196),  # ⌊0.9·784⌋ = 705 > 3 frames
-        ("{kind: dycoke, prune_ratio: 0.9, window: 4}", 8, 6 * 196),  # window anchors are kept
-        ("{kind: dycoke, prune_ratio: 0.5, window: 4}", 8, 784),
+        ("{kind: dycoke, prune_ratio: 0.9}", 8, 5 * (196 - 19)),  # frames 1, 2, 3, 5, 7 keep ⌊0.1·196⌋
+        ("{kind: dycoke, prune_ratio: 0.5}", 4, 2 * 98),  # F <= 4: pairs only (the authors' code fails)
+        ("{kind: dycoke, prune_ratio: 0.5}", 3, 98),  # odd count: the last frame is kept whole …
+        ("{kind: dycoke, prune_ratio: 0.5, odd_last_frame: drop}", 3, 98 + 196),  # … or dropped (the authors')
+        ("{kind: dycoke, prune_ratio: 0.5, odd_last_frame: drop}", 1, 0),  # a single frame is kept whole
         ("{kind: framefusion, prune_ratio: 0.9}", 2, 196),
-        ("{kind: vidcom2, prune_ratio: 0.9}", 1, 176),
+        ("{kind: vidcom2, prune_ratio: 0.9}", 1, 196 - 19),  # R = ⌊196·0.1⌋
+        ("{kind: vidcom2, prune_ratio: 0.99}", 4, 784 - 7),  # R = ⌊784·0.01⌋ = 7 (>= 4 frames)
+        ("{kind: vidcom2, prune_ratio: 0.999}", 4, 784 - 4),  # R = max(F, ⌊0.784⌋) = 4
         ("{merge_ratio: 0.5}", 1, 0),  # HieraVid never absorbs frame 0 either
     ],
 )

@@ -86,6 +86,17 @@ def test_run_answers_compares_and_traces(checkpoint: Path, tmp_path: Path) -> No
     assert drawn.returncode == 0, drawn.stderr and image.stat().st_size > 10_000
 
 
+def test_plan_on_the_checkpoint_folder_agrees_with_run(checkpoint: Path) -> None:
+    """The planner reads the video geometry from the checkpoint through its adapter, as run measures it."""
+    import json
+
+    planned = hieravid("plan", POLICY, "--model", str(checkpoint), "--json")
+    assert planned.returncode == 0, planned.stderr
+    spec = json.loads(planned.stdout)["spec"]
+    assert (spec["frames"], spec["rows"], spec["cols"], spec["video_tokens"]) == (32, 8, 8, 2049)  # run: N_v 2049
+    assert spec["newline_layout"] == "per_video"
+
+
 def test_run_without_compare_prints_no_speedup(checkpoint: Path) -> None:
     result = hieravid(
         "run",

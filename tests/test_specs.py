@@ -46,7 +46,8 @@ def _onevision_config() -> dict:
             "num_key_value_heads": 2,
             "vocab_size": 1000,
         },
-        "vision_config": {"model_type": "siglip_vision_model"},
+        "vision_config": {"model_type": "siglip_vision_model", "image_size": 64, "patch_size": 8},
+        "video_token_id": 151647,
     }
 
 
@@ -57,6 +58,7 @@ def test_spec_from_config_file_and_folder(tmp_path: Path) -> None:
     assert from_folder.num_layers == from_file.num_layers == 4
     assert from_folder.hidden_size == 64 and from_folder.frames == 8
     assert from_folder.newline_layout == "per_video"
+    assert (from_folder.rows, from_folder.cols) == (4, 4)  # the adapter's pooled grid: ⌈64 / 8 / 2⌉
 
 
 def test_spec_from_transformers_config_object() -> None:
@@ -83,7 +85,8 @@ def test_spec_from_transformers_config_object() -> None:
         ("{not json", "cannot read model config"),
         ("[1, 2]", "JSON object"),
         ('{"hidden_size": 3}', "model_type"),
-        ('{"model_type": "qwen2"}', "dimensions"),
+        ('{"model_type": "qwen2"}', "no hieravid adapter for model_type 'qwen2'"),
+        ('{"model_type": "llava_onevision", "text_config": {"num_hidden_layers": 28.5}}', "num_hidden_layers"),
     ],
 )
 def test_bad_configs(tmp_path: Path, content: str, fragment: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hieravid.apps.run import _content_positions, build_trace
+from hieravid.apps.run import build_trace
 from hieravid.apps.trace import RequestTrace, StageTrace, TraceError, load_trace, save_trace
 
 
@@ -146,14 +146,6 @@ def test_load_errors(tmp_path: Path) -> None:
         load_trace(broken)
 
 
-def test_content_positions_follow_each_newline_layout() -> None:
-    base = {"span": (10, 0), "frames": 2, "rows": 2, "cols": 2}
-    assert _content_positions({**base, "newline_layout": "none"}) == list(range(10, 18))
-    assert _content_positions({**base, "newline_layout": "per_video"}) == list(range(10, 18))
-    assert _content_positions({**base, "newline_layout": "per_frame"}) == [10, 11, 12, 13, 15, 16, 17, 18]
-    assert _content_positions({**base, "newline_layout": "per_row"}) == [10, 11, 13, 14, 16, 17, 19, 20]
-
-
 def test_build_trace_from_runtime_statistics() -> None:
     from hieravid.runtime.state import RequestStats, StageStats
 
@@ -177,11 +169,21 @@ def test_build_trace_from_runtime_statistics() -> None:
         kept_positions=(torch.tensor([3, 8, 11]),),
         sequence_length=8,
     )
+    from hieravid.adapters.base import VideoLayout
+
+    per_video = VideoLayout(
+        frame_index=torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]]),
+        newline_index=torch.tensor([11]),
+        rows=2,
+        cols=2,
+        newline_layout="per_video",
+    )
     stats = RequestStats(
         pruned=True,
         reason="pruned",
         batch_size=1,
         prompt_length=14,
+        layouts=(per_video,),
         videos=(video,),
         num_segments=(2,),
         frame_segment_ids=(torch.tensor([0, 1]),),
@@ -198,9 +200,7 @@ def test_build_trace_from_runtime_statistics() -> None:
     assert trace.cuts() == [1] and trace.segment_values.tolist() == [1.0, -1.0]
     assert trace.layer_video_tokens == [6, 6, 3] and trace.info == {"k": 1}
     trace.validate()
-    # With the adapter's layout (here: a newline after every row), positions map through its frame index.
-    from hieravid.adapters.base import VideoLayout
-
+    # With a newline after every row, positions map through that layout's frame index.
     layout = VideoLayout(
         frame_index=torch.tensor([[3, 4, 6, 7], [9, 10, 12, 13]]),
         newline_index=torch.tensor([5, 8, 11, 14]),

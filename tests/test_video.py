@@ -166,5 +166,5 @@ def test_preprocess_qwen2_vl_grid_and_patch_layout() -> None:
     first = patches[0].view(3, 2, 14, 14)
     second_block = patches[4].view(3, 2, 14, 14)  # first patch of the second merge block (columns 28..41)
     assert float(first[0].mean()) < float(second_block[0].mean())
-    with pytest.raises(VideoError, match="torchvision"):
+    with pytest.raises(VideoError, match="no hieravid adapter for model_type 'llama'"):
         preprocess_video(frames, "llama", {}, None)

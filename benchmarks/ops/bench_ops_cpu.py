@@ -17,6 +17,8 @@ from hieravid.ops import (
     segment_level,
     select_tokens,
 )
+from hieravid.plan import compile_plan
+from hieravid.policy import SELECTOR_KINDS
 
 F, P, D = 16, 49, 256  # a small video: 16 frames of 7x7 tokens
 
@@ -50,7 +52,8 @@ def test_last_query_attention(benchmark):
 
 def test_frame_level_dpp(benchmark, stage):
     hidden, attn, seg_ids, mv = stage
-    res = benchmark(frame_level, hidden, attn, seg_ids, mv, 0.3)
+    stage = compile_plan("policies/hieravid-30.yaml", "llava-onevision-7b").stages[0]
+    res = benchmark(frame_level, hidden, attn, seg_ids, mv, stage)
     assert res.local_keep.numel() > 0
 
 
@@ -58,7 +61,7 @@ def test_frame_level_dpp(benchmark, stage):
 def test_selectors(benchmark, stage, name):
     hidden, attn, seg_ids, _ = stage
     budgets = (torch.bincount(seg_ids) * 0.5).long()
-    out = benchmark(select_tokens, name, hidden, attn, seg_ids, budgets, generator=torch.Generator().manual_seed(0))
+    out = benchmark(select_tokens, SELECTOR_KINDS.get(name)(), hidden, attn, seg_ids, budgets)
     assert out.numel() == int(budgets.sum())
 
 

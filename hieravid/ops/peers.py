@@ -19,9 +19,11 @@ Conventions shared by the peers:
   :func:`~hieravid.ops.segment.adjacent_frame_similarity` (row 0 = -1) for every operator, as a diagnostic;
   ``redundancy[f]`` is the fraction of frame ``f``'s tokens the operator removed (FrameFusion: the fraction
   above its threshold, as in the segment level).
-- Counts: every operator removes exactly ``⌊prune_ratio·F·P⌋`` tokens (``floor`` with the same decimal
-  guard as the rest of the operators) unless stated otherwise: EVS never removes frame 0 and DyCoke never
-  removes a window's first frame, so they remove ``min(⌊ρ·F·P⌋, capacity)``, and FrameFusion removes *at
+- Counts: every operator but FrameFusion removes a number of tokens fixed by the shapes and its options,
+  so the output size is static. EVS, uniform and random remove ``⌊prune_ratio·F·P⌋`` (``floor`` with the
+  same decimal guard as the rest of the operators), EVS at most ``(F-1)·P`` (frame 0 is kept); VidCom2
+  keeps its authors' ``R = max(F, min(⌊F·P·(1 − q)⌋, F·P))``; DyCoke's ``prune_ratio`` is a *per-frame*
+  ratio ``k`` and it removes ``P − ⌊(1 − k)·P⌋`` tokens from each frame it prunes; FrameFusion removes *at
   most* ``min(⌊ρ·F·P⌋, (F-1)·P)`` (only pairs above its threshold). These counts are what
   :meth:`hieravid.policy.InputLevelConfig.removed_tokens` reports to the planner, so the plan's static
   estimate is exact (an upper bound on removals for FrameFusion).
@@ -153,39 +155,6 @@ def _drop_result(frames: Tensor, keep: Tensor, kept: int, similarity: Tensor) ->
     )
 
 
-def _keep_top_per_frame(scores: Tensor, budgets: Tensor) -> Tensor:
-    """``[F, P]`` mask keeping, in each frame ``f``, the ``budgets[f]`` highest scores (ties → lower index)."""
-    return _rank_in_rows(scores) < budgets.unsqueeze(1)
-
-
-def _allocate(weights: Tensor, total: int, cap: int) -> Tensor:
-    """Integer budgets ``k_f ∈ [0, cap]`` summing exactly to ``total`` (``0 <= total <= F·cap``), proportional
-    to positive ``weights`` with the excess of capped frames redistributed (water filling), then rounded by
-    largest remainders (ties → lower frame index). Vectorised over frames, no host sync."""
-    F = weights.shape[0]
-    device = weights.device
-    w = weights.double().clamp_min(1e-12)
-    w_sorted, order = torch.sort(w, descending=True, stable=True)
-    # Capping the j largest weights leaves λ_j = (total − j·cap) / Σ_{i≥j} w_(i) for the others; the solution
-    # caps the smallest j whose next weight is not over the cap: λ_j·w_(j) ≤ cap (j = F: everything capped).
-    j = torch.arange(F + 1, device=device)
-    tail = torch.cat([torch.flip(torch.cumsum(torch.flip(w_sorted, [0]), 0), [0]), w_sorted.new_zeros(1)])
-    lam = (total - j * cap).double() / tail.clamp_min(1e-300)
-    next_w = torch.cat([w_sorted, w_sorted.new_zeros(1)])
-    fits = lam * next_w <= cap * (1.0 + 1e-12)
-    first = torch.argmax(fits.to(torch.int8))  # first True (j = F always fits)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(F, device=device)
-    ideal = torch.where(rank < first, torch.full_like(w, float(cap)), (lam[first] * w).clamp(0.0, float(cap)))
-    base = torch.floor(ideal).to(torch.int64).clamp(0, cap)
-    remainder = total - base.sum()
-    frac = torch.where(base < cap, ideal - base.double(), torch.full_like(ideal, -1.0))
-    by_frac = torch.sort(frac, descending=True, stable=True).indices
-    extra = torch.zeros(F, dtype=torch.int64, device=device)
-    extra[by_frac] = (torch.arange(F, device=device) < remainder).to(torch.int64)
-    return base + extra
-
-
 # ---------------------------------------------------------------------------------------------- operators
 def evs(frames: Tensor, *, prune_ratio: float = 0.5) -> SegmentLevelResult:
     """EVS: drop the tokens least different from the previous frame's same-position token.
@@ -218,90 +187,168 @@ def evs(frames: Tensor, *, prune_ratio: float = 0.5) -> SegmentLevelResult:
     return _drop_result(frames, keep, N - m, sim)
 
 
-def dycoke(frames: Tensor, *, prune_ratio: float = 0.5, window: int = 4) -> SegmentLevelResult:
-    """DyCoke's temporal token merging (TTM), its pre-LLM stage: prune tokens repeated within a window.
+def dycoke(frames: Tensor, *, prune_ratio: float = 0.7, odd_last_frame: str = "keep") -> SegmentLevelResult:
+    """DyCoke's temporal token merging (TTM), its pre-LLM stage, as the authors' code does it.
 
     Paper: Tao et al., *DyCoke: Dynamic Compression of Tokens for Fast Video Large Language Models*,
-    CVPR 2025 (arXiv 2411.15024). Its second stage (dynamic KV-cache pruning during decoding) is not
-    reproduced here.
+    CVPR 2025 (arXiv 2411.15024), and the TTM function of the authors' released code. Its second stage
+    (dynamic KV-cache pruning during decoding) is not reproduced here.
 
-    Intuition: frames are cut into windows of ``window`` consecutive frames; the window's first frame is an
-    anchor kept whole, and every other frame is compared position by position with a nearby reference
-    frame of the same window — odd offsets with the frame just before, even offsets with the window's first
-    frame (DyCoke's pairwise-then-anchor comparison; for the default window of 4: 1→0, 2→0, 3→2). In each
-    compared frame the tokens most similar to their reference are dropped: they repeat content the
-    reference already shows. Every compared frame loses the same number of tokens (± 1), as in DyCoke,
-    rather than ranking the whole video at once.
+    Intuition: consecutive frames repeat most of their content at the same positions, so a frame can be
+    reduced to what differs from a nearby frame that is kept. With ``k = prune_ratio`` and ``P`` tokens per
+    frame, every pruned frame keeps exactly ``K = ⌊(1 − k)·P⌋`` tokens, its positions *least* similar
+    (cosine) to the same positions of its reference frame:
 
-    Removes exactly ``min(⌊ρ·F·P⌋, C·P)`` tokens, ``C = F − ⌈F/window⌉`` the compared frames (for windows of
-    4, ``ρ <= 0.75`` is exact); the extra one of uneven counts goes to the earlier frames; ties → lower index.
+    1. Pairs ``(0, 1), (2, 3), …``: the first frame of a pair is kept whole; the second is pruned against it.
+    2. Windows of 4: for every ``i = 0, 4, 8, …`` strictly below ``F − 4``, frame ``i + 2`` (kept whole by
+       step 1) is pruned against frame ``i``, which stays whole. The last window's third frame is therefore
+       never pruned. Both steps compare the *input* features (frame ``i + 3`` is pruned against the whole
+       frame ``i + 2`` even when ``i + 2`` is pruned itself), as the authors' code does.
+    3. With an odd frame count the last frame has no partner: the authors' code drops it entirely
+       (``odd_last_frame="drop"``); by default it is kept whole (``"keep"``): with the even frame counts
+       usually evaluated (32, 64) the case never arises, and losing a frame's content is unlikely to be
+       intended. A single frame is always kept whole.
+
+    The authors' code fails for ``F <= 4`` (it stacks an empty list of step-2 similarities; for ``F = 1``
+    also of step-1 ones); here those videos simply have no step-2 windows (and ``F = 1`` no pair).
+
+    Removes exactly ``(⌊F/2⌋ + ⌊(F−1)/4⌋)·(P − K)`` tokens, plus ``P`` when the odd last frame is dropped
+    (:meth:`hieravid.policy.DycokeInput.removed_tokens`). ``K`` is floored with the library's decimal guard
+    (``k = 0.9, P = 10`` keeps 1 token; the authors' ``int((1 - k) * P)`` of the float product gives 0 there).
+    Ties → the lower position is kept (the authors' code fixes no order on exact ties). Not reproduced: the
+    authors emit a pruned frame's tokens in ascending-similarity order (and their LLaVA code gives the
+    shortened sequence consecutive positions). A :class:`~hieravid.ops.segment.SegmentLevelResult` carries an
+    ascending ``kept_index`` from which the runtime builds a keep mask, so kept rows stay in raster order with
+    their original position ids; another order would need the runtime to permute rows and positions.
 
     Args:
         frames: ``[F, P, D]`` video tokens.
-        prune_ratio: fraction of the video's tokens removed, in ``[0, 1)``.
-        window: frames per window, ``>= 2``.
+        prune_ratio: ``k``, the fraction of each *pruned frame's* tokens removed, in ``[0, 1)`` (DyCoke's
+            default 0.7) — not a fraction of the whole video.
+        odd_last_frame: ``"keep"`` (default) or ``"drop"`` (the authors' code) for the last frame of an odd
+            frame count.
     """
     _check_frames(frames)
     _check_ratio(prune_ratio)
-    if window < 2:
-        raise ValueError(f"window must be >= 2, got {window}")
+    if odd_last_frame not in ("keep", "drop"):
+        raise ValueError(f"odd_last_frame must be 'keep' or 'drop', got {odd_last_frame!r}")
     F, P, _ = frames.shape
-    N = F * P
     device = frames.device
+    keep_per_frame = floor_product(P, 1.0 - prune_ratio)
+    drop_last = odd_last_frame == "drop" and F % 2 == 1 and F >= 3
     fidx = torch.arange(F, device=device)
-    offset = fidx % window
-    compared = offset > 0
-    reference = torch.where(offset % 2 == 1, fidx - 1, fidx - offset)
-    num_compared = F - (F + window - 1) // window
-    m = min(floor_product(N, prune_ratio), num_compared * P)
-    # The c-th compared frame (in frame order) drops ⌊m/C⌋ tokens, one more when c < m mod C.
-    c = torch.cumsum(compared.to(torch.int64), 0) - 1
-    per_frame = m // max(num_compared, 1) + (c < m % max(num_compared, 1)).to(torch.int64)
-    drops = torch.where(compared, per_frame, torch.zeros_like(per_frame))
-    sim_ref = _cosine_rows(frames, frames[reference])  # [F, P]; anchors compare with themselves (unused)
-    keep = ~_keep_top_per_frame(sim_ref, drops)
-    return _drop_result(frames, keep, N - m, adjacent_frame_similarity(frames))
+    paired = fidx % 2 == 1  # the second frame of each pair (an odd index always has its partner)
+    windowed = (fidx % 4 == 2) & (fidx < F - 2)  # frame i + 2 of each window start i < F − 4
+    reference = torch.where(windowed, fidx - 2, fidx - 1).clamp_min(0)
+    pruned = paired | windowed
+    whole = fidx != F - 1 if drop_last else torch.ones_like(pruned)
+    sim_ref = _cosine_rows(frames, frames.index_select(0, reference))  # [F, P]; unpruned rows unused
+    least_similar = _rank_in_rows(-sim_ref) < keep_per_frame  # ascending similarity, ties → lower index
+    keep = torch.where(pruned.unsqueeze(1), least_similar, whole.unsqueeze(1))
+    num_pruned = F // 2 + (F - 1) // 4
+    kept = F * P - num_pruned * (P - keep_per_frame) - (P if drop_last else 0)
+    return _drop_result(frames, keep, kept, adjacent_frame_similarity(frames))
+
+
+#: Bandwidths ``a`` of VidCom2's multi-scale Gaussian similarity ``Σ_a exp(−‖x − c‖² / (2a))``.
+_VIDCOM2_BANDWIDTHS = (0.125, 0.25, 0.5, 1.0, 2.0)
+
+#: ``scale·P`` values this close to a half are taken as the half before rounding (half to even), so that the
+#: budgets do not depend on float noise (``(1 − 0.75)·6`` is exactly 1.5 → 2).
+_HALF_GUARD = 1e-9
+
+
+def _gaussian_similarity(x: Tensor, centre: Tensor) -> Tensor:
+    """VidCom2's ``s(x, c) = Σ_{a ∈ {1/8, 1/4, 1/2, 1, 2}} exp(−‖x − c‖² / (2a))`` over the last dim."""
+    d2 = (x - centre).square().sum(dim=-1)
+    return sum(torch.exp(-d2 / (2.0 * a)) for a in _VIDCOM2_BANDWIDTHS)
+
+
+def _vidcom2_kept_count(frames: int, tokens_per_frame: int, prune_ratio: float) -> int:
+    """``R = max(F, min(⌊N·(1 − q)⌋, N))``: the tokens :func:`vidcom2` keeps (``N = F·P``; floor with the
+    library's decimal guard)."""
+    N = frames * tokens_per_frame
+    return max(frames, min(floor_product(N, 1.0 - prune_ratio), N))
 
 
 def vidcom2(frames: Tensor, *, prune_ratio: float = 0.5, temperature: float = 0.01) -> SegmentLevelResult:
-    """VidCom2: per-frame budgets by frame uniqueness, then each frame's most distinctive tokens.
+    """VidCom2's video compression, as the authors' code does it.
 
     Paper: Liu et al., *Video Compression Commander: Plug-and-Play Inference Acceleration for Video Large
-    Language Models*, EMNLP 2025 (arXiv 2505.14454).
+    Language Models*, EMNLP 2025 (arXiv 2505.14454), and the compression step of the authors' released code
+    (on the projected frame features).
 
-    Intuition: frames that look like the rest of the video can be compressed harder than frames that
-    show something new. A frame's uniqueness is ``u_f = −cos(g_f, ḡ)`` (``g_f`` its mean token, ``ḡ`` the
-    video's mean), turned into ``σ = softmax(u / temperature)``; frame ``f`` keeps a share of the video's
-    budget ``K = F·P − ⌊ρ·F·P⌋`` proportional to ``1 + σ_f − 1/F`` (the mean share is unchanged and the most
-    unique frames get more), capped at ``P`` with the excess handed to the other frames and rounded by
-    largest remainders so the shares sum to ``K`` exactly. Inside a frame, a token is worth keeping when it
-    differs both from its own frame and from the whole video: the frame keeps its ``k_f`` tokens with the
-    highest ``−(cos(x, g_f) + cos(x, ḡ))``. (The exact form of the budget adjustment is our reading of the
-    paper; the per-frame/per-token criteria are the paper's.)
+    Intuition: a token is redundant when it looks like its own frame's average and like the whole video's
+    average; a frame is worth more budget when its tokens, on average, do not look like the video. With
+    ``q = prune_ratio``, ``T`` frames of ``P`` tokens and ``N = T·P``:
 
-    Removes exactly ``⌊ρ·F·P⌋`` tokens; ties → lower index.
+    1. Target ``R = max(T, min(⌊N(1 − q)⌋, N))`` kept tokens.
+    2. Channels: keep the ``max(1, ⌊D/2⌋)`` channels of *lowest* population variance over all the video's
+       tokens (ties → lower channel index).
+    3. L2-normalise every token on those channels (zero vectors stay zero, never NaN). The video centre is the
+       mean of all tokens, a frame's centre the mean of its ``P`` tokens.
+    4. Redundancy of a token ``x``: ``s(x, video centre) + s(x, its frame centre)`` with the multi-scale
+       Gaussian ``s(x, c) = Σ_{a ∈ {1/8, 1/4, 1/2, 1, 2}} exp(−‖x − c‖² / (2a))``.
+    5. Frame budgets: frame score ``−mean_p s(x, video centre)``, ``p = softmax((score − max) / temperature)``,
+       ``scale_t = min(1, (1 − q)·(1 + p_t − mean(p)))``, ``k_t = round(scale_t·P)`` clamped to ``[1, P]``.
+       ``round`` is round-half-to-even (Python's ``round`` and ``torch.round``), applied to ``scale_t·P``
+       computed in float64, with values within 1e-9 of a half taken as that half.
+    6. Each frame keeps its ``k_t`` tokens of lowest redundancy.
+    7. Exact total: if more than ``R`` tokens are kept, the kept tokens of highest redundancy are dropped
+       (globally, so a frame can end with 0 tokens); if fewer, the unkept tokens of lowest redundancy are
+       added (globally).
+
+    Ties → the lower flat index ``t·P + p`` is preferred (kept first, dropped last) in steps 6 and 7. Token
+    similarities are computed in float32, the budgets (step 5) in float64. Everything has static shapes
+    (``R`` is known from the shapes), so nothing waits for the device.
+
+    Removes exactly ``N − R`` tokens (:meth:`hieravid.policy.VidCom2Input.removed_tokens`).
 
     Args:
         frames: ``[F, P, D]`` video tokens.
-        prune_ratio: fraction of the video's tokens removed, in ``[0, 1)``.
-        temperature: softmax temperature of the frame-uniqueness weights, ``> 0``.
+        prune_ratio: ``q``, the fraction of the video's tokens removed, in ``[0, 1)``.
+        temperature: softmax temperature of the frame budgets, ``> 0`` (the authors' 0.01).
     """
     _check_frames(frames)
     _check_ratio(prune_ratio)
     if not temperature > 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    F, P, _ = frames.shape
+    F, P, D = frames.shape
     N = F * P
-    kept = N - floor_product(N, prune_ratio)
+    kept = _vidcom2_kept_count(F, P, prune_ratio)
     x = frames.float()
-    frame_mean = x.mean(dim=1)  # [F, D]
-    video_mean = frame_mean.mean(dim=0)  # [D]
-    uniqueness = -_cosine_rows(frame_mean, video_mean.expand_as(frame_mean))
-    sigma = torch.softmax(uniqueness.double() / temperature, dim=0)
-    budgets = _allocate(1.0 + sigma - 1.0 / F, kept, P)
-    token_score = -(_cosine_rows(x, frame_mean.unsqueeze(1)) + _cosine_rows(x, video_mean))
-    keep = _keep_top_per_frame(token_score, budgets)
-    return _drop_result(frames, keep, kept, adjacent_frame_similarity(frames))
+    # 2. the half of the channels with the lowest variance over the video's tokens.
+    variance = x.reshape(N, D).var(dim=0, unbiased=False)
+    channels = torch.sort(variance, stable=True).indices[: max(1, D // 2)]
+    x = x.index_select(-1, channels)
+    # 3. unit tokens, video and frame centres.
+    x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    frame_centre = x.mean(dim=1, keepdim=True)  # [F, 1, D']
+    video_centre = x.reshape(N, -1).mean(dim=0)  # [D']
+    # 4. redundancy.
+    to_video = _gaussian_similarity(x, video_centre)  # [F, P]
+    redundancy = to_video + _gaussian_similarity(x, frame_centre)
+    # 5. frame budgets (float64: F values).
+    score = -to_video.mean(dim=1).double()
+    p = torch.softmax((score - score.max()) / temperature, dim=0)
+    scale = ((1.0 - prune_ratio) * (1.0 + p - p.mean())).clamp_max(1.0)
+    y = scale * P
+    half = torch.floor(y) + 0.5
+    y = torch.where((y - half).abs() < _HALF_GUARD, half, y)
+    budgets = torch.round(y).clamp(1, P).to(torch.int64)
+    # 6. the k_t least redundant tokens of each frame.
+    keep = (_rank_in_rows(-redundancy) < budgets.unsqueeze(1)).reshape(N)
+    # 7. exact total, in the global order of ascending redundancy (ties → lower flat index first).
+    order = torch.sort(redundancy.reshape(N), stable=True).indices
+    keep_sorted = keep[order]
+    total = keep_sorted.sum()
+    excess = (total - kept).clamp_min(0)
+    shortfall = (kept - total).clamp_min(0)
+    kept_from_end = torch.flip(torch.cumsum(torch.flip(keep_sorted, [0]).to(torch.int64), 0), [0])
+    unkept_from_start = torch.cumsum((~keep_sorted).to(torch.int64), 0)
+    final_sorted = (keep_sorted & (kept_from_end > excess)) | (~keep_sorted & (unkept_from_start <= shortfall))
+    final = torch.zeros_like(keep).scatter_(0, order, final_sorted)
+    return _drop_result(frames, final.view(F, P), kept, adjacent_frame_similarity(frames))
 
 
 def framefusion(frames: Tensor, *, prune_ratio: float = 0.5, similarity_threshold: float = 0.6) -> SegmentLevelResult:
@@ -424,7 +471,7 @@ def _run_evs(frames: Tensor, config: InputLevelConfig, /, *, graphs: GraphCache 
 @register_input_operator(DycokeInput)
 def _run_dycoke(frames: Tensor, config: InputLevelConfig, /, *, graphs: GraphCache | None = None) -> SegmentLevelResult:
     assert isinstance(config, DycokeInput)
-    return dycoke(frames, prune_ratio=config.prune_ratio, window=config.window)
+    return dycoke(frames, prune_ratio=config.prune_ratio, odd_last_frame=config.odd_last_frame)
 
 
 @register_input_operator(VidCom2Input)

@@ -96,8 +96,8 @@ def reference_run(
     Appended tokens get ``extra_positions`` (``[n]`` or ``[3, n]``) or, by default, positions continuing
     from the prompt's last one (+1 per token on every M-RoPE row, as ``generate`` extends them).
     """
-    from hieravid.ops.peers import input_level
     from hieravid.compat import causal_mask
+    from hieravid.ops.peers import input_level
 
     language_model = adapter.language_model()
     layers = list(adapter.decoder_layers())

@@ -10,11 +10,11 @@ import pytest
 import torch
 from hv_reference import capture_lm_inputs, continuation_positions, reference_run
 
+from hieravid.compat import cache_argument, cache_from_kwargs, cache_from_output
 from hieravid.errors import AdapterError, PlanError, PolicyError
 from hieravid.plan import compile_plan
 from hieravid.policy import policy_from_dict
 from hieravid.runtime import apply, find_handle
-from hieravid.compat import cache_argument, cache_from_kwargs, cache_from_output
 
 ROOT = Path(__file__).resolve().parents[2]
 HIERAVID_30 = ROOT / "policies" / "hieravid-30.yaml"

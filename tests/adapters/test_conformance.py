@@ -14,10 +14,10 @@ import pytest
 import torch
 from hv_reference import capture_layer_outputs, capture_lm_inputs, reference_run, stage_of_output
 
+from hieravid.compat import cache_argument, cache_from_output
 from hieravid.plan import compile_plan
 from hieravid.policy import load_policy, policy_from_dict
 from hieravid.runtime import apply, find_handle
-from hieravid.compat import cache_argument, cache_from_output
 
 ROOT = Path(__file__).resolve().parents[2]
 ATOL = RTOL = 1e-4

@@ -15,6 +15,7 @@ from hieravid.ops import (
     segment_level,
     select_tokens,
 )
+from hieravid.policy import SELECTOR_KINDS
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -129,7 +130,7 @@ def test_dpp_select_properties(stage):
 @given(stage=stages(), name=st.sampled_from(["topk_relevance", "binned_relevance", "uniform", "random"]))
 def test_selector_properties(stage, name):
     x, rel, seg, budgets, _, _ = stage
-    out = select_tokens(name, x, rel, seg, budgets, generator=torch.Generator().manual_seed(0))
+    out = select_tokens(SELECTOR_KINDS.get(name)(), x, rel, seg, budgets)
     counts = torch.bincount(seg, minlength=budgets.numel())
     assert torch.all(out[1:] > out[:-1])
     assert (

@@ -65,9 +65,7 @@ def test_relevance_selectors_match_reference(device, seed, ties):
     clamped = torch.minimum(budgets.cpu(), counts).tolist()
     scores, ids = rel.cpu().tolist(), seg.cpu().tolist()
     assert select_tokens(TOPK, feats, rel, seg, budgets).cpu().tolist() == ref_topk(scores, ids, clamped)
-    assert select_tokens(BINNED, feats, rel, seg, budgets).cpu().tolist() == ref_binned(
-        scores, ids, clamped
-    )
+    assert select_tokens(BINNED, feats, rel, seg, budgets).cpu().tolist() == ref_binned(scores, ids, clamped)
     assert select_tokens(UNIFORM, feats, rel, seg, budgets).cpu().tolist() == ref_uniform(ids, clamped)
     assert select_tokens(DPP, feats, rel, seg, budgets).cpu().tolist() == ref_dpp_select(
         feats.cpu(), rel.cpu(), seg.cpu(), budgets.cpu()

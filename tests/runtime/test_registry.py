@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 
-from hieravid.errors import AdapterError
 from hieravid.adapters import registry as registry_module
 from hieravid.adapters.registry import ENTRY_POINT_GROUP, AdapterRegistry
+from hieravid.errors import AdapterError
 
 THIRD_PARTY = '''
 from hieravid.adapters.llava_onevision import LlavaOnevisionAdapter

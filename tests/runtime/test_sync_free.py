@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hieravid.diagnostics import SyncSpy
+from hieravid.plan import compile_plan
 from hieravid.runtime import apply
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
@@ -32,7 +33,8 @@ STAGE_SITES = (
 def _syncs(case, policy: str, **inputs_options) -> dict[tuple[str, str], int]:
     inputs = case.inputs(**inputs_options)
     spy = SyncSpy()
-    with apply(case.model, policy) as handle, torch.inference_mode():
+    # Planned for 64 frames so that every stage of hieravid-10 keeps a token; the engine's counts are the video's.
+    with apply(case.model, compile_plan(policy, case.spec(frames=64))) as handle, torch.inference_mode():
         case.model(**inputs, use_cache=True)
         with spy:
             case.model(**inputs, use_cache=True)
@@ -131,11 +133,12 @@ def test_a_selector_that_breaks_its_budget_is_refused(tiny_llava, tmp_path: Path
     """The host-side schedule relies on selectors keeping exactly their budgets; a selector that keeps fewer
     is named in a clear error (no silent drift of the counts), and the handle serves the next request."""
     from hieravid.errors import AdapterError
-    from hieravid.ops.selectors import SELECTORS
+    from hieravid.ops.selectors import SELECTORS, register_selector
+    from hieravid.policy import UniformSelector
 
     policy = tmp_path / "uniform.yaml"
     policy.write_text(MIXED_SELECTORS.replace("{kind: dpp, max_block: 8}", "{kind: uniform}"))
-    original = SELECTORS["uniform"]
+    original = SELECTORS.lookup(UniformSelector())
 
     def keeps_one_too_few(*args, **kwargs):
         return original(*args, **kwargs)[:-1]
@@ -143,11 +146,11 @@ def test_a_selector_that_breaks_its_budget_is_refused(tiny_llava, tmp_path: Path
     inputs = tiny_llava.inputs(seed=2)
     with apply(tiny_llava.model, str(policy)) as handle, torch.inference_mode():
         expected = tiny_llava.model(**inputs).logits
-        SELECTORS["uniform"] = keeps_one_too_few
+        register_selector(UniformSelector)(keeps_one_too_few)
         try:
             with pytest.raises(AdapterError, match=r"selector 'uniform' kept \d+ tokens of sample 0 at stage 2"):
                 tiny_llava.model(**inputs)
         finally:
-            SELECTORS["uniform"] = original
+            register_selector(UniformSelector)(original)
         assert torch.equal(tiny_llava.model(**inputs).logits, expected)
         assert handle.last_request is not None and handle.last_request.pruned
