@@ -53,7 +53,7 @@ def select_stage(
     before = [counts.video for counts in schedule]
     n_base = [counts.text + (counts.newlines if keep_newlines else 0) for counts in schedule]
     candidates_all = compact(kind == CONTENT, max(n_content))
-    features_all = hidden if stage.selector.uses_features else hidden[..., :0]
+    features_all = hidden if "post_attention_hidden" in stage.needs else hidden[..., :0]
     kept: list[int] = []
     budgets: list[tuple[int, ...]] = []
     for sample in range(batch):

@@ -191,6 +191,44 @@ def test_pruned_forward_equals_reference_at_every_layer(tiny, policy, batch):
         torch.testing.assert_close(logits[sample][rows], reference.logits, atol=ATOL, rtol=RTOL)
 
 
+CALL_VARIANTS = {
+    "use_cache=False": dict(use_cache=False),
+    "return_dict=False": dict(return_dict=False),
+    "output_hidden_states": dict(output_hidden_states=True),
+    "output_attentions": dict(output_attentions=True),
+    "logits_to_keep=1": dict(logits_to_keep=1),
+}
+
+
+@pytest.mark.parametrize("variant", CALL_VARIANTS)
+@pytest.mark.parametrize("batch", [1, 2], ids=["batch1", "batch2-leftpad"])
+def test_pruned_logits_do_not_depend_on_the_callers_arguments(tiny, variant, batch):
+    """Whatever the caller asks of the forward (no cache, tuples, hidden states, attentions, last logits only), the
+    pruned logits equal the reference on the pruned sequence. Without a cache, position-id gaps must not be read
+    as packed sequences."""
+    model = tiny.model
+    frames = (8, 6) if tiny.is_qwen and batch == 2 else None
+    inputs = tiny.inputs(batch=batch, pads=(0, 7)[:batch], frames=frames, seed=11)
+    plan = _plan(tiny, "hieravid-30")
+    handle = apply(model, plan)
+    adapter = handle.adapter
+    handle.remove()
+    lm_inputs = capture_lm_inputs(adapter, model, inputs)
+    options = CALL_VARIANTS[variant]
+    with apply(model, plan) as handle, torch.no_grad():
+        output = model(**inputs, **options)
+        stats = handle.last_request
+    logits = output[0] if isinstance(output, tuple) else output.logits
+    for sample in range(batch):
+        reference = reference_run(model, adapter, plan, stats, lm_inputs, sample, qwen=tiny.is_qwen)
+        rows = _real_rows(stats.output_positions[sample], inputs["attention_mask"][sample])
+        expected = reference.logits
+        got = logits[sample][rows] if "logits_to_keep" not in options else logits[sample]
+        if "logits_to_keep" in options:
+            expected = expected[-1:]
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+
+
 # ---------------------------------------------------------------------------------------------- (c)
 @pytest.mark.parametrize("policy", GENERATE)
 def test_generate_with_cache_equals_cache_free_recomputation(tiny, policy):
