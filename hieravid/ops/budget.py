@@ -2,12 +2,60 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from hieravid.ops._util import FLOOR_GUARD
 
-__all__ = ["segment_budgets"]
+__all__ = ["SegmentBudgets", "as_budgets", "segment_budgets"]
+
+
+@dataclass
+class SegmentBudgets:
+    """The per-segment budgets of one selection, known on the host, with their device copy when uploaded ahead.
+
+    A runtime that knows every budget before the first decoder layer uploads them all at once (and with them any
+    selector's host-side plan, e.g. the DPP's blocks, in ``prepared``): the stages then copy nothing to the device
+    and can be captured in a CUDA graph. Without ``device``, selectors copy the host budgets themselves (without
+    waiting for the device).
+
+    Attributes:
+        counts: ``[G]`` int64 (CPU) token count of each segment.
+        host: ``[G]`` int64 (CPU) budgets, already clamped to ``[0, counts]``.
+        device: the same budgets on the tokens' device, or None.
+        prepared: per selector kind, host-side preparations made ahead (with their device copies).
+    """
+
+    counts: Tensor
+    host: Tensor
+    device: Tensor | None = None
+    prepared: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return int(self.host.sum())
+
+    def on(self, device: torch.device) -> Tensor:
+        """The budgets on ``device`` (the uploaded copy when there is one)."""
+        if self.device is not None and self.device.device == device:
+            return self.device
+        return self.host.to(device, non_blocking=True)
+
+
+def as_budgets(budgets: Tensor | SegmentBudgets, counts: Tensor | None) -> SegmentBudgets | None:
+    """``budgets`` as :class:`SegmentBudgets` when the host counts and budgets are known (no device read needed),
+    else None (a plain device tensor without host counts: the caller reads the total once)."""
+    if isinstance(budgets, SegmentBudgets):
+        return budgets
+    if counts is not None and counts.device.type == "cpu" and budgets.device.type == "cpu":
+        if counts.shape != budgets.shape:
+            raise ValueError(f"counts must have shape {tuple(budgets.shape)}, got {tuple(counts.shape)}")
+        host = torch.minimum(budgets.to(torch.int64).clamp_min(0), counts.to(torch.int64))
+        return SegmentBudgets(counts.to(torch.int64), host)
+    return None
 
 
 def segment_budgets(

@@ -20,20 +20,24 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from hieravid.ops._util import NORM_EPS, sanitize_scores
+from hieravid.ops.budget import SegmentBudgets, as_budgets
 
 __all__ = [
     "DEFAULT_MAX_BLOCK",
     "DPP_EPS",
     "DppBackend",
+    "DppBlocks",
     "dpp_select",
     "greedy_map_dpp",
     "greedy_map_dpp_order",
+    "plan_dpp_blocks",
     "triton_available",
 ]
 
@@ -202,11 +206,54 @@ def greedy_map_dpp(
     return _order_to_mask(order, kernel.shape[1])
 
 
+@dataclass
+class DppBlocks:
+    """The block plan of one DPP selection, computed on the host from the segment sizes and budgets (see
+    :func:`dpp_select`): blocks, their size and budgets. ``device`` is its uploaded copy, when made ahead."""
+
+    max_block: int | None
+    total: int
+    blocks: int
+    block_size: int
+    steps: int
+    split: bool
+    small: Tensor
+    """Host int64: segment starts, block offsets, blocks per segment, sizes (min 1) — ``[G]`` each — then the
+    ``[blocks]`` block budgets."""
+    device: Tensor | None = None
+
+    def on(self, device: torch.device) -> Tensor:
+        if self.device is not None and self.device.device == device:
+            return self.device
+        # Host-to-device without waiting for the device (the host tensor is not reused afterwards).
+        return self.small.to(device, non_blocking=True)
+
+
+def plan_dpp_blocks(counts: Tensor, budgets: Tensor, max_block: int | None) -> DppBlocks:
+    """The block plan for segments of ``counts`` tokens keeping ``budgets`` (both ``[G]`` int64 on the host, budgets
+    already clamped to the counts), vectorised over segments; its scalars come from two batched host reads."""
+    G = counts.shape[0]
+    n = int(counts.sum())
+    mb = max(n, 1) if max_block is None else max(1, min(int(max_block), max(n, 1)))
+    nb_h = (counts + mb - 1) // mb  # blocks per segment, 0 when empty
+    total, B, split = torch.stack([budgets.sum(), nb_h.sum(), (nb_h > 1).any().long()]).tolist()
+    block_seg = torch.repeat_interleave(torch.arange(G), nb_h, output_size=B)
+    block_offset_h = torch.cumsum(nb_h, 0) - nb_h
+    bl = torch.arange(B) - block_offset_h[block_seg]
+    ng, nbg, kg = counts[block_seg], nb_h[block_seg], budgets[block_seg]
+    start, end = (bl * ng) // nbg, ((bl + 1) * ng) // nbg
+    block_budget_h = (kg * end) // ng - (kg * start) // ng  # cumulative floors: sum to k_g
+    n_blk, steps = torch.stack([(end - start).max(), block_budget_h.max()]).tolist() if B else (0, 0)
+    seg_start_h = torch.cumsum(counts, 0) - counts
+    small = torch.cat([seg_start_h, block_offset_h, nb_h, counts.clamp_min(1), block_budget_h])
+    return DppBlocks(max_block, int(total), int(B), int(n_blk), int(steps), bool(split), small)
+
+
 def dpp_select(
     features: Tensor,
     relevance: Tensor,
     segment_ids: Tensor,
-    budgets: Tensor,
+    budgets: Tensor | SegmentBudgets,
     *,
     max_block: int | None = DEFAULT_MAX_BLOCK,
     eps: float = DPP_EPS,
@@ -230,7 +277,9 @@ def dpp_select(
 
     Budgets above a segment's size are clamped to it; empty segments and zero budgets select nothing.
     One host synchronisation per call sizes the padded blocks and the output; none when ``counts`` and
-    ``budgets`` are given as CPU tensors (as :func:`hieravid.ops.layer.frame_level` does).
+    ``budgets`` are given as CPU tensors or ``budgets`` is a :class:`~hieravid.ops.budget.SegmentBudgets`; nothing
+    is copied to the device either when it carries its device copy and the block plan (``prepared["dpp"]``,
+    :func:`plan_dpp_blocks`) uploaded ahead.
 
     Args:
         features: ``[n, D]`` hidden states of the stage's video tokens (any float dtype).
@@ -251,46 +300,30 @@ def dpp_select(
     n, D = features.shape
     if relevance.shape != (n,) or segment_ids.shape != (n,):
         raise ValueError(f"relevance {tuple(relevance.shape)} and segment_ids {tuple(segment_ids.shape)} must be [{n}]")
-    if budgets.dim() != 1:
+    if not isinstance(budgets, SegmentBudgets) and budgets.dim() != 1:
         raise ValueError(f"budgets must be 1-D, got shape {tuple(budgets.shape)}")
     if max_block is not None and max_block < 1:
         raise ValueError(f"max_block must be >= 1 or None, got {max_block}")
     device = features.device
-    G = budgets.shape[0]
+    known = as_budgets(budgets, counts)
+    G = (known.host if known is not None else budgets).shape[0]
     if n == 0 or G == 0:
         return torch.zeros(0, dtype=torch.int64, device=device)
     seg = segment_ids.to(device=device, dtype=torch.int64)
-    if counts is not None and counts.device.type == "cpu" and budgets.device.type == "cpu":
-        if counts.shape != (G,):
-            raise ValueError(f"counts must have shape [{G}], got {tuple(counts.shape)}")
-        counts_h = counts.to(torch.int64)
-        k_h = torch.minimum(budgets.to(torch.int64).clamp_min(0), counts_h)
-    else:
+    if known is None:
         dev_counts = torch.zeros(G, dtype=torch.int64, device=device).index_add_(0, seg, torch.ones_like(seg))
         k = torch.minimum(budgets.to(device=device, dtype=torch.int64).clamp_min(0), dev_counts)
         meta = torch.cat([dev_counts, k]).cpu()  # the one host sync: G counts and G clamped budgets
-        counts_h, k_h = meta[:G], meta[G:]
-
-    # Block plan on the host (vectorised over the G segments on small CPU tensors; the scalars it needs
-    # are read in two batched reads of host tensors, never from the device).
-    mb = n if max_block is None else min(int(max_block), n)
-    nb_h = (counts_h + mb - 1) // mb  # blocks per segment, 0 when empty
-    total, B, split = torch.stack([k_h.sum(), nb_h.sum(), (nb_h > 1).any().long()]).tolist()
-    if total == 0:
+        known = SegmentBudgets(meta[:G], meta[G:])
+    blocks = known.prepared.get("dpp")
+    if blocks is None or blocks.max_block != max_block:
+        blocks = plan_dpp_blocks(known.counts, known.host, max_block)
+    if blocks.total == 0:
         return torch.zeros(0, dtype=torch.int64, device=device)
-    block_seg = torch.repeat_interleave(torch.arange(G), nb_h, output_size=B)
-    block_offset_h = torch.cumsum(nb_h, 0) - nb_h
-    bl = torch.arange(B) - block_offset_h[block_seg]
-    ng, nbg, kg = counts_h[block_seg], nb_h[block_seg], k_h[block_seg]
-    start, end = (bl * ng) // nbg, ((bl + 1) * ng) // nbg
-    block_budget_h = (kg * end) // ng - (kg * start) // ng  # cumulative floors: sum to k_g
-    n_blk, steps = torch.stack([(end - start).max(), block_budget_h.max()]).tolist()
-    seg_start_h = torch.cumsum(counts_h, 0) - counts_h
-    small = torch.cat([seg_start_h, block_offset_h, nb_h, counts_h.clamp_min(1), block_budget_h])
-    # Host-to-device without waiting for the device (the host tensor is not reused afterwards).
-    small = small.to(device, non_blocking=True)
+    small = blocks.on(device)
     seg_start, block_offset, nb, counts_safe = small[:G], small[G : 2 * G], small[2 * G : 3 * G], small[3 * G : 4 * G]
     block_budget = small[4 * G :]
+    B, n_blk, steps, split, total = blocks.blocks, blocks.block_size, blocks.steps, blocks.split, blocks.total
 
     # Position of every token inside its segment (stable by token index), then its block and slot.
     order = torch.sort(seg, stable=True).indices

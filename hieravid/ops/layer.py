@@ -10,16 +10,18 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from hieravid.ops.budget import segment_budgets
+from hieravid.ops.budget import SegmentBudgets, segment_budgets
+from hieravid.ops.dpp import plan_dpp_blocks
 from hieravid.ops.relevance import RelevanceSign, normalize_relevance
 from hieravid.ops.selectors import select_tokens
-from hieravid.policy import DynamicBudget, SelectorConfig
+from hieravid.policy import DppSelector, DynamicBudget, SelectorConfig
 
 __all__ = [
     "FrameLevelResult",
     "FrameStage",
     "compose_keep",
     "frame_level",
+    "stage_budgets",
     "stage_keep_fractions",
 ]
 
@@ -102,6 +104,7 @@ def frame_level(
     stage: FrameStage,
     *,
     host_meta: tuple[Tensor, Tensor] | None = None,
+    budgets: SegmentBudgets | None = None,
 ) -> FrameLevelResult:
     """One frame-level stage on the video tokens of one sample.
 
@@ -119,6 +122,8 @@ def frame_level(
         host_meta: optional ``(counts, marginal_values)`` already on the host: ``[G]`` int64 token count of each
             segment (must equal the counts of ``segment_ids``) and ``[G]`` float64 marginal values; the call then
             does not synchronise (otherwise it reads both once).
+        budgets: the stage's budgets computed ahead (:func:`stage_budgets`, uploaded with any selector plan); the
+            call then neither reads nor copies anything to the device.
 
     Returns:
         A :class:`FrameLevelResult`.
@@ -130,30 +135,37 @@ def frame_level(
     G = marginal_values.shape[0]
     seg = segment_ids.to(device=device, dtype=torch.int64)
     relevance = normalize_relevance(attention.to(device), stage.relevance_sign)
-    if host_meta is not None:
-        counts_h, marginal_h = host_meta[0].to(torch.int64), host_meta[1].to(torch.float64)
-        if counts_h.shape != (G,) or marginal_h.shape != (G,):
-            raise ValueError(
-                f"host_meta must hold two [{G}] tensors, got {tuple(counts_h.shape)}, {tuple(marginal_h.shape)}"
-            )
-    else:
-        counts = torch.zeros(G, dtype=torch.int64, device=device).index_add_(0, seg, torch.ones_like(seg))
-        # One host sync: counts and marginal values come to the host, the budgets are computed there.
-        meta = torch.cat([counts.double(), marginal_values.to(device=device, dtype=torch.float64)]).cpu()
-        counts_h, marginal_h = meta[:G].long(), meta[G:]
+    if budgets is None:
+        if host_meta is not None:
+            counts_h, marginal_h = host_meta[0].to(torch.int64), host_meta[1].to(torch.float64)
+            if counts_h.shape != (G,) or marginal_h.shape != (G,):
+                raise ValueError(
+                    f"host_meta must hold two [{G}] tensors, got {tuple(counts_h.shape)}, {tuple(marginal_h.shape)}"
+                )
+        else:
+            counts = torch.zeros(G, dtype=torch.int64, device=device).index_add_(0, seg, torch.ones_like(seg))
+            # One host sync: counts and marginal values come to the host, the budgets are computed there.
+            meta = torch.cat([counts.double(), marginal_values.to(device=device, dtype=torch.float64)]).cpu()
+            counts_h, marginal_h = meta[:G].long(), meta[G:]
+        budgets = stage_budgets(stage, counts_h, marginal_h)
+    local = select_tokens(stage.selector, hidden, relevance, seg, budgets, counts=budgets.counts)
+    return FrameLevelResult(
+        local_keep=local, segment_ids_kept=seg[local], budgets=budgets.on(device), host_budgets=budgets.host
+    )
+
+
+def stage_budgets(stage: FrameStage, counts: Tensor, marginal_values: Tensor) -> SegmentBudgets:
+    """The per-segment budgets of a stage from the host counts and marginal values (``[G]`` each), with the
+    selector's host-side plan when it has one (the DPP's blocks), ready to be uploaded."""
     budget = stage.budget
-    budgets = segment_budgets(
-        counts_h,
-        marginal_h,
+    host = segment_budgets(
+        counts,
+        marginal_values,
         stage.prune_ratio,
         dynamic=budget is not None,
         **({} if budget is None else {"scale": budget.scale, "min_keep": budget.min_keep, "max_keep": budget.max_keep}),
     )
-    local = select_tokens(stage.selector, hidden, relevance, seg, budgets, counts=counts_h)
-    # A host-to-device copy that does not wait for the device (the host tensor is not reused).
-    return FrameLevelResult(
-        local_keep=local,
-        segment_ids_kept=seg[local],
-        budgets=budgets.to(device, non_blocking=True),
-        host_budgets=budgets,
-    )
+    budgets = SegmentBudgets(counts.to(torch.int64), host)
+    if isinstance(stage.selector, DppSelector):
+        budgets.prepared["dpp"] = plan_dpp_blocks(budgets.counts, host, stage.selector.max_block)
+    return budgets

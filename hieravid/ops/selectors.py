@@ -4,8 +4,11 @@ Every selector has the signature
 ``(features, relevance, segment_ids, budgets, config, *, counts=None) -> LongTensor`` and returns
 ascending local indices of the kept tokens, ``min(budgets[g], n_g)`` of them per segment ``g``.
 Selectors are vectorised over segments (sorts and cumulative sums, no Python loop over segments). Sizing
-the output needs the total ``Σ_g min(budgets[g], n_g)``: with ``counts`` (``[G]`` segment sizes) and
-``budgets`` on the host a selector never synchronises with the device, otherwise it reads the total once.
+the output needs the total ``Σ_g min(budgets[g], n_g)``: ``budgets`` is a ``[G]`` tensor, or a
+:class:`~hieravid.ops.budget.SegmentBudgets` holding the host budgets and counts with their device copy (what the
+runtime passes: then a selector neither reads nor copies anything to the device, and the stage can be captured in a
+CUDA graph); with host ``counts`` and host ``budgets`` a selector never reads the device, otherwise it reads the
+total once.
 
 Built-in: :class:`~hieravid.policy.DppSelector` (HieraVid), ``TopkRelevanceSelector``,
 ``BinnedRelevanceSelector``, ``UniformSelector``, ``RandomSelector``. A new selector is a config class
@@ -23,6 +26,7 @@ from torch import Tensor
 
 from hieravid.ops._registry import OperatorRegistry
 from hieravid.ops._util import mask_to_indices, sanitize_scores
+from hieravid.ops.budget import SegmentBudgets, as_budgets
 from hieravid.ops.dpp import dpp_select
 from hieravid.policy import (
     BinnedRelevanceSelector,
@@ -85,74 +89,72 @@ def select_tokens(
     return SELECTORS.lookup(config)(features, relevance, segment_ids, budgets, config, counts=counts)
 
 
-def _total(k: Tensor, budgets: Tensor, counts: Tensor | None) -> int:
-    """``Σ_g min(budgets[g], n_g)``: on the host from host ``budgets`` and ``counts``, else read from ``k``."""
-    if counts is not None and counts.device.type == "cpu" and budgets.device.type == "cpu":
-        if counts.shape != budgets.shape:
-            raise ValueError(f"counts must have shape {tuple(budgets.shape)}, got {tuple(counts.shape)}")
-        return int(torch.minimum(budgets.to(torch.int64).clamp_min(0), counts.to(torch.int64)).sum())
-    return int(k.sum())  # one host sync
+Budgets = Tensor | SegmentBudgets
+
+
+def _groups(budgets: Budgets) -> Tensor:
+    return budgets.host if isinstance(budgets, SegmentBudgets) else budgets
+
+
+def _clamped(budgets: Budgets, counts: Tensor | None, sizes: Tensor) -> tuple[Tensor, int]:
+    """Per-segment budgets clamped to the segment ``sizes`` (on the tokens' device) and their total: from the host
+    when the budgets and counts are known there (no device read), else read once from the device."""
+    known = as_budgets(budgets, counts)
+    if known is not None:
+        return known.on(sizes.device), known.total
+    k = torch.minimum(budgets.to(device=sizes.device, dtype=torch.int64).clamp_min(0), sizes)
+    return k, int(k.sum())  # one host sync
 
 
 def _positional_layout(
     features: Tensor,
     relevance: Tensor,
     segment_ids: Tensor,
-    budgets: Tensor,
+    budgets: Budgets,
     counts: Tensor | None = None,
 ) -> tuple[int, torch.device, Tensor, Tensor, int, Tensor, Tensor, Tensor] | None:
     """Shared start of the position-based selectors: validate, then per token its in-segment position,
     segment id, the total budget, its segment's size and budget (None when nothing can be selected)."""
     n = _check(features, relevance, segment_ids, budgets)
     device = features.device
-    if n == 0 or budgets.shape[0] == 0:
+    G = _groups(budgets).shape[0]
+    if n == 0 or G == 0:
         return None
-    host_counts = counts
-    pos, counts, k = _segment_layout(segment_ids, budgets, device)
     seg = segment_ids.to(device=device, dtype=torch.int64)
-    return n, device, pos, seg, _total(k, budgets, host_counts), counts[seg], k[seg], k
-
-
-def _segment_layout(segment_ids: Tensor, budgets: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token in-segment position (by token index), segment size, and clamped per-segment budgets."""
-    G = budgets.shape[0]
-    n = segment_ids.shape[0]
-    seg = segment_ids.to(device=device, dtype=torch.int64)
-    counts = torch.zeros(G, dtype=torch.int64, device=device).index_add_(0, seg, torch.ones_like(seg))
-    k = torch.minimum(budgets.to(device=device, dtype=torch.int64, non_blocking=True).clamp_min(0), counts)
+    sizes = torch.zeros(G, dtype=torch.int64, device=device).index_add_(0, seg, torch.ones_like(seg))
+    k, total = _clamped(budgets, counts, sizes)
     order = torch.sort(seg, stable=True).indices
-    seg_start = torch.cumsum(counts, 0) - counts
+    seg_start = torch.cumsum(sizes, 0) - sizes
     pos = torch.empty_like(seg)
     pos[order] = torch.arange(n, device=device) - seg_start[seg[order]]
-    return pos, counts, k
+    return n, device, pos, seg, total, sizes[seg], k[seg], k
 
 
-def _check(features: Tensor, relevance: Tensor, segment_ids: Tensor, budgets: Tensor) -> int:
+def _check(features: Tensor, relevance: Tensor, segment_ids: Tensor, budgets: Budgets) -> int:
     n = segment_ids.shape[0]
     if segment_ids.dim() != 1 or relevance.shape != (n,) or features.shape[:1] != (n,):
         raise ValueError(
             f"features {tuple(features.shape)}, relevance {tuple(relevance.shape)} and segment_ids "
             f"{tuple(segment_ids.shape)} must agree on the token count"
         )
-    if budgets.dim() != 1:
-        raise ValueError(f"budgets must be 1-D, got shape {tuple(budgets.shape)}")
+    if _groups(budgets).dim() != 1:
+        raise ValueError(f"budgets must be 1-D, got shape {tuple(_groups(budgets).shape)}")
     return n
 
 
-def _topk_by_score(scores: Tensor, segment_ids: Tensor, budgets: Tensor, host_counts: Tensor | None = None) -> Tensor:
+def _topk_by_score(scores: Tensor, segment_ids: Tensor, budgets: Budgets, host_counts: Tensor | None = None) -> Tensor:
     """Per segment, the ``k_g`` highest scores (ties → lower index); ascending indices."""
     device = scores.device
     n = scores.shape[0]
-    G = budgets.shape[0]
+    G = _groups(budgets).shape[0]
     if n == 0 or G == 0:
         return torch.zeros(0, dtype=torch.int64, device=device)
     seg = segment_ids.to(device=device, dtype=torch.int64)
-    counts = torch.zeros(G, dtype=torch.int64, device=device).index_add_(0, seg, torch.ones_like(seg))
-    k = torch.minimum(budgets.to(device=device, dtype=torch.int64, non_blocking=True).clamp_min(0), counts)
-    total = _total(k, budgets, host_counts)
+    sizes = torch.zeros(G, dtype=torch.int64, device=device).index_add_(0, seg, torch.ones_like(seg))
+    k, total = _clamped(budgets, host_counts, sizes)
     by_score = torch.sort(sanitize_scores(scores), descending=True, stable=True).indices
     by_seg = by_score[torch.sort(seg[by_score], stable=True).indices]  # (segment, score desc, index)
-    seg_start = torch.cumsum(counts, 0) - counts
+    seg_start = torch.cumsum(sizes, 0) - sizes
     rank = torch.arange(n, device=device) - seg_start[seg[by_seg]]
     keep = torch.zeros(n, dtype=torch.bool, device=device)
     keep[by_seg] = rank < k[seg[by_seg]]

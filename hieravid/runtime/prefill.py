@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from hieravid.ops.budget import SegmentBudgets
 from hieravid.ops.peers import input_level
 from hieravid.runtime.packing import CONTENT, NEWLINE, PAD, TEXT, gather_positions, gather_rows, pack_rows
 from hieravid.runtime.state import Coords, Request, SampleCounts, SampleRecord
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from hieravid.ops import GraphCache
     from hieravid.plan import PruningPlan
 
-__all__ = ["prune_inputs"]
+__all__ = ["prune_inputs", "schedule_stages"]
 
 
 def prune_inputs(
@@ -121,6 +122,7 @@ def prune_inputs(
     right_padded, prompt_unmasked = _read_segment_meta(request, mask2d, to_read)
     if right_padded:
         raise NotImplementedError("right-padded batches are not supported; pad on the left (generate's default)")
+    schedule_stages(request, plan, device)
     index, valid = pack_rows(keep_all, kind_stack, counts, query_rows)
     positions0 = torch.arange(index.shape[1], device=device).unsqueeze(0).expand(batch, -1)
     request.coords = [
@@ -152,6 +154,53 @@ def prune_inputs(
         embeds[sample, target] = features.to(embeds.dtype)
     kwargs["inputs_embeds"] = embeds
     kwargs["position_ids"] = gather_positions(position_ids, index)
+
+
+def schedule_stages(request: Request, plan: PruningPlan, device: torch.device) -> None:
+    """Every stage's per-segment budgets of every sample, computed on the host from the counts and marginal values
+    the input level read (a selector keeps exactly its budgets, so each stage's counts are the previous stage's
+    budgets), then copied to the device in one transfer with the selectors' plans: the stages neither read nor
+    copy anything to the device, which is what lets a prefill be captured in a CUDA graph."""
+    from hieravid.ops.layer import stage_budgets
+
+    counts = [sample.segment_tokens for sample in request.schedule]
+    for stage in plan.stages:
+        row: list[SegmentBudgets | None] = []
+        for sample, sample_counts in enumerate(request.schedule):
+            if not sample_counts.content:
+                row.append(None)
+                continue
+            if stage.per_segment:
+                budgets = stage_budgets(stage, counts[sample], sample_counts.marginal_values)
+                counts[sample] = budgets.host
+            else:
+                total = counts[sample].sum().view(1)
+                budgets = stage_budgets(stage, total, torch.zeros(1, dtype=torch.float64))
+                counts[sample] = budgets.host
+            row.append(budgets)
+        request.budgets.append(row)
+    host: list[Tensor] = []
+    for row in request.budgets:
+        for budgets in row:
+            if budgets is not None:
+                host.append(budgets.host)
+                host.extend(plan.small for plan in budgets.prepared.values())
+    if not host:
+        return
+    flat = torch.cat([tensor.to(torch.int64).flatten() for tensor in host])
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    uploaded = flat.to(device, non_blocking=True)  # the one copy of every stage's budgets and plans
+    offset = 0
+    for row in request.budgets:
+        for budgets in row:
+            if budgets is None:
+                continue
+            budgets.device = uploaded[offset : offset + budgets.host.numel()]
+            offset += budgets.host.numel()
+            for prepared in budgets.prepared.values():
+                prepared.device = uploaded[offset : offset + prepared.small.numel()]
+                offset += prepared.small.numel()
 
 
 def _read_segment_meta(

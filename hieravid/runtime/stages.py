@@ -1,7 +1,8 @@
 """One frame-level stage of a prefill: per sample, the frame level on its video rows, then the new coordinates.
 
-Every count is known on the host (``Request.schedule``): a selector keeps exactly its budgets, so the stage
-only enqueues device work and never waits for the device.
+Every count and budget is known on the host and already on the device (``Request.budgets``, computed before layer
+0): a selector keeps exactly its budgets, so the stage only enqueues device work — it neither waits for the device
+nor copies anything to it.
 """
 
 from __future__ import annotations
@@ -45,61 +46,52 @@ def select_stage(
         coordinate system, and what the stage did.
     """
     coords = request.coords[-1]
-    schedule = request.schedule
     batch = coords.src.shape[0]
     kind = coords.kind
     keep = (kind == TEXT) | ((kind == NEWLINE) & keep_newlines)
-    n_content = [counts.content for counts in schedule]
-    before = [counts.video for counts in schedule]
-    n_base = [counts.text + (counts.newlines if keep_newlines else 0) for counts in schedule]
+    # Host counts of this stage's input: content from its budgets' counts, newlines from the input level.
+    stage_budgets = request.budgets[stage_index]
+    n_content = [int(budgets.counts.sum()) if budgets is not None else 0 for budgets in stage_budgets]
+    newlines = [counts.newlines if stage_index == 0 or keep_newlines else 0 for counts in request.schedule]
+    before = [content + lines for content, lines in zip(n_content, newlines)]
+    n_base = [counts.text + (lines if keep_newlines else 0) for counts, lines in zip(request.schedule, newlines)]
     candidates_all = compact(kind == CONTENT, max(n_content))
     features_all = hidden if "post_attention_hidden" in stage.needs else hidden[..., :0]
     kept: list[int] = []
-    budgets: list[tuple[int, ...]] = []
+    budgets_used: list[tuple[int, ...]] = []
     for sample in range(batch):
-        counts = schedule[sample]
-        if not n_content[sample]:
+        budgets = stage_budgets[sample]
+        if budgets is None or not n_content[sample]:
             kept.append(0)
-            budgets.append(())
+            budgets_used.append(())
             continue
         candidates = candidates_all[sample, : n_content[sample]]
         if stage.per_segment:
             segment_ids = coords.seg[sample, candidates]
             marginal = request.marginal_values[sample]
-            host_meta = (counts.segment_tokens, counts.marginal_values)
         else:
             segment_ids = torch.zeros_like(candidates)
-            marginal = torch.zeros(1, device=hidden.device)
-            host_meta = (counts.segment_tokens.sum().view(1), torch.zeros(1, dtype=torch.float64))
+            marginal = request.marginal_values[sample][:1]
         result = frame_level(
             features_all[sample, candidates],
             attention[sample, candidates],
             segment_ids,
             marginal,
             stage,
-            host_meta=host_meta,
+            budgets=budgets,
         )
         keep[sample].index_fill_(0, candidates[result.local_keep], True)
         kept.append(int(result.local_keep.numel()))
-        host_budgets = result.host_budgets
-        if kept[-1] != int(host_budgets.sum()):
-            # The schedule below relies on it; a shape is known on the host, so checking costs no sync.
+        if kept[-1] != budgets.total:
+            # Later counts rely on it; a shape is known on the host, so checking costs no sync.
             raise AdapterError(
                 f"selector {stage.selector.kind!r} kept {kept[-1]} tokens of sample {sample} at stage "
-                f"{stage_index + 1} (layer {stage.layer}), but its budgets sum to {int(host_budgets.sum())}: a "
+                f"{stage_index + 1} (layer {stage.layer}), but its budgets sum to {budgets.total}: a "
                 "selector must keep exactly min(budgets[g], n_g) tokens of each segment g"
             )
-        budgets.append(tuple(int(value) for value in host_budgets.tolist()))
-        # A selector keeps exactly its (clamped) budgets: the next stage's counts follow on the host.
-        counts.segment_tokens = host_budgets.to(torch.int64) if stage.per_segment else torch.tensor([kept[-1]])
-    if not keep_newlines:
-        for counts in schedule:
-            counts.newlines = 0
+        budgets_used.append(tuple(int(value) for value in budgets.host.tolist()))
     rows = [base + k for base, k in zip(n_base, kept)]
-    after = [
-        k + (video_count - content_count if keep_newlines else 0)
-        for k, video_count, content_count in zip(kept, before, n_content)
-    ]
+    after = [k + (lines if keep_newlines else 0) for k, lines in zip(kept, newlines)]
     selection, valid = pack_rows(keep, kind, rows, stage.query_rows)
     kept_video = keep & (kind != TEXT)
     video_orig = coords.orig.gather(1, compact(kept_video, max(after)))
@@ -118,7 +110,7 @@ def select_stage(
         prune_point=stage.prune_point,
         video_tokens_before=tuple(before),
         video_tokens_after=tuple(after),
-        budgets=tuple(budgets),
+        budgets=tuple(budgets_used),
         kept_positions=tuple(video_orig[sample, : after[sample]] for sample in range(batch)),
         sequence_length=int(selection.shape[1]),
     )

@@ -232,7 +232,10 @@ class Request:
     coords: list[Coords] = field(default_factory=list)
     marginal_values: list[Tensor] = field(default_factory=list)
     schedule: list[SampleCounts] = field(default_factory=list)
-    """Per sample, its row counts on the host: what lets the frame-level stages run without a device sync."""
+    """Per sample, its row counts on the host as the input level left them."""
+    budgets: list[list[Any]] = field(default_factory=list)
+    """Per stage, per sample, its :class:`~hieravid.ops.budget.SegmentBudgets` (None without video), computed before
+    layer 0 and uploaded in one copy: what lets the stages run without reading or copying to the device."""
     mask2d: Tensor | None = None
     """The current call's 2-D attention mask in original coordinates (bool)."""
     prompt_unmasked: bool = False
