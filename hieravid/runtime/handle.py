@@ -10,12 +10,13 @@ from torch import nn
 
 from hieravid.errors import AdapterError, PlanError
 from hieravid.runtime.engine import Pruner
+from hieravid.runtime.overrides import Overrides, check_speedup_mode, select_speedups
 from hieravid.runtime.registry import get_adapter
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
-    from hieravid.adapters.base import Adapter
+    from hieravid.adapters.base import Adapter, Speedup
     from hieravid.plan import PruningPlan
     from hieravid.policy import Policy
     from hieravid.runtime.state import RequestStats
@@ -32,19 +33,32 @@ class PruningHandle:
         adapter: the adapter instance handling the architecture.
     """
 
-    def __init__(self, model: nn.Module, adapter: Adapter, plan: PruningPlan, *, cuda_graphs: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        plan: PruningPlan,
+        *,
+        cuda_graphs: bool = False,
+        speedups: str = "exact",
+    ) -> None:
+        self._speedup_mode = check_speedup_mode(speedups)
         self.model = model
         self.adapter = adapter
         self.plan = plan
         self._pruner = Pruner(model, adapter, plan, cuda_graphs=cuda_graphs)
         self._pruner.handle = self  # type: ignore[attr-defined]
         self._hooks: list[RemovableHandle] = []
+        self._overrides = Overrides()
         self._active = False
 
     # -------------------------------------------------------------- lifecycle
     def _install(self) -> None:
         try:
             self._pruner.install(self._register)
+            # After the hooks; chosen now (not at construction) so that a replaced handle's are already gone.
+            self._overrides = Overrides(select_speedups(self.adapter, self._speedup_mode))
+            self._overrides.install()
         except BaseException:
             self._remove_hooks()
             raise
@@ -69,6 +83,10 @@ class PruningHandle:
                 errors.append(error)
         self._pruner.request = None
         self._pruner.pending_call = None
+        try:
+            self._overrides.remove()
+        except BaseException as error:  # pragma: no cover - restoring a dict entry does not raise
+            errors.append(error)
         if errors:  # pragma: no cover
             raise errors[0]
 
@@ -93,6 +111,11 @@ class PruningHandle:
     def last_request(self) -> RequestStats | None:
         """Statistics of the latest prefill (realised kept counts per stage, segments, layouts, ...)."""
         return self._pruner.last_stats
+
+    @property
+    def speedups(self) -> tuple[Speedup, ...]:
+        """The speedups installed with the plan (see ``apply(..., speedups=...)``)."""
+        return self._overrides.installed
 
     @property
     def num_hooks(self) -> int:
@@ -158,6 +181,7 @@ def apply(
     *,
     replace: bool = False,
     cuda_graphs: bool = False,
+    speedups: str = "exact",
 ) -> PruningHandle:
     """Install a pruning policy (or a compiled plan) on a transformers model.
 
@@ -172,6 +196,12 @@ def apply(
             prefill: ~3 ms of a 7B prefill at 32 frames on an H100). Each graph keeps its buffers (about
             three times the video's embeddings, ~0.1–0.2 GiB at 32 frames) until the handle is removed,
             which is why it is off by default: pruning then never needs more memory than the unpruned model.
+        speedups: the adapter's vision-side speedups installed with the plan (even a plan that prunes
+            nothing), removed with it: ``"exact"`` (default) installs those that keep outputs bit-identical
+            (LLaVA-OneVision: pooling without a layout copy; Qwen2-VL / Qwen2.5-VL: one SDPA call per window
+            length instead of one per window); ``"all"`` adds opt-in ones that change numerics within a
+            documented tolerance (``torch.compile`` of the vision tower); ``"none"`` keeps the stock model.
+            ``handle.speedups`` lists what was installed.
 
     Returns:
         A :class:`PruningHandle`; ``handle.remove()`` (or leaving a ``with`` block) restores the model.
@@ -180,7 +210,8 @@ def apply(
         AdapterError: unsupported model type (the message lists the supported ones), a plan already
             installed and ``replace`` False, or a model the adapter cannot handle.
         PolicyError / PlanError: invalid policy, or a plan infeasible for this model — raised before any
-            hook is installed. A failure leaves the model exactly as it was.
+            hook is installed. A speedup that cannot be installed (its attribute already overridden by
+            someone else) raises AdapterError. A failure leaves the model exactly as it was.
     """
     model_type = _model_type(model)
     adapter_class = get_adapter(model_type)
@@ -193,7 +224,7 @@ def apply(
     adapter = adapter_class(model)
     adapter.validate()
     plan = _resolve_plan(policy_or_plan, model, adapter, model_type)
-    handle = PruningHandle(model, adapter, plan, cuda_graphs=cuda_graphs)
+    handle = PruningHandle(model, adapter, plan, cuda_graphs=cuda_graphs, speedups=speedups)
     if existing is not None:
         existing.remove()
     try:
