@@ -185,11 +185,61 @@ def test_select_speedups_by_mode() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- apply
+def _instance_state(model: nn.Module) -> dict[str, object]:
+    """Every module's and config's instance attribute names and values (by identity): what a speedup may touch."""
+    state: dict[str, object] = {}
+    for name, module in model.named_modules():
+        state[f"module:{name}"] = {key: id(value) for key, value in vars(module).items()}
+        config = getattr(module, "config", None)
+        if config is not None:
+            for key, sub in [("", config), *((k, getattr(config, k, None)) for k in ("vision_config", "text_config"))]:
+                if sub is not None:
+                    state[f"config:{name}:{key}"] = dict(vars(sub))
+    return state
+
+
+def test_speedups_none_is_the_stock_model(tiny_sdpa):
+    model = tiny_sdpa.model
+    before = _instance_state(model)
+    with apply(model, NONE, speedups="none") as handle:
+        assert handle.speedups == ()
+        assert _instance_state(model) == before
+
+
 def test_bad_speedup_mode_is_refused_before_any_hook(tiny_llava):
     model = tiny_llava.model
     with pytest.raises(ValueError, match="speedups must be one of"):
         apply(model, NONE, speedups="fastest")
     assert find_handle(model) is None
+
+
+def test_a_speedup_already_overridden_by_someone_else_fails_apply_cleanly(tiny_llava):
+    model = tiny_llava.model
+    module = model.model
+    module.apply_pooling = types.MethodType(type(module).apply_pooling, module)  # another library's patch
+    try:
+        before = _instance_state(model)
+        hooks = {name: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for name, m in model.named_modules()}
+        with pytest.raises(AdapterError, match=r"onevision-pooling-channels-last.*already overridden"):
+            apply(model, NONE)
+        assert find_handle(model) is None and _instance_state(model) == before
+        assert hooks == {
+            name: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for name, m in model.named_modules()
+        }
+        with apply(model, NONE, speedups="none") as handle:  # the stock path still works
+            assert handle.speedups == ()
+    finally:
+        del module.apply_pooling
+
+
+def test_replace_moves_the_speedups_to_the_new_handle(tiny_llava):
+    model = tiny_llava.model
+    first = apply(model, NONE)
+    assert [s.name for s in first.speedups] == ["onevision-pooling-channels-last"]
+    second = apply(model, HIERAVID_30, replace=True)
+    assert first.speedups == () and [s.name for s in second.speedups] == ["onevision-pooling-channels-last"]
+    second.remove()
+    assert "apply_pooling" not in vars(model.model)
 
 
 def test_warnings_free_lifecycle(tiny_sdpa):
