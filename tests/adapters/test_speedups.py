@@ -2,11 +2,15 @@
 
 * LLaVA-OneVision: ``apply_pooling`` without the NCHW copy (channels-last interpolate), against the stock method
   over grids, channels, frames and dtypes, and whole-model outputs with ``policies/none.yaml``;
+* Qwen2-VL / Qwen2.5-VL: one SDPA call per window length (:func:`batched_window_attention`), tower outputs over
+  grids that are and are not multiples of the window, several videos per call, fp32 and bf16, mixes of full
+  and windowed blocks, and whole-model outputs;
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import types
 from pathlib import Path
@@ -14,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from hieravid.errors import AdapterError
 from hieravid.runtime import apply
-from hieravid.runtime.overrides import select_speedups
+from hieravid.runtime.overrides import Overrides, select_speedups
 
 ROOT = Path(__file__).resolve().parents[2]
 NONE = ROOT / "policies" / "none.yaml"
@@ -119,9 +124,148 @@ def test_a_model_with_its_own_pooling_is_left_alone(tiny_builders):
     assert [s.name for s in select_speedups(adapter, "exact")] == ["onevision-pooling-channels-last"]
 
 
-def test_every_speedup_is_described(tiny_sdpa):
+# ============================================================================================ Qwen2-VL / 2.5-VL
+QWEN_TOWERS = {
+    "qwen2_vl": {},
+    # The real config's mix (fullatt_block_indexes [7, 15, 23, 31] of 32) in small: windowed, full, windowed, full.
+    "qwen2_5_vl": {"depth": 4, "fullatt_block_indexes": [1, 3]},
+    # A window of 3 merged tokens per side (window_size 12 / patch 2 / merge 2): more mixed lengths.
+    "qwen2_5_vl-w3": {"depth": 2, "fullatt_block_indexes": [1], "window_size": 12},
+}
+GRIDS = {
+    "one-length": [[2, 8, 8]],  # Qwen2.5-VL: 4×4 merged tokens, 2×2-token windows: every window 16 tokens
+    "mixed-run": [[1, 6, 10]],  # 3×5 merged tokens: 16, 16, 8 | 8, 8, 4 (equal lengths in runs)
+    "mixed-scattered": [[1, 10, 10]],  # 5×5: 16, 16, 8, 16, 16, 8, 8, 8, 4 (equal lengths apart)
+    "several-videos": [[3, 10, 6], [1, 4, 4], [2, 14, 8]],
+    "repeated-size": [[1, 4, 4], [1, 6, 6], [1, 4, 4]],  # Qwen2-VL: equal lengths apart
+    "tiny": [[1, 2, 2]],
+}
+_TOWERS: dict[str, torch.nn.Module] = {}
+
+
+def _qwen_model(name: str, tiny_builders: object) -> torch.nn.Module:
+    """A tiny Qwen model (the conftest configuration) with the vision settings of ``QWEN_TOWERS[name]``."""
+    if name not in _TOWERS:
+        architecture = name.split("-")[0]
+        config = copy.deepcopy(tiny_builders.tiny_case(architecture, "sdpa").model.config)
+        for key, value in QWEN_TOWERS[name].items():
+            setattr(config.vision_config, key, value)
+        torch.manual_seed(0)
+        model_class = tiny_builders.model_class(architecture)
+        _TOWERS[name] = model_class._from_config(config, attn_implementation="sdpa").eval()
+    return _TOWERS[name]
+
+
+def _adapter(model: torch.nn.Module) -> object:
     from hieravid.runtime.registry import get_adapter
 
-    for speedup in select_speedups(get_adapter(tiny_sdpa.model.config.model_type)(tiny_sdpa.model), "all"):
+    return get_adapter(model.config.model_type)(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("grid", list(GRIDS), ids=list(GRIDS))
+@pytest.mark.parametrize("tower", list(QWEN_TOWERS))
+def test_batched_window_attention_is_bit_identical(tower, grid, dtype, tiny_builders, monkeypatch):
+    model = _qwen_model(tower, tiny_builders).to(dtype)
+    visual = model.model.visual
+    grid_thw = torch.tensor(GRIDS[grid])
+    patches = int((grid_thw[:, 0] * grid_thw[:, 1] * grid_thw[:, 2]).sum())
+    pixels = torch.randn(patches, 3 * 2 * 2 * 2, generator=torch.Generator().manual_seed(len(grid))).to(dtype)
+    windows: list[list[int]] = []  # per block call: the window lengths its attention receives
+
+    def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        windows.append(torch.diff(kwargs["cu_seqlens"]).tolist())
+
+    calls: list[int] = []  # per SDPA call: its batch (windows stacked)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(query: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(int(query.shape[0]))
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    hooks = [block.attn.register_forward_pre_hook(record, with_kwargs=True) for block in visual.blocks]
+    try:
+        with torch.no_grad():
+            stock = visual(pixels, grid_thw=grid_thw).pooler_output
+            stock_calls, calls[:] = list(calls), []
+            overrides = Overrides(select_speedups(_adapter(model), "exact"))
+            overrides.install()
+            try:
+                assert model.config.vision_config._attn_implementation == "hieravid_flash_windows"
+                assert model.config.text_config._attn_implementation == "sdpa"  # the language model is untouched
+                fast = visual(pixels, grid_thw=grid_thw).pooler_output
+            finally:
+                overrides.remove()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    assert fast.dtype == stock.dtype and torch.equal(fast, stock)
+    per_block = windows[: len(visual.blocks)]
+    assert windows[len(visual.blocks) :] == per_block  # both runs saw the same windows
+    # Before: one SDPA call per window. Now: one per distinct window length and block, stacking every window.
+    assert stock_calls == [1] * sum(len(lengths) for lengths in per_block)
+    assert len(calls) == sum(len(set(lengths)) for lengths in per_block)
+    assert sum(calls) == len(stock_calls)
+
+
+@pytest.mark.parametrize("architecture", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_whole_model_is_bit_identical_with_mixed_windows(architecture, tiny_builders):
+    """``policies/none.yaml`` with exact speedups equals the unpatched model, on a grid (6×10 patches) whose
+    Qwen2.5-VL windows have mixed lengths, and with two videos of different sizes in one batch."""
+    base = tiny_builders.tiny_case(architecture, "sdpa")
+    model = base.model
+    for rows, cols in ((3, 5), (4, 4)):
+        case = dataclasses.replace(base, rows=rows, cols=cols)
+        inputs = case.inputs(batch=2, pads=(0, 4), frames=(8, 6), seed=9)
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            with apply(model, NONE) as handle:
+                assert [s.name for s in handle.speedups] == ["vision-window-attention-batched"]
+                assert torch.equal(model(**inputs).logits, logits)
+                generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+            assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), generated)
+    assert model.config.vision_config._attn_implementation == "sdpa"
+
+
+def test_window_attention_only_where_it_is_exact(tiny_builders):
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+
+    case = tiny_builders.tiny_case("qwen2_5_vl", "eager")
+    assert [s.name for s in select_speedups(_adapter(case.model), "exact")] == []  # eager: nothing to batch
+    model = tiny_builders.tiny_case("qwen2_5_vl", "sdpa").model
+    attention = model.model.visual.blocks[0].attn
+
+    class Patched(modeling_qwen2_5_vl.Qwen2_5_VLVisionAttention):
+        pass
+
+    attention.__class__ = Patched
+    try:  # a subclass may route attention differently: not offered
+        assert [s.name for s in select_speedups(_adapter(model), "exact")] == []
+    finally:
+        attention.__class__ = modeling_qwen2_5_vl.Qwen2_5_VLVisionAttention
+    assert [s.name for s in select_speedups(_adapter(model), "exact")] == ["vision-window-attention-batched"]
+
+
+def test_window_attention_refuses_unpacked_calls_and_foreign_registrations(monkeypatch):
+    from transformers import AttentionInterface
+
+    from hieravid.adapters.qwen2_vl import WINDOW_ATTENTION, batched_window_attention, register_window_attention
+
+    query = torch.randn(1, 2, 4, 8)
+    with pytest.raises(AdapterError, match="needs cu_seq_lens_q"):
+        batched_window_attention(torch.nn.Module(), query, query, query)
+    with pytest.raises(AdapterError, match="cover"):
+        batched_window_attention(torch.nn.Module(), query, query, query, cu_seq_lens_q=torch.tensor([0, 3]))
+    assert register_window_attention() == WINDOW_ATTENTION == register_window_attention()  # idempotent
+    assert "flash" in WINDOW_ATTENTION and not any(c.isdigit() for c in WINDOW_ATTENTION)
+    monkeypatch.setitem(AttentionInterface._global_mapping, WINDOW_ATTENTION, lambda *a, **k: None)
+    with pytest.raises(AdapterError, match="registered to"):
+        register_window_attention()
+
+
+def test_every_speedup_is_described(tiny_sdpa):
+    for speedup in select_speedups(_adapter(tiny_sdpa.model), "all"):
         assert speedup.reason and speedup.name and not isinstance(speedup.owner, type)
         assert speedup.exact

@@ -198,6 +198,30 @@ def _instance_state(model: nn.Module) -> dict[str, object]:
     return state
 
 
+def test_apply_installs_exact_speedups_even_when_nothing_is_pruned_and_remove_restores(tiny):
+    model = tiny.model
+    inputs = tiny.inputs(seed=3)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    with apply(model, NONE), torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference)
+    before = _instance_state(model)  # (a forward may set attributes of its own, e.g. Qwen2-VL's rope_deltas)
+    handle = apply(model, NONE)
+    names = [speedup.name for speedup in handle.speedups]
+    if tiny.architecture.startswith("llava"):
+        assert names == ["onevision-pooling-channels-last"]
+    elif tiny.attention == "sdpa":
+        assert names == ["vision-window-attention-batched"]
+    else:  # eager vision attention has no per-window SDPA loop to batch
+        assert names == []
+    assert all(speedup.exact for speedup in handle.speedups)
+    if names:
+        assert _instance_state(model) != before
+    handle.remove()
+    assert _instance_state(model) == before
+    assert handle.speedups == ()
+
+
 def test_speedups_none_is_the_stock_model(tiny_sdpa):
     model = tiny_sdpa.model
     before = _instance_state(model)
