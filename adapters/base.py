@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from hieravid.errors import AdapterError
 
-__all__ = ["ABSENT", "Adapter", "MultimodalCall", "Speedup", "VideoLayout"]
+__all__ = ["ABSENT", "Adapter", "CompiledForward", "MultimodalCall", "Speedup", "VideoLayout", "compile_speedup"]
 
 
 class _Absent:
@@ -191,6 +191,38 @@ class MultimodalCall:
         from hieravid.runtime.compat import video_encoder_output
 
         return video_encoder_output(self.kwargs)
+
+
+class CompiledForward:
+    """A module's class ``forward`` under ``torch.compile``, compiled on its first call (``torch.compile``'s
+    defaults; a new input shape recompiles, then shapes become dynamic). Removing the override restores
+    eager execution: the compiled code is only entered through this object."""
+
+    def __init__(self, module: nn.Module, **options: Any) -> None:
+        import functools
+
+        self._forward = type(module).forward.__get__(module, type(module))
+        self._options = options
+        self._compiled: Any = None
+        functools.update_wrapper(self, self._forward)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._compiled is None:
+            self._compiled = torch.compile(self._forward, **self._options)
+        return self._compiled(*args, **kwargs)
+
+
+def compile_speedup(module: nn.Module, what: str) -> Speedup:
+    """The opt-in (not exact) speedup that runs ``module``'s forward through ``torch.compile``."""
+    return Speedup(
+        name="compile-vision-tower",
+        owner=module,
+        attribute="forward",
+        value=CompiledForward(module),
+        exact=False,
+        reason=f"torch.compile of the {what}'s forward fuses its elementwise work; fused kernels round "
+        "differently (features within 1e-5 relative error in fp32 on CPU; SigLIP in bf16 on an H200: 1.4e-2)",
+    )
 
 
 class Adapter:

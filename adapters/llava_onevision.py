@@ -20,7 +20,7 @@ features to NCHW (``.contiguous()``) before the bilinear ``interpolate``, which 
 — 46.5 ms of bf16 work at 32 frames on an H200 on a 3,584-channel 27×27 grid. Interpolating the permuted
 view instead (channels-last memory) computes the same values with the channels-last kernel in 0.25 ms:
 :func:`apply_pooling_channels_last` is installed on the model instance by default (exact, checked
-bit-identical on CPU and GPU).
+bit-identical on CPU and GPU). ``speedups="all"`` also compiles the SigLIP tower (not exact).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from hieravid.errors import AdapterError
 
-from .base import Adapter, MultimodalCall, Speedup, VideoLayout
+from .base import Adapter, MultimodalCall, Speedup, VideoLayout, compile_speedup
 
 __all__ = ["LlavaOnevisionAdapter", "apply_pooling_channels_last"]
 
@@ -68,7 +68,8 @@ class LlavaOnevisionAdapter(Adapter):
         return getattr(self.multimodal_module(), "vision_tower", None)
 
     def speedups(self) -> list[Speedup]:
-        """Channels-last pooling (exact), when the model uses transformers' own ``apply_pooling``."""
+        """Channels-last pooling (exact), when the model uses transformers' own ``apply_pooling``; ``torch.compile``
+        of the vision tower (opt-in)."""
         from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
 
         module = self.multimodal_module()
@@ -86,6 +87,9 @@ class LlavaOnevisionAdapter(Adapter):
                     "values; 46.5 → 0.25 ms at 32 frames on an H200)",
                 )
             )
+        tower = self.vision_tower()
+        if isinstance(tower, nn.Module):
+            found.append(compile_speedup(tower, "SigLIP vision tower"))
         return found
 
     def pooled_grid(self) -> tuple[int, int]:

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from hieravid.errors import AdapterError
 
-from .base import Adapter, MultimodalCall, Speedup, VideoLayout
+from .base import Adapter, MultimodalCall, Speedup, VideoLayout, compile_speedup
 
 __all__ = ["WINDOW_ATTENTION", "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "batched_window_attention"]
 
@@ -169,7 +169,8 @@ class Qwen2VLAdapter(Adapter):
         return (VisionAttention,)
 
     def speedups(self) -> list[Speedup]:
-        """Batched window attention (exact) when the vision tower runs transformers' own attention with SDPA."""
+        """Batched window attention (exact) when the vision tower runs transformers' own attention with SDPA;
+        ``torch.compile`` of the vision tower (opt-in)."""
         tower = self.vision_tower()
         if not isinstance(tower, nn.Module):
             return []
@@ -198,6 +199,7 @@ class Qwen2VLAdapter(Adapter):
                     replaces="sdpa",
                 )
             )
+        found.append(compile_speedup(tower, "vision transformer"))
         return found
 
     def spatial_merge_size(self) -> int:
