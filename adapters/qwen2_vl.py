@@ -80,7 +80,8 @@ def batched_window_attention(
     Each window meets the same kernel in the same ``[heads, tokens, dim]`` layout (the windows of one
     contiguous run are a view of the packed tensor, scattered windows of one length are gathered by row),
     and SDPA computes batch entries independently. Returns ``[1, S, H, D]`` (what the loop's ``torch.cat``
-    returns). One host read of the window bounds per call, like the loop's ``lengths.tolist()``.
+    returns). The window bounds are read on the host once per ``cu_seq_lens_q`` tensor (see
+    :func:`_window_bounds`): one read per forward and kind of window instead of the loop's one per block.
     """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -97,7 +98,7 @@ def batched_window_attention(
     ):
         raise AdapterError(f"{WINDOW_ATTENTION}: query and key windows differ (cross attention is not supported)")
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    bounds: list[int] = cu_seq_lens_q.tolist()
+    bounds = _window_bounds(cu_seq_lens_q)
     total, heads, dim = query.shape[2], query.shape[1], value.shape[-1]
     if bounds[0] != 0 or bounds[-1] != total:
         raise AdapterError(f"{WINDOW_ATTENTION}: windows cover [{bounds[0]}, {bounds[-1]}) of {total} tokens")
@@ -131,6 +132,22 @@ def batched_window_attention(
             out = attend([r.index_select(0, flat).view(count, length, heads, -1) for r in rows])
             output.index_copy_(0, flat, out.reshape(count * length, heads, dim))
     return output.unsqueeze(0), None
+
+
+_BOUNDS_ATTRIBUTE = "_hieravid_window_bounds"
+
+
+def _window_bounds(cu_seqlens: Tensor) -> list[int]:
+    """``cu_seqlens.tolist()``, read once per tensor: every block of a tower forward receives the same ``cu_seqlens``
+    object (Qwen2.5-VL: one for its full-attention blocks, one for its windowed blocks), so the host reads the
+    device once per forward and kind instead of once per block, and can queue the next blocks' kernels without
+    waiting. The list is kept on the tensor itself (it lives as long as the forward's tensor); transformers never
+    modifies ``cu_seqlens`` in place."""
+    bounds = getattr(cu_seqlens, _BOUNDS_ATTRIBUTE, None)
+    if bounds is None or len(bounds) != cu_seqlens.numel():
+        bounds = cu_seqlens.tolist()
+        setattr(cu_seqlens, _BOUNDS_ATTRIBUTE, bounds)
+    return bounds
 
 
 def register_window_attention() -> str:

@@ -211,6 +211,30 @@ def test_batched_window_attention_is_bit_identical(tower, grid, dtype, tiny_buil
     assert sum(calls) == len(stock_calls)
 
 
+def test_window_bounds_are_read_once_per_forward_and_kind(tiny_builders):
+    """Four blocks (windowed, full, windowed, full): two host reads (the stock loop reads four times)."""
+    from hieravid.diagnostics import SyncSpy
+
+    model = _qwen_model("qwen2_5_vl", tiny_builders).float()
+    grid_thw = torch.tensor([[2, 10, 10]])
+    pixels = torch.randn(200, 3 * 2 * 2 * 2)
+    overrides = Overrides(select_speedups(_adapter(model), "exact"))
+    spy = SyncSpy()
+    with torch.no_grad():
+        stock_spy = SyncSpy()
+        with stock_spy:
+            model.model.visual(pixels, grid_thw=grid_thw)
+        overrides.install()
+        try:
+            with spy:
+                model.model.visual(pixels, grid_thw=grid_thw)
+        finally:
+            overrides.remove()
+    reads = {site: n for site, n in spy.counts.items() if "(_window_bounds)" in site[0]}
+    assert sum(reads.values()) == 2, spy.counts
+    assert sum(stock_spy.counts.values()) > sum(spy.counts.values())
+
+
 @pytest.mark.parametrize("architecture", ["qwen2_vl", "qwen2_5_vl"])
 def test_qwen_whole_model_is_bit_identical_with_mixed_windows(architecture, tiny_builders):
     """``policies/none.yaml`` with exact speedups equals the unpatched model, on a grid (6×10 patches) whose
