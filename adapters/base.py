@@ -19,6 +19,11 @@ An adapter answers four questions about one architecture:
 The runtime (:mod:`hieravid.runtime`) owns hooks, per-request state, masks and the KV cache; an adapter
 never installs hooks and keeps no state besides a reference to its model.
 
+An adapter may also declare *speedups* (:meth:`Adapter.speedups`): instance attributes of the model's
+modules or configs to replace while a handle is installed (e.g. a faster, bit-identical replacement for
+an upstream method). It only describes them (:class:`Speedup`); the runtime installs and removes them
+(:mod:`hieravid.runtime.overrides`).
+
 Third-party adapters subclass :class:`Adapter`, set :attr:`Adapter.model_types`, and are registered
 with :func:`hieravid.runtime.register_adapter` or through the ``hieravid.adapters`` entry-point group
 (see ``CONTRIBUTING.md``).
@@ -37,7 +42,18 @@ from torch import Tensor, nn
 from hieravid.compat import video_encoder_output
 from hieravid.errors import AdapterError
 
-__all__ = ["Adapter", "MultimodalCall", "VideoGeometry", "VideoInputs", "VideoLayout", "config_value"]
+__all__ = [
+    "ABSENT",
+    "Adapter",
+    "CompiledForward",
+    "MultimodalCall",
+    "Speedup",
+    "VideoGeometry",
+    "VideoInputs",
+    "VideoLayout",
+    "compile_speedup",
+    "config_value",
+]
 
 
 def config_value(config: Any, key: str, default: Any = None) -> Any:
@@ -110,6 +126,66 @@ class FramePixels:
 
     def normalised(self, pixels: Tensor) -> Tensor:
         return (pixels * self.rescale - self.mean[:, None, None]) / self.std[:, None, None]
+
+
+class _Absent:
+    """The type of :data:`ABSENT` (one instance)."""
+
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT: Any = _Absent()
+"""No instance attribute: the owner reads the attribute from its class."""
+
+
+@dataclass(frozen=True, eq=False)
+class Speedup:
+    """Replace attribute ``attribute`` of ``owner`` with ``value`` while a handle is installed.
+
+    The override is instance-local: it is an entry in ``owner.__dict__`` (a module *instance* or a config
+    object, never a class), so other instances never see it, and removing it restores the owner exactly —
+    the previous instance value, or no instance attribute at all, so that the class attribute shows
+    through again. :mod:`hieravid.runtime.overrides` installs and removes speedups; adapters only
+    describe them (:meth:`Adapter.speedups`).
+
+    Attributes:
+        name: short identifier, e.g. ``"onevision-pooling-channels-last"``.
+        owner: the module instance or config object whose attribute is replaced.
+        attribute: the instance attribute to set (never a property or another data descriptor of the
+            class: set the instance storage it reads instead).
+        value: what the attribute holds while installed (a bound method, a function, a config value).
+        exact: True when outputs stay bit-identical to the stock model (``apply``'s default
+            ``speedups="exact"`` installs these); False for opt-in speedups that change numerics within a
+            documented tolerance (``speedups="all"``).
+        reason: one line: what is replaced, why it is faster, and why it is exact (or how far it is not).
+        replaces: :data:`ABSENT` (default) when the class provides the attribute and the owner must not
+            hold its own (then an existing instance attribute means someone else overrode it, and
+            installation is refused); otherwise the instance value the speedup expects to replace
+            (config values, which live on the instance), compared with ``==``.
+    """
+
+    name: str
+    owner: Any = field(repr=False)
+    attribute: str
+    value: Any = field(repr=False)
+    exact: bool
+    reason: str
+    replaces: Any = ABSENT
+
+    def __post_init__(self) -> None:
+        if isinstance(self.owner, type):
+            raise AdapterError(
+                f"speedup {self.name!r}: the owner must be a module instance or a config object, not the class "
+                f"{self.owner.__name__} (class attributes are shared by every instance)"
+            )
+        if not self.attribute.isidentifier():
+            raise AdapterError(f"speedup {self.name!r}: {self.attribute!r} is not an attribute name")
+
+    @property
+    def target(self) -> str:
+        """``"OwnerClass.attribute"``, for messages."""
+        return f"{type(self.owner).__name__}.{self.attribute}"
 
 
 @dataclass(frozen=True)
@@ -197,6 +273,38 @@ class MultimodalCall:
     def encoded_video(self) -> Any:
         """The video encoder's output passed in ``mm_encoder_outputs["video"]`` (transformers >= 5.24), or None."""
         return video_encoder_output(self.kwargs)
+
+
+class CompiledForward:
+    """A module's class ``forward`` under ``torch.compile``, compiled on its first call (``torch.compile``'s
+    defaults; a new input shape recompiles, then shapes become dynamic). Removing the override restores
+    eager execution: the compiled code is only entered through this object."""
+
+    def __init__(self, module: nn.Module, **options: Any) -> None:
+        import functools
+
+        self._forward = type(module).forward.__get__(module, type(module))
+        self._options = options
+        self._compiled: Any = None
+        functools.update_wrapper(self, self._forward)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._compiled is None:
+            self._compiled = torch.compile(self._forward, **self._options)
+        return self._compiled(*args, **kwargs)
+
+
+def compile_speedup(module: nn.Module, what: str) -> Speedup:
+    """The opt-in (not exact) speedup that runs ``module``'s forward through ``torch.compile``."""
+    return Speedup(
+        name="compile-vision-tower",
+        owner=module,
+        attribute="forward",
+        value=CompiledForward(module),
+        exact=False,
+        reason=f"torch.compile of the {what}'s forward fuses its elementwise work; fused kernels round "
+        "differently (features within 1e-5 relative error in fp32 on CPU; SigLIP in bf16 on an H200: 1.4e-2)",
+    )
 
 
 class Adapter:
@@ -309,6 +417,21 @@ class Adapter:
 
     def mlp(self, layer: nn.Module) -> nn.Module:
         return layer.mlp
+
+    def vision_tower(self) -> nn.Module | None:
+        """The vision encoder (SigLIP, Qwen2-VL's ViT), or None when the architecture has none or it cannot be found."""
+        return None
+
+    def speedups(self) -> list[Speedup]:
+        """Speedups of this architecture for this model instance (default: none).
+
+        Return only speedups valid for *this* model: an ``exact`` speedup must give bit-identical outputs on
+        every input the model accepts (check the classes and config values it relies on, and leave it out
+        otherwise); one that is not exact is only installed with ``apply(..., speedups="all")``. Building
+        the list must be cheap and must not change the model (a value that needs work, e.g. compilation,
+        does it lazily on first use).
+        """
+        return []
 
     def validate(self) -> None:
         """Raise :class:`~hieravid.errors.AdapterError` if the model cannot be pruned by this adapter."""

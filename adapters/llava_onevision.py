@@ -14,17 +14,25 @@ config's pooled grid (``ceil(image_size / patch_size / 2)`` per side, the model'
 When ``generate`` passes the encoded video (``mm_encoder_outputs``, transformers >= 5.24) instead of the
 pixels, the frame count is the content tokens over the pooled grid's ``rows × cols`` (the encoder's
 output keeps no frame axis). Nothing is hard-coded.
+
+Speedups (:meth:`LlavaOnevisionAdapter.speedups`): transformers' ``apply_pooling`` copies the projected
+features to NCHW (``.contiguous()``) before the bilinear ``interpolate``, which then runs its NCHW kernel
+— 46.5 ms of bf16 work at 32 frames on an H200 on a 3,584-channel 27×27 grid. Interpolating the permuted
+view instead (channels-last memory) computes the same values with the channels-last kernel in 0.25 ms:
+:func:`apply_pooling_channels_last` is installed on the model instance by default (exact, checked
+bit-identical on CPU and GPU). ``speedups="all"`` also compiles the SigLIP tower (not exact).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from hieravid.errors import AdapterError
 
@@ -32,14 +40,34 @@ from .base import (
     Adapter,
     FramePixels,
     MultimodalCall,
+    Speedup,
     VideoGeometry,
     VideoInputs,
     VideoLayout,
+    compile_speedup,
     config_value,
     processor_setting,
 )
 
-__all__ = ["LlavaOnevisionAdapter"]
+__all__ = ["LlavaOnevisionAdapter", "apply_pooling_channels_last"]
+
+
+def apply_pooling_channels_last(self: nn.Module, image_features: Tensor) -> Tensor:
+    """``LlavaOnevisionModel.apply_pooling`` without its NCHW copy: bit-identical values, ~200× faster on a GPU.
+
+    The same steps as transformers 5.17–5.24 (grid side ``image_size // patch_size`` from the vision config,
+    output ``ceil(side / 2)`` per side, ``mode="bilinear"``, default ``align_corners``), but ``interpolate``
+    receives the permuted view, whose memory is channels-last, instead of a ``.contiguous()`` NCHW copy: its
+    channels-last kernel computes the same interpolation weights and sums per channel. The result is
+    contiguous ``[frames, tokens, channels]`` (transformers' is a strided view of an NCHW tensor; the next
+    ``reshape`` in ``get_video_features`` copies it into the same contiguous values).
+    """
+    height = width = self.config.vision_config.image_size // self.config.vision_config.patch_size
+    batch_frames, _, dim = image_features.shape
+    image_features = image_features.view(batch_frames, height, width, -1).permute(0, 3, 1, 2)
+    scaled_shape = [math.ceil(height / 2), math.ceil(width / 2)]
+    image_features = nn.functional.interpolate(image_features, size=scaled_shape, mode="bilinear")
+    return image_features.permute(0, 2, 3, 1).reshape(batch_frames, -1, dim)
 
 
 class LlavaOnevisionAdapter(Adapter):
@@ -48,6 +76,34 @@ class LlavaOnevisionAdapter(Adapter):
     model_types = ("llava_onevision",)
     default_query_rows = 1
     position_rows = 0
+
+    def vision_tower(self) -> nn.Module | None:
+        return getattr(self.multimodal_module(), "vision_tower", None)
+
+    def speedups(self) -> list[Speedup]:
+        """Channels-last pooling (exact), when the model uses transformers' own ``apply_pooling``; ``torch.compile``
+        of the vision tower (opt-in)."""
+        from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+        module = self.multimodal_module()
+        found: list[Speedup] = []
+        # A subclass with its own apply_pooling computes something else: leave it alone.
+        if getattr(type(module), "apply_pooling", None) is LlavaOnevisionModel.apply_pooling:
+            found.append(
+                Speedup(
+                    name="onevision-pooling-channels-last",
+                    owner=module,
+                    attribute="apply_pooling",
+                    value=types.MethodType(apply_pooling_channels_last, module),
+                    exact=True,
+                    reason="video pooling interpolates the channels-last view instead of an NCHW copy (the same "
+                    "values; 46.5 → 0.25 ms at 32 frames on an H200)",
+                )
+            )
+        tower = self.vision_tower()
+        if isinstance(tower, nn.Module):
+            found.append(compile_speedup(tower, "SigLIP vision tower"))
+        return found
 
     @classmethod
     def video_geometry(

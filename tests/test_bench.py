@@ -56,8 +56,14 @@ def test_report_holds_every_measurement(tiny_report) -> None:
     report, _, _ = tiny_report
     assert report["settings"]["cuda_graphs"] is True and report["settings"]["runs"] == 1
     (model,) = report["models"]
-    unpruned, pruned = model["results"]
+    unpruned, alone, pruned = model["results"]
     assert unpruned["policy"] == "unpruned" and pruned["policy"] == "hieravid-30"
+    # The stock model, then the speedups alone (exact: the default), then each policy with them.
+    assert report["settings"]["speedups"] == "exact"
+    assert (unpruned["speedups"], alone["speedups"], pruned["speedups"]) == ("none", "exact", "exact")
+    assert alone["policy"] == "unpruned+exact" and alone["retention"] == 1.0 and alone["decode_step_ms"] is None
+    assert all(result["vision_ms"] > 0 for result in (unpruned, alone, pruned))
+    assert alone["ttft_speedup"] == pytest.approx(unpruned["ttft_ms"] / alone["ttft_ms"])
     for key in ("llm_prefill_ms", "ttft_ms", "decode_ms_per_token", "decode_step_ms", "kv_cache_bytes"):
         assert pruned[key] is not None and unpruned[key] is not None, key
     assert pruned["kv_cache_bytes"] < unpruned["kv_cache_bytes"]
@@ -77,6 +83,7 @@ def test_sweep_profile_and_table(tiny_report) -> None:
     assert all(row["pruned_prefill_ms"] > 0 and 0 < row["flops_ratio"] < 1 for row in rows)
     assert report["profile"]["top_ops"] and "hieravid/stage_1" in report["profile"]["hieravid_ranges_ms"]
     assert "segment level in CUDA graphs" in printed and "hieravid-30" in printed and "vs ideal" in printed
+    assert "speedups: exact" in printed and "vision ms" in printed and "unpruned+exact" in printed
 
 
 def test_help_documents_the_options(capsys: pytest.CaptureFixture[str]) -> None:
@@ -95,12 +102,16 @@ def test_help_documents_the_options(capsys: pytest.CaptureFixture[str]) -> None:
         "--out",
         "--cudnn-sdp",
         "--cuda-graphs",
+        "--speedups",
+        "qwen2.5-vl-7b",
     ):
         assert option in text, option
 
 
-def test_qwen2_vl_decode_steps(tmp_path: Path) -> None:
-    """Hand-driven decode steps need explicit positions on M-RoPE models (regression: the H100 run failed)."""
+@pytest.mark.parametrize("name", ["qwen2-vl-7b", "qwen2.5-vl-7b"])
+def test_qwen_decode_steps(name: str, tmp_path: Path) -> None:
+    """Hand-driven decode steps need explicit positions on M-RoPE models (regression: the H100 run failed);
+    Qwen2.5-VL's tiny case has windowed and full-attention vision blocks, timed with and without speedups."""
     import contextlib
     import io
 
@@ -123,7 +134,7 @@ def test_qwen2_vl_decode_steps(tmp_path: Path) -> None:
                     "--decode-tokens",
                     "2",
                     "--model",
-                    "qwen2-vl-7b",
+                    name,
                     "--policy",
                     str(ROOT / "policies" / "hieravid-30.yaml"),
                     "--out",
@@ -133,7 +144,9 @@ def test_qwen2_vl_decode_steps(tmp_path: Path) -> None:
             == 0
         )
     results = json.loads(out.read_text())["models"][0]["results"]
-    assert all(result["decode_step_ms"] > 0 for result in results)
+    assert [result["speedups"] for result in results] == ["none", "exact", "exact"]
+    assert all(result["decode_step_ms"] > 0 for result in results if result["policy"] != "unpruned+exact")
+    assert all(result["vision_ms"] > 0 for result in results)
 
 
 def test_profile_decode_reports_steps_and_syncs() -> None:

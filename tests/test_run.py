@@ -114,6 +114,8 @@ def test_run_without_compare_prints_no_speedup(checkpoint: Path) -> None:
         "1",
         "--warmup",
         "0",
+        "--speedups",
+        "none",
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "speedup" not in result.stdout and "unpruned" not in result.stdout
@@ -132,6 +134,7 @@ BAD_INPUTS = {
     "missing policy": ({"--policy": "none.yaml"}, "policy file not found"),
     "zero frames": ({"--frames": "0"}, "positive integer"),
     "unknown dtype": ({"--dtype": "int3"}, "invalid choice"),
+    "unknown speedups": ({"--speedups": "fastest"}, "invalid choice"),
     "CUDA without a GPU": ({"--device": "cuda"}, "no CUDA device is available"),
 }
 

@@ -9,6 +9,11 @@ Measurements (median of ``runs`` after ``warmup``, batch 1):
 - ``llm_prefill_ms``: the language model's prefill (CUDA events around the LM call, hieravid's segment level
   included);
 - ``ttft_ms``: one full forward of the prompt (vision tower + projector + LLM + LM head);
+- ``vision_ms``: the vision side inside that forward — the multimodal model's ``get_video_features`` (vision
+  tower, projector, pooling or patch merger), timed around the call (CUDA events on a GPU). The unpruned row
+  runs the stock model; with ``speedups`` other than ``"none"`` an ``unpruned+<speedups>`` row runs the same
+  model with only the adapter's speedups installed (``policies/none.yaml``), and every policy row runs
+  with them, so the vision time is reported with and without them;
 - ``decode_step_ms``: median time of N single-token decode steps driven by hand after the prefill (the
   model's own decode step; ``decode_speedup`` compares these);
 - ``decode_ms_per_token``: (time of generate(1 + N tokens) − time of generate(1 token)) / N (what
@@ -33,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BENCH_MODELS = ("llava-onevision-7b", "llava-video-7b", "qwen2-vl-7b")
-DEFAULT_FRAMES = {"llava-onevision-7b": 32, "llava-video-7b": 64, "qwen2-vl-7b": 32}
+BENCH_MODELS = ("llava-onevision-7b", "llava-video-7b", "qwen2-vl-7b", "qwen2.5-vl-7b")
+DEFAULT_FRAMES = {"llava-onevision-7b": 32, "llava-video-7b": 64, "qwen2-vl-7b": 32, "qwen2.5-vl-7b": 32}
 """Frames sampled from the video (Qwen2-VL packs two sampled frames into one temporal patch)."""
 
 _VIDEO_TOKEN, _IMAGE_TOKEN, _VISION_START, _VISION_END = 151656, 151655, 151652, 151653
@@ -160,6 +165,57 @@ def _qwen2_vl_config(size: str) -> Any:
     )
 
 
+def _qwen2_5_vl_config(size: str) -> Any:
+    """Qwen2.5-VL-7B's vision transformer (window attention, 4 full-attention blocks) with Qwen2-7B's text model."""
+    from transformers import Qwen2_5_VLConfig
+
+    if size == "full":
+        vision = dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=3584,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+            hidden_act="silu",
+            tokens_per_second=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        )
+        text = _QWEN2_7B_TEXT
+        rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
+    else:  # 56-pixel windows: 2×2 merged tokens, so the tiny 8×8-patch frames have 4 windows each
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            window_size=56,
+            fullatt_block_indexes=[1],
+            hidden_act="silu",
+            tokens_per_second=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        )
+        text = _TINY_TEXT
+        rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}
+    return Qwen2_5_VLConfig(
+        text_config=dict(model_type="qwen2_5_vl_text", rope_parameters=rope, **text),
+        vision_config=vision,
+        image_token_id=_IMAGE_TOKEN,
+        video_token_id=_VIDEO_TOKEN,
+        vision_start_token_id=_VISION_START,
+        vision_end_token_id=_VISION_END,
+        tie_word_embeddings=False,
+    )
+
+
 def build_case(
     name: str,
     *,
@@ -181,10 +237,12 @@ def build_case(
     torch.manual_seed(seed)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     qwen = name.startswith("qwen")
-    config = _qwen2_vl_config(size) if qwen else _onevision_config(size)
-    model_class = (
-        transformers.Qwen2VLForConditionalGeneration if qwen else transformers.LlavaOnevisionForConditionalGeneration
-    )
+    if name == "qwen2.5-vl-7b":
+        config, model_class = _qwen2_5_vl_config(size), transformers.Qwen2_5_VLForConditionalGeneration
+    elif qwen:
+        config, model_class = _qwen2_vl_config(size), transformers.Qwen2VLForConditionalGeneration
+    else:
+        config, model_class = _onevision_config(size), transformers.LlavaOnevisionForConditionalGeneration
     with torch.device(device):
         model = model_class._from_config(config, attn_implementation=attention, dtype=torch_dtype)
     model.eval()
@@ -289,6 +347,35 @@ def _llm_timer(case: SyntheticCase, timer: _Timer, sink: list[float]) -> Iterato
             handle.remove()
 
 
+@contextlib.contextmanager
+def _vision_timer(case: SyntheticCase, timer: _Timer, sink: list[float]) -> Iterator[None]:
+    """Record the time of each call of the multimodal model's ``get_video_features`` (vision tower, projector and
+    pooling or merger: everything before the language model sees the video), by wrapping the method on the
+    model instance for the block. Times are read when the block ends (CUDA events need a sync)."""
+    import functools
+
+    module = case.model.model
+    if "get_video_features" in vars(module):
+        raise RuntimeError("get_video_features is already overridden on this model instance")
+    original = module.get_video_features
+    marks: list[tuple[Any, Any]] = []
+
+    @functools.wraps(original)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = timer.mark()
+        output = original(*args, **kwargs)
+        marks.append((start, timer.mark()))
+        return output
+
+    module.get_video_features = timed
+    try:
+        yield
+    finally:
+        del module.get_video_features
+        timer.sync()
+        sink.extend(timer.elapsed_ms(start, end) for start, end in marks)
+
+
 def _kv_cache_bytes(cache: Any) -> int:
     total = 0
     for layer in getattr(cache, "layers", []):
@@ -311,6 +398,8 @@ class PolicyResult:
     kv_cache_bytes: int
     retention: float
     flops_ratio: float
+    vision_ms: float | None = None
+    speedups: str = "none"
     realised_video_tokens: list[int] = field(default_factory=list)
     pruning_overhead_ms: dict[str, float] = field(default_factory=dict)
     ideal_llm_prefill_ms: float | None = None
@@ -348,10 +437,13 @@ def bench_policy(
     decode_tokens: int = 64,
     device: str = "cuda",
     cuda_graphs: bool = False,
+    speedups: str = "exact",
 ) -> tuple[PolicyResult, Any]:
     """Measure one policy (``None`` = unpruned) on a built case. Returns the result and the plan.
 
-    ``cuda_graphs`` is passed to :func:`hieravid.runtime.apply` (the segment level through CUDA graphs)."""
+    ``cuda_graphs`` and ``speedups`` are passed to :func:`hieravid.runtime.apply` (the segment level through CUDA
+    graphs; the adapter's vision speedups). ``policy=None`` with ``speedups="none"`` is the stock model, without
+    hieravid; ``policy=None`` with speedups installs them alone (``policies/none.yaml``: nothing pruned)."""
     import torch
 
     from hieravid.compat import cache_from_output
@@ -361,8 +453,14 @@ def bench_policy(
     timer = _Timer(device)
     plan = compile_plan(policy or _NONE_POLICY, case.spec())
     model, inputs = case.model, case.inputs
-    handle = apply(model, plan, cuda_graphs=cuda_graphs) if policy is not None else contextlib.nullcontext()
+    stock = policy is None and speedups == "none"
+    handle = (
+        contextlib.nullcontext()
+        if stock
+        else apply(model, plan, cuda_graphs=cuda_graphs and policy is not None, speedups=speedups)
+    )
     llm_times: list[float] = []
+    vision_times: list[float] = []
     with handle, torch.inference_mode():
 
         def forward() -> Any:
@@ -373,7 +471,7 @@ def bench_policy(
 
         for _ in range(warmup):
             forward()
-        with _llm_timer(case, timer, llm_times):
+        with _llm_timer(case, timer, llm_times), _vision_timer(case, timer, vision_times):
             ttfts = [timer.time(forward) for _ in range(runs)]
         output = forward()
         kv_bytes = _kv_cache_bytes(cache_from_output(output))
@@ -399,7 +497,7 @@ def bench_policy(
                 peak = int(torch.cuda.max_memory_allocated())
         overhead = _pruning_overhead(case, forward, timer) if policy is not None else {}
     result = PolicyResult(
-        policy=plan.policy.name,
+        policy=plan.policy.name if policy is not None or stock else f"unpruned+{speedups}",
         llm_prefill_ms=_median(llm_times),
         ttft_ms=_median(ttfts),
         decode_ms_per_token=decode,
@@ -408,6 +506,8 @@ def bench_policy(
         kv_cache_bytes=kv_bytes,
         retention=plan.retention,
         flops_ratio=plan.flops_ratio,
+        vision_ms=_median(vision_times) if vision_times else None,
+        speedups="none" if stock else speedups,
         realised_video_tokens=realised,
         pruning_overhead_ms=overhead,
     )
@@ -468,8 +568,13 @@ def run_benchmark(
     checkpoint: Callable[[dict[str, Any]], None] | None = None,
     cudnn_sdp: bool = False,
     cuda_graphs: bool = False,
+    speedups: str = "exact",
 ) -> dict[str, Any]:
     """Benchmark the unpruned model and each policy on each model; returns a JSON-ready report.
+
+    ``speedups`` (``"exact"``, ``"all"`` or ``"none"``) is installed with every policy; unless ``"none"``, an
+    ``unpruned+<speedups>`` row measures the unpruned model with the speedups alone (decode not measured: the
+    speedups are on the vision side).
 
     ``checkpoint`` (if given) receives the partial report after each model, so a long run that is
     interrupted still leaves its finished models behind.
@@ -487,6 +592,7 @@ def run_benchmark(
             "attention": "sdpa",
             "cudnn_sdp": cudnn_sdp,
             "cuda_graphs": cuda_graphs,
+            "speedups": speedups,
         },
         "models": [],
     }
@@ -505,6 +611,7 @@ def run_benchmark(
                 decode_tokens=decode_tokens,
                 log=log,
                 cuda_graphs=cuda_graphs,
+                speedups=speedups,
             )
             if checkpoint is not None:
                 checkpoint(report)
@@ -525,6 +632,7 @@ def _bench_model(
     decode_tokens: int,
     log: Callable[[str], None],
     cuda_graphs: bool = False,
+    speedups: str = "exact",
 ) -> None:
     import gc
 
@@ -532,11 +640,28 @@ def _bench_model(
 
     case = build_case(name, frames=frames, size=size, device=device, dtype=dtype)
     log(f"{name}: {case.sampled_frames} frames, {case.inputs['input_ids'].shape[1]} prompt tokens")
-    baseline, _ = bench_policy(case, None, runs=runs, warmup=warmup, decode_tokens=decode_tokens, device=device)
+    baseline, _ = bench_policy(
+        case, None, runs=runs, warmup=warmup, decode_tokens=decode_tokens, device=device, speedups="none"
+    )
     entries = [baseline]
+    if speedups != "none":  # the unpruned model with the speedups alone: their effect on the vision side and TTFT
+        alone, _ = bench_policy(case, None, runs=runs, warmup=warmup, decode_tokens=0, device=device, speedups=speedups)
+        alone.ttft_speedup = baseline.ttft_ms / alone.ttft_ms
+        entries.append(alone)
+        log(
+            f"  {alone.policy}: vision {alone.vision_ms:.1f} ms (stock {baseline.vision_ms:.1f}), "
+            f"TTFT {alone.ttft_ms:.1f} ms"
+        )
     for policy in policies:
         result, plan = bench_policy(
-            case, policy, runs=runs, warmup=warmup, decode_tokens=decode_tokens, device=device, cuda_graphs=cuda_graphs
+            case,
+            policy,
+            runs=runs,
+            warmup=warmup,
+            decode_tokens=decode_tokens,
+            device=device,
+            cuda_graphs=cuda_graphs,
+            speedups=speedups,
         )
         result.ideal_llm_prefill_ms = baseline.llm_prefill_ms * plan.flops_ratio
         result.prefill_vs_ideal = result.llm_prefill_ms / result.ideal_llm_prefill_ms
@@ -546,7 +671,7 @@ def _bench_model(
         entries.append(result)
         log(
             f"  {result.policy}: prefill {result.llm_prefill_ms:.1f} ms (ideal {result.ideal_llm_prefill_ms:.1f})"
-            f", TTFT {result.ttft_ms:.1f} ms"
+            f", TTFT {result.ttft_ms:.1f} ms, vision {result.vision_ms:.1f} ms"
         )
     report["models"].append(
         {
@@ -634,10 +759,12 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
 def format_report(report: dict[str, Any]) -> str:
     """A readable table of a benchmark report."""
     env = report["environment"]
-    graphs = " · segment level in CUDA graphs" if report.get("settings", {}).get("cuda_graphs") else ""
+    settings = report.get("settings", {})
+    notes = " · segment level in CUDA graphs" if settings.get("cuda_graphs") else ""
+    notes += f" · speedups: {settings.get('speedups', 'none')}"
     lines = [
         f"hieravid bench — {env.get('gpu') or env['device']}, torch {env['torch']}, "
-        f"transformers {env['transformers']}, {env['date']}{graphs}"
+        f"transformers {env['transformers']}, {env['date']}{notes}"
     ]
     header = (
         "policy",
@@ -648,6 +775,7 @@ def format_report(report: dict[str, Any]) -> str:
         "vs ideal",
         "TTFT ms",
         "TTFT ×",
+        "vision ms",
         "decode ms/step",
         "generate ms/tok",
         "peak GiB",
@@ -674,6 +802,7 @@ def format_report(report: dict[str, Any]) -> str:
                     fmt(result["prefill_vs_ideal"], ".2f"),
                     fmt(result["ttft_ms"], ".1f"),
                     fmt(result["ttft_speedup"], ".2f"),
+                    fmt(result.get("vision_ms"), ".1f"),
                     fmt(result.get("decode_step_ms"), ".2f"),
                     fmt(result["decode_ms_per_token"], ".2f"),
                     fmt(None if result["peak_memory_bytes"] is None else result["peak_memory_bytes"] / 2**30, ".2f"),

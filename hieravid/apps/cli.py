@@ -105,6 +105,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         checkpoint=partial(bench.write_report, path=args.out) if args.out else None,
         cudnn_sdp=args.cudnn_sdp,
         cuda_graphs=args.cuda_graphs,
+        speedups=args.speedups,
     )
     with bench.sdpa_backends(args.cudnn_sdp):
         _bench_extras(args, bench, models, policies, report)
@@ -271,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[0, 1, 2, 3],
         help="unmeasured warm-up generations before timing (default: 1)",
     )
+    _speedups_option(run, "--compare-unpruned runs the stock model")
     run.add_argument("--download", action="store_true", help="allow fetching the model from the Hugging Face Hub")
     run.set_defaults(handler=_cmd_run)
 
@@ -313,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         nargs="+",
         default=["llava-onevision-7b"],
-        help="llava-onevision-7b, llava-video-7b, qwen2-vl-7b, or 'all' (default: llava-onevision-7b)",
+        help="llava-onevision-7b, llava-video-7b, qwen2-vl-7b, qwen2.5-vl-7b, or 'all' (default: llava-onevision-7b)",
     )
     bench.add_argument("--policy", nargs="+", help="policy YAML files (default: policies/hieravid-*.yaml)")
     bench.add_argument(
@@ -351,9 +353,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the segment level through CUDA graphs (apply(..., cuda_graphs=True)): fewer launches "
         "before layer 0, about three video-embedding copies of extra memory",
     )
+    _speedups_option(bench, "the unpruned row runs the stock model; an unpruned+SPEEDUPS row the speedups alone")
     bench.add_argument("--json", action="store_true", help="print JSON instead of the table")
     bench.set_defaults(handler=_cmd_bench)
     return parser
+
+
+def _speedups_option(parser: argparse.ArgumentParser, baseline: str) -> None:
+    parser.add_argument(
+        "--speedups",
+        choices=["exact", "all", "none"],
+        default="exact",
+        help="the adapter's vision-side speedups installed with the policy: exact (default: bit-identical "
+        "outputs), all (also torch.compile of the vision tower: not bit-identical), none (stock transformers); "
+        f"{baseline}",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -484,12 +484,15 @@ def run_request(
     compare_unpruned: bool = False,
     warmup: int = 1,
     trace: bool = False,
+    speedups: str = "exact",
 ) -> RunResult:
     """Answer one prepared request with ``policy`` applied (and optionally without, for the speedup).
 
     ``warmup`` unmeasured short generations (a prefill and two decode steps) run first, unpruned and pruned,
     so that one-time costs (kernel selection, lazy initialisation) do not count against either run.
     ``trace`` also records the input level's merge map and frame redundancy (from the request's statistics).
+    ``speedups`` is passed to :func:`hieravid.runtime.apply` (the adapter's vision-side speedups, installed with the
+    policy; the unpruned comparison runs the stock model).
     """
     import hieravid.runtime as runtime
 
@@ -499,7 +502,7 @@ def run_request(
     unpruned: tuple[str, list[int], Timings] | None = None
     if compare_unpruned:
         unpruned = generate(loaded, inputs, max_new_tokens=max_new_tokens)
-    with runtime.apply(loaded.model, plan) as handle:
+    with runtime.apply(loaded.model, plan, speedups=speedups) as handle:
         for _ in range(warmup):
             generate(loaded, inputs, max_new_tokens=3)
         answer, ids, timings = generate(loaded, inputs, max_new_tokens=max_new_tokens)
@@ -741,6 +744,7 @@ def run_command(args: Any) -> int:
         compare_unpruned=args.compare_unpruned,
         warmup=args.warmup,
         trace=bool(args.trace),
+        speedups=getattr(args, "speedups", "exact"),
     )
     print(
         f"model: {args.model} ({loaded.model_type}); video: {args.video} ({info.frames} frames, "

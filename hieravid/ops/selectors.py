@@ -64,9 +64,26 @@ class Selector(Protocol):
 SELECTORS: OperatorRegistry[Selector] = OperatorRegistry("selector", SelectorConfig, "register_selector")
 
 
-def register_selector(config_class: type[SelectorConfig]) -> Callable[[Selector], Selector]:
-    """Decorator binding a selector config class to its operator (re-registering replaces)."""
-    return SELECTORS.register(config_class)
+#: Selectors that take :class:`~hieravid.ops.budget.SegmentBudgets` (host budgets, no device read) as ``budgets``.
+_TAKES_SEGMENT_BUDGETS: set[Selector] = set()
+
+
+def register_selector(
+    config_class: type[SelectorConfig], *, segment_budgets: bool = False
+) -> Callable[[Selector], Selector]:
+    """Decorator binding a selector config class to its operator (re-registering replaces).
+
+    The operator receives ``budgets`` as a ``[G]`` int64 tensor on the tokens' device and ``counts`` as the ``[G]``
+    host segment sizes; with ``segment_budgets=True`` it receives a :class:`~hieravid.ops.budget.SegmentBudgets`
+    instead (host and device budgets: it can size its output without reading the device).
+    """
+    bind = SELECTORS.register(config_class)
+
+    def register(operator: Selector) -> Selector:
+        (_TAKES_SEGMENT_BUDGETS.add if segment_budgets else _TAKES_SEGMENT_BUDGETS.discard)(operator)
+        return bind(operator)
+
+    return register
 
 
 def select_tokens(
@@ -86,7 +103,10 @@ def select_tokens(
     Raises:
         UnregisteredOperatorError: no operator is bound to ``config``'s class.
     """
-    return SELECTORS.lookup(config)(features, relevance, segment_ids, budgets, config, counts=counts)
+    operator = SELECTORS.lookup(config)
+    if isinstance(budgets, SegmentBudgets) and operator not in _TAKES_SEGMENT_BUDGETS:
+        counts, budgets = budgets.counts, budgets.on(features.device)
+    return operator(features, relevance, segment_ids, budgets, config, counts=counts)
 
 
 Budgets = Tensor | SegmentBudgets
@@ -161,7 +181,7 @@ def _topk_by_score(scores: Tensor, segment_ids: Tensor, budgets: Budgets, host_c
     return mask_to_indices(keep, total)
 
 
-@register_selector(DppSelector)
+@register_selector(DppSelector, segment_budgets=True)
 def dpp_selector(
     features: Tensor,
     relevance: Tensor,
@@ -178,7 +198,7 @@ def dpp_selector(
     return dpp_select(features, relevance, segment_ids, budgets, max_block=config.max_block, counts=counts)
 
 
-@register_selector(TopkRelevanceSelector)
+@register_selector(TopkRelevanceSelector, segment_budgets=True)
 def topk_relevance_selector(
     features: Tensor,
     relevance: Tensor,
@@ -193,7 +213,7 @@ def topk_relevance_selector(
     return _topk_by_score(relevance.to(features.device), segment_ids, budgets, counts)
 
 
-@register_selector(BinnedRelevanceSelector)
+@register_selector(BinnedRelevanceSelector, segment_budgets=True)
 def binned_relevance_selector(
     features: Tensor,
     relevance: Tensor,
@@ -224,7 +244,7 @@ def binned_relevance_selector(
     return mask_to_indices(keep, total)
 
 
-@register_selector(UniformSelector)
+@register_selector(UniformSelector, segment_budgets=True)
 def uniform_selector(
     features: Tensor,
     relevance: Tensor,
@@ -250,7 +270,7 @@ def uniform_selector(
     return mask_to_indices(hit & (k_tok > 0), total)
 
 
-@register_selector(RandomSelector)
+@register_selector(RandomSelector, segment_budgets=True)
 def random_selector(
     features: Tensor,
     relevance: Tensor,

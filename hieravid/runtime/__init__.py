@@ -16,6 +16,8 @@ _EXPORTS: dict[str, str] = {
     "apply": "hieravid.runtime.handle",
     "PruningHandle": "hieravid.runtime.handle",
     "find_handle": "hieravid.runtime.handle",
+    "Overrides": "hieravid.runtime.overrides",
+    "SPEEDUP_MODES": "hieravid.runtime.overrides",
     "RequestStats": "hieravid.runtime.state",
     "StageStats": "hieravid.runtime.state",
     "register_adapter": "hieravid.adapters.registry",

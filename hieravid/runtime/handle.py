@@ -12,12 +12,13 @@ from hieravid.adapters.registry import get_adapter
 from hieravid.errors import AdapterError, PlanError
 from hieravid.ops import GraphCache
 from hieravid.runtime.engine import Pruner
+from hieravid.runtime.overrides import Overrides, check_speedup_mode, select_speedups
 from hieravid.runtime.state import RequestStats
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
-    from hieravid.adapters.base import Adapter
+    from hieravid.adapters.base import Adapter, Speedup
     from hieravid.plan import PruningPlan
     from hieravid.policy import Policy
 
@@ -33,7 +34,16 @@ class PruningHandle:
         adapter: the adapter instance handling the architecture.
     """
 
-    def __init__(self, model: nn.Module, adapter: Adapter, plan: PruningPlan, *, cuda_graphs: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        plan: PruningPlan,
+        *,
+        cuda_graphs: bool = False,
+        speedups: str = "exact",
+    ) -> None:
+        self._speedup_mode = check_speedup_mode(speedups)
         self.model = model
         self.adapter = adapter
         self.plan = plan
@@ -41,6 +51,7 @@ class PruningHandle:
         self._graphs = GraphCache() if cuda_graphs else None
         self._pruner = Pruner(model, adapter, plan, graphs=self._graphs, handle=self)
         self._hooks: list[RemovableHandle] = []
+        self._overrides = Overrides()
         self._active = False
 
     # -------------------------------------------------------------- lifecycle
@@ -53,6 +64,9 @@ class PruningHandle:
                     else site.module.register_forward_hook
                 )
                 self._hooks.append(register(site.hook, **dict(site.options)))
+            # After the hooks; chosen now (not at construction) so that a replaced handle's are already gone.
+            self._overrides = Overrides(select_speedups(self.adapter, self._speedup_mode))
+            self._overrides.install()
         except BaseException:
             self._remove_hooks()
             raise
@@ -66,12 +80,15 @@ class PruningHandle:
             for hook in reversed(hooks):
                 hook.remove()
         finally:
-            reference = self.model.__dict__.get(HANDLE_ATTRIBUTE)
-            if reference is not None and reference() is self:
-                del self.model.__dict__[HANDLE_ATTRIBUTE]
-            self._pruner.reset()
-            if self._graphs is not None:
-                self._graphs.clear()
+            try:
+                self._overrides.remove()
+            finally:
+                reference = self.model.__dict__.get(HANDLE_ATTRIBUTE)
+                if reference is not None and reference() is self:
+                    del self.model.__dict__[HANDLE_ATTRIBUTE]
+                self._pruner.reset()
+                if self._graphs is not None:
+                    self._graphs.clear()
 
     def remove(self) -> None:
         """Remove every hook; the model is exactly as before :func:`apply`. Idempotent."""
@@ -97,6 +114,11 @@ class PruningHandle:
         if not self.plan.prunes:
             return RequestStats(pruned=False, reason="plan prunes nothing", batch_size=0, prompt_length=0)
         return self._pruner.last_stats
+
+    @property
+    def speedups(self) -> tuple[Speedup, ...]:
+        """The speedups installed with the plan (see ``apply(..., speedups=...)``)."""
+        return self._overrides.installed
 
     @property
     def num_hooks(self) -> int:
@@ -155,6 +177,7 @@ def apply(
     *,
     replace: bool = False,
     cuda_graphs: bool = False,
+    speedups: str = "exact",
 ) -> PruningHandle:
     """Install a pruning policy (or a compiled plan) on a transformers model.
 
@@ -169,6 +192,12 @@ def apply(
             prefill: ~3 ms of a 7B prefill at 32 frames on an H100). Each graph keeps its buffers (about
             three times the video's embeddings, ~0.1–0.2 GiB at 32 frames) until the handle is removed,
             which is why it is off by default: pruning then never needs more memory than the unpruned model.
+        speedups: the adapter's vision-side speedups installed with the plan (even a plan that prunes
+            nothing), removed with it: ``"exact"`` (default) installs those that keep outputs bit-identical
+            (LLaVA-OneVision: pooling without a layout copy; Qwen2-VL / Qwen2.5-VL: one SDPA call per window
+            length instead of one per window); ``"all"`` adds opt-in ones that change numerics within a
+            documented tolerance (``torch.compile`` of the vision tower); ``"none"`` keeps the stock model.
+            ``handle.speedups`` lists what was installed.
 
     Returns:
         A :class:`PruningHandle`; ``handle.remove()`` (or leaving a ``with`` block) restores the model.
@@ -177,7 +206,8 @@ def apply(
         AdapterError: unsupported model type (the message lists the supported ones), a plan already
             installed and ``replace`` False, or a model the adapter cannot handle.
         PolicyError / PlanError: invalid policy, or a plan infeasible for this model — raised before any
-            hook is installed. A failure leaves the model exactly as it was.
+            hook is installed. A speedup that cannot be installed (its attribute already overridden by
+            someone else) raises AdapterError. A failure leaves the model exactly as it was.
     """
     model_type = _model_type(model)
     adapter_class = get_adapter(model_type)
@@ -190,7 +220,7 @@ def apply(
     adapter = adapter_class(model)
     adapter.validate()
     plan = _resolve_plan(policy_or_plan, model, adapter, model_type)
-    handle = PruningHandle(model, adapter, plan, cuda_graphs=cuda_graphs)
+    handle = PruningHandle(model, adapter, plan, cuda_graphs=cuda_graphs, speedups=speedups)
     if existing is not None:
         existing.remove()
     try:

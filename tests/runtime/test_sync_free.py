@@ -58,8 +58,16 @@ def test_stages_do_not_synchronise(tiny_sdpa, policy: str) -> None:
     in_stages = {site: n for site, n in counts.items() if any(part in site[0] for part in STAGE_SITES)}
     assert in_stages == {}
     # What remains of hieravid's own is before layer 0: the adapter locating the video and the segment
-    # level's reads (transformers' own checks come on top).
-    ours = {site: n for site, n in counts.items() if site[0] != "<outside the repository>"}
+    # level's reads (transformers' own checks come on top). Qwen's batched window attention (an exact vision
+    # speedup) reads the window bounds in the vision tower, once per forward and kind of window, where
+    # transformers' loop read them once per block: counted apart.
+    vision = {
+        site: n
+        for site, n in counts.items()
+        if "(batched_window_attention)" in site[0] or "(_window_bounds)" in site[0]
+    }
+    assert sum(vision.values()) <= 2, vision
+    ours = {site: n for site, n in counts.items() if site[0] != "<outside the repository>" and site not in vision}
     assert sum(ours.values()) <= 3, ours
 
 
