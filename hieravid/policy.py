@@ -32,6 +32,10 @@ POLICY_VERSION = 1
 POLICY_KIND = "PruningPolicy"
 
 UnitFraction = Annotated[float, Field(ge=0.0, le=1.0)]
+#: Largest DPP block (the kernel of a block is ``max_block²`` values).
+MAX_DPP_BLOCK = 1 << 16
+#: Stage layers are below this (no VideoLLM comes close; the planner checks the model's own depth).
+MAX_LAYERS = 1024
 PruneRatio = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 #: Added before flooring ``n * ratio`` (as the operators do, ``hieravid.ops._util.FLOOR_GUARD``) so that
@@ -46,7 +50,8 @@ def _floor_product(n: int, ratio: float) -> int:
 class _Strict(BaseModel):
     """Base of every policy section: unknown keys rejected, immutable, no silent coercion of strings."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True)
+    # Every numeric field has a range (``tests/test_policy.py`` checks); infinities and NaN are refused everywhere.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True, allow_inf_nan=False)
 
 
 # ------------------------------------------------------------------------------------------ open registries
@@ -286,7 +291,7 @@ class VidCom2Input(InputPruner):
     Gaussian on the lower-variance half of the channels), corrected globally to an exact total."""
 
     kind: Literal["vidcom2"] = "vidcom2"
-    temperature: float = Field(0.01, gt=0.0, description="softmax temperature of the frame budgets")
+    temperature: float = Field(0.01, gt=0.0, le=1000.0, description="softmax temperature of the frame budgets")
 
     def removed_tokens(self, frames: int, tokens_per_frame: int) -> int:
         """``N − R`` with ``R = max(F, min(⌊N·(1 − q)⌋, N))`` kept, ``N = F·P`` (at least one token per frame
@@ -328,7 +333,10 @@ class DppSelector(SelectorConfig):
 
     kind: Literal["dpp"] = "dpp"
     max_block: int | None = Field(
-        512, ge=2, description="segments larger than this are split into blocks of at most this many tokens"
+        512,
+        ge=2,
+        le=MAX_DPP_BLOCK,
+        description="segments larger than this are split into blocks of at most this many tokens (null: never)",
     )
 
 
@@ -402,7 +410,7 @@ class Stage(_Strict):
     at the first, largest stage); it has no effect when the frame level is off.
     """
 
-    layer: int = Field(ge=0)
+    layer: int = Field(ge=0, lt=MAX_LAYERS)
     prune_ratio: PruneRatio
     selector: SelectorField | None = Field(None, description="this stage's selector; null = frame.selector")
 
@@ -511,9 +519,18 @@ def _union_tags(annotation: Any) -> frozenset[str]:
 #: selector and input-level fields validate by ``kind`` themselves and add none.
 _SCHEDULE_TAGS = _union_tags(Schedule)
 
+
 #: Bounded ``repr`` for values shown in error messages: a huge or deeply aliased YAML value costs no more than
 #: its first few items.
-_SHORT_REPR = reprlib.Repr()
+class _ShortRepr(reprlib.Repr):
+    def repr_int(self, x: int, level: int) -> str:
+        # Python refuses to print integers of more than 4300 digits (and printing a huge one is slow).
+        if x.bit_length() > 200:
+            return f"<an integer of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
+_SHORT_REPR = _ShortRepr()
 _SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 2, 60, 60
 _SHORT_REPR.maxdict = _SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxset = 4
 
@@ -529,8 +546,9 @@ def _format_location(location: tuple[int | str, ...]) -> str:
 
 
 def _describe_validation_error(error: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid policy ({error.error_count()} problem{'s' if error.error_count() > 1 else ''})"]
-    for item in error.errors():
+    count = error.error_count()
+    lines = [f"{source}: invalid policy ({count} problem{'s' if count > 1 else ''})"]
+    for item in error.errors()[:MAX_LISTED_PROBLEMS]:
         # The schedule union adds its tag (e.g. "explicit") after the field; a YAML reader never wrote it.
         location = tuple(
             part
@@ -545,6 +563,8 @@ def _describe_validation_error(error: ValidationError, source: str) -> str:
         if item["type"] == "extra_forbidden":
             message = "unknown key (not part of the schema)"
         lines.append(f"  - {_format_location(location)}: {message} (got {shown})")
+    if count > MAX_LISTED_PROBLEMS:
+        lines.append(f"  - ... and {count - MAX_LISTED_PROBLEMS} more")
     return "\n".join(lines)
 
 
@@ -563,30 +583,265 @@ def _looks_like_yaml_text(text: str) -> bool:
     return "\n" in text or (":" in text and not text.endswith((".yaml", ".yml")))
 
 
-def load_policy(path_or_text: str | Path | Policy) -> Policy:
-    """Load a policy from a YAML file path or YAML text (``yaml.safe_load``; Python tags are refused).
+# ------------------------------------------------------------------------------------------ hostile input
+#: Largest policy accepted (file or text), in bytes; shipped policies are about 1 kB.
+MAX_POLICY_BYTES = 1 << 20
+#: Deepest nesting of mappings and lists accepted (a policy nests 6 levels: ``layer.schedule.stages[i].selector``).
+MAX_POLICY_DEPTH = 32
+#: Most YAML nodes (scalars, mappings, lists) a policy may hold (a shipped policy has about 50).
+MAX_POLICY_NODES = 5_000
+#: Problems listed in a validation error (the rest are counted).
+MAX_LISTED_PROBLEMS = 20
 
-    A :class:`Policy` passes through unchanged. Every error is a :class:`~hieravid.errors.PolicyError`
-    whose message names the file, the field path and the offending value.
+
+class _PolicyComposer(yaml.composer.Composer):
+    """Builds the node tree from parser events, refusing what a policy never needs and a hostile file abuses:
+    anchors and aliases (an alias "bomb" expands a few hundred bytes into gigabytes once traversed), nesting
+    deeper than :data:`MAX_POLICY_DEPTH` and more than :data:`MAX_POLICY_NODES` nodes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            what = f"alias *{event.anchor}" if isinstance(event, yaml.AliasEvent) else f"anchor &{event.anchor}"
+            raise yaml.composer.ComposerError(
+                None, None, f"found {what}: anchors and aliases are not allowed in a policy", event.start_mark
+            )
+        self._nodes += 1
+        if self._nodes > MAX_POLICY_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"more than {MAX_POLICY_NODES} values: not a policy", event.start_mark
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_POLICY_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_POLICY_DEPTH} levels deep: not a policy", event.start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _PolicyConstructor(yaml.constructor.SafeConstructor):
+    """``yaml.safe_load``'s constructor, refusing duplicate keys (YAML says keys are unique; PyYAML silently keeps
+    the last one) and merge keys (``<<``)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise yaml.constructor.ConstructorError(
+                        None, None, "merge keys (<<) are not allowed in a policy", key_node.start_mark
+                    )
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # unhashable: the base class reports it
+                    break
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        f"in a mapping (its key {_SHORT_REPR.repr(key)} first at line {first.line + 1})",
+                        node.start_mark,
+                        f"found the key {_SHORT_REPR.repr(key)} again: duplicate keys are not allowed",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+class _PyPolicyLoader(
+    yaml.reader.Reader,
+    yaml.scanner.Scanner,
+    yaml.parser.Parser,
+    _PolicyComposer,
+    _PolicyConstructor,
+    yaml.resolver.Resolver,
+):
+    """The pure-Python loader (when PyYAML was built without LibYAML)."""
+
+    def __init__(self, stream: str) -> None:
+        yaml.reader.Reader.__init__(self, stream)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+        _PolicyComposer.__init__(self)
+        _PolicyConstructor.__init__(self)
+        yaml.resolver.Resolver.__init__(self)
+
+
+_PolicyLoader: type = _PyPolicyLoader
+if getattr(yaml, "__with_libyaml__", False):
+    from yaml.cyaml import CParser
+
+    class _CPolicyLoader(_PolicyComposer, CParser, _PolicyConstructor, yaml.resolver.Resolver):
+        """LibYAML's scanner and parser (C: linear time on a megabyte), then the checks above on its events."""
+
+        def __init__(self, stream: str) -> None:
+            CParser.__init__(self, stream)
+            _PolicyComposer.__init__(self)
+            _PolicyConstructor.__init__(self)
+            yaml.resolver.Resolver.__init__(self)
+
+    _PolicyLoader = _CPolicyLoader
+
+
+def parse_policy_yaml(text: str) -> Any:
+    """YAML text → Python data, for policies: safe tags only, no anchors, aliases, merge or duplicate keys, at most
+    :data:`MAX_POLICY_BYTES`, :data:`MAX_POLICY_DEPTH` levels and :data:`MAX_POLICY_NODES` values.
+
+    Raises:
+        yaml.YAMLError: the text is not such a document; ValueError: a value YAML cannot build (an integer of more
+            digits than Python converts, an impossible date).
+    """
+    loader = _PolicyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _read_policy_file(path: Path) -> str:
+    source = str(path)
+    try:
+        if path.is_dir():
+            raise PolicyError(f"{source}: is a directory, expected a YAML policy file")
+        if not path.exists():
+            raise PolicyError(f"{source}: policy file not found")
+        if not path.is_file():
+            raise PolicyError(f"{source}: not a regular file, expected a YAML policy file")
+        with path.open("rb") as handle:
+            data = handle.read(MAX_POLICY_BYTES + 1)
+    except PolicyError:
+        raise
+    except (OSError, ValueError) as error:
+        raise PolicyError(f"{source}: cannot read policy file ({error})") from None
+    if len(data) > MAX_POLICY_BYTES:
+        raise PolicyError(f"{source}: larger than {MAX_POLICY_BYTES} bytes: not a policy file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise PolicyError(f"{source}: not UTF-8 text ({error})") from None
+
+
+def load_policy(path_or_text: str | Path | Policy) -> Policy:
+    """Load a policy from a YAML file path, YAML text or the name of a shipped policy (``"hieravid-30"``,
+    ``"peers/fastv"``; :func:`shipped_policies` lists them).
+
+    A :class:`Policy` passes through unchanged. YAML is read with safe tags only (Python tags are refused), and
+    without anchors, aliases, merge keys or duplicate keys; files larger than :data:`MAX_POLICY_BYTES` or nested
+    deeper than :data:`MAX_POLICY_DEPTH` are refused. Every error is a :class:`~hieravid.errors.PolicyError` whose
+    message names the file, the field path and the offending value.
     """
     if isinstance(path_or_text, Policy):
         return path_or_text
-    if isinstance(path_or_text, Path) or not _looks_like_yaml_text(str(path_or_text)):
+    if not isinstance(path_or_text, (str, Path)):
+        raise PolicyError(
+            "expected a Policy, a YAML file path, YAML text or a shipped policy name, got "
+            f"{type(path_or_text).__name__}"
+        )
+    if isinstance(path_or_text, Path) or not _looks_like_yaml_text(path_or_text):
         path = Path(path_or_text)
-        source = str(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise PolicyError(f"{source}: policy file not found") from None
-        except IsADirectoryError:
-            raise PolicyError(f"{source}: is a directory, expected a YAML policy file") from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise PolicyError(f"{source}: cannot read policy file ({error})") from None
+        if not isinstance(path_or_text, Path) and not _exists(path):
+            shipped = shipped_policy_path(path_or_text)
+            if shipped is not None:
+                return _load_shipped(path_or_text, shipped)
+            if not path_or_text.endswith((".yaml", ".yml")) and "/" not in path_or_text and "\\" not in path_or_text:
+                raise PolicyError(
+                    f"{path_or_text}: no such policy file, and not the name of a shipped policy (shipped: "
+                    f"{', '.join(shipped_policies())}; `hieravid policies` lists them)"
+                )
+        source, text = str(path), _read_policy_file(path)
     else:
-        source, text = "<policy text>", str(path_or_text)
+        source, text = "<policy text>", path_or_text
+        if len(text.encode("utf-8", "surrogatepass")) > MAX_POLICY_BYTES:
+            raise PolicyError(f"{source}: larger than {MAX_POLICY_BYTES} bytes: not a policy")
+    return _parse(text, source)
+
+
+def _exists(path: Path) -> bool:
     try:
-        data = yaml.safe_load(text)
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _parse(text: str, source: str) -> Policy:
+    try:
+        data = parse_policy_yaml(text)
     except yaml.YAMLError as error:
-        detail = str(error).replace("\n", " ")
-        raise PolicyError(f"{source}: not valid YAML (or uses Python tags, which are refused): {detail}") from None
+        detail = " ".join(str(error).split())
+        if len(detail) > 400:
+            detail = detail[:397] + "..."
+        refused = "tag" in detail and "constructor" in detail
+        why = " (Python tags and other custom tags are refused)" if refused else ""
+        raise PolicyError(f"{source}: not valid YAML for a policy{why}: {detail}") from None
+    except (ValueError, OverflowError, RecursionError) as error:
+        detail = " ".join(str(error).split())[:200]
+        raise PolicyError(f"{source}: a value cannot be read ({type(error).__name__}: {detail})") from None
     return policy_from_dict(data, source=source)
+
+
+# ------------------------------------------------------------------------------------------ shipped policies
+#: The package (``hieravid.policies``, the repository's ``policies/`` folder) that holds the shipped policies.
+SHIPPED_PACKAGE = "hieravid.policies"
+
+
+def _shipped_root() -> Any:
+    from importlib import resources
+
+    try:
+        return resources.files(SHIPPED_PACKAGE)
+    except (ModuleNotFoundError, TypeError):  # pragma: no cover - hieravid imported from a checkout, not installed
+        folder = Path(__file__).resolve().parents[1] / "policies"
+        return folder if folder.is_dir() else None
+
+
+def shipped_policies() -> dict[str, Any]:
+    """The policies shipped with hieravid, by name: the file's path under ``policies/`` without ``.yaml``
+    (``"hieravid-30"``, ``"none"``, ``"peers/fastv"``, ``"ablations/no-frame"``), in that order → a
+    :class:`importlib.resources.abc.Traversable` of the file (read it with :func:`load_policy`).
+
+    Installed with the package (a wheel carries them), so names work outside the repository."""
+    root = _shipped_root()
+    found: dict[str, Any] = {}
+    if root is None:
+        return found
+
+    def walk(folder: Any, prefix: str) -> None:
+        entries = sorted(folder.iterdir(), key=lambda entry: entry.name)
+        for entry in entries:
+            if entry.is_file() and entry.name.endswith(".yaml"):
+                found[prefix + entry.name[: -len(".yaml")]] = entry
+        for entry in entries:
+            if entry.is_dir() and not entry.name.startswith(("_", ".")):
+                walk(entry, f"{prefix}{entry.name}/")
+
+    walk(root, "")
+    return found
+
+
+def shipped_policy_path(name: str) -> Any:
+    """The shipped policy named ``name`` (see :func:`shipped_policies`; the policy's own ``name:`` works too, e.g.
+    ``"hieravid-30-no-frame"`` for ``"ablations/no-frame"``), or None."""
+    name = name.removesuffix(".yaml")
+    shipped = shipped_policies()
+    if name in shipped:
+        return shipped[name]
+    by_policy_name = {_declared_name(entry): entry for entry in shipped.values()}
+    return by_policy_name.get(name)
+
+
+def _declared_name(entry: Any) -> str | None:
+    for line in entry.read_text(encoding="utf-8").splitlines():
+        if line.startswith("name:"):
+            return line.partition(":")[2].strip().strip("'\"")
+    return None
+
+
+def _load_shipped(name: str, entry: Any) -> Policy:
+    return _parse(entry.read_text(encoding="utf-8"), f"{name} (shipped policy)")
