@@ -10,7 +10,11 @@ recomputes them.
 The grid comes from ``video_grid_thw``. When ``generate`` passes the encoded video instead
 (``mm_encoder_outputs``, transformers >= 5.24, which consumes ``video_grid_thw``), it comes from the
 M-RoPE positions ``generate`` computed from that grid before encoding: a video's height and width
-position rows span ``h/m`` and ``w/m`` values (raster order, checked), and ``t`` is the rest.
+position rows span ``h/m`` and ``w/m`` values (raster order, checked), and ``t`` is the rest; the
+temporal row is only checked to be constant within a temporal patch and non-decreasing (Qwen2.5-VL
+advances it by ``tokens_per_second × second_per_grid_t``). transformers >= 5.24 computes those
+positions only when ``mm_token_type_ids`` is passed (its processors return it); without it the video
+gets text positions, even unpruned, and hieravid says so.
 
 During decoding ``generate`` passes positions extended from the original ones. A manual continuation
 call without ``position_ids`` would make the model derive them from the (pruned) cache length; such a
@@ -342,7 +346,14 @@ class Qwen2VLAdapter(Adapter):
         return layouts
 
     def _locate_from_positions(self, call: MultimodalCall, inputs_embeds: Tensor) -> list[VideoLayout | None]:
-        """Layouts of pre-encoded videos (no ``video_grid_thw``) from the call's M-RoPE position ids."""
+        """Layouts of pre-encoded videos (no ``video_grid_thw``) from the call's M-RoPE position ids.
+
+        Within one video the height and width rows are rasters (row-major over each frame: they give rows and
+        columns); the temporal row is constant within a temporal patch and non-decreasing from one patch to the
+        next. It is checked, never assumed consecutive: Qwen2-VL advances it by 1 per patch, Qwen2.5-VL by
+        ``tokens_per_second × second_per_grid_t`` (2 × 1.0 with the released checkpoints and their processor), so
+        it can repeat a value or skip several. One host read per call (the video rows of every sample).
+        """
         assert call.video_mask is not None
         positions = call.kwargs.get("position_ids")
         if not isinstance(positions, Tensor) or positions.dim() != 3 or positions.shape[0] < 3:
@@ -351,32 +362,65 @@ class Qwen2VLAdapter(Adapter):
                 "position_ids [3 or 4, batch, sequence]; pass video_grid_thw to locate the video's frames"
             )
         device = inputs_embeds.device
+        spans = [
+            self.single_span(sample, self.video_spans(call.video_mask[sample]))
+            for sample in range(len(call.video_mask))
+        ]
+        # The last three rows are temporal, height and width (a leading text row is generate's extra).
+        host = positions[-3:].cpu()
         layouts: list[VideoLayout | None] = []
-        for sample in range(inputs_embeds.shape[0]):
-            span = self.single_span(sample, self.video_spans(call.video_mask[sample]))
+        for sample, span in enumerate(spans):
             if span is None:
                 layouts.append(None)
                 continue
             start, end = span
-            count = end - start
-            # The last two rows are height and width (a leading text row is generate's extra).
-            height, width = positions[-2:, 0 if positions.shape[1] == 1 else sample, start:end].to(device)
-            rows = int(height.max() - height.min()) + 1
-            cols = int(width.max() - width.min()) + 1
-            steps = torch.arange(count, device=device)
-            if (
-                count % (rows * cols)
-                or not torch.equal(height - height.min(), (steps // cols) % rows)
-                or not torch.equal(width - width.min(), steps % cols)
-            ):
-                raise AdapterError(
-                    f"sample {sample}: the M-RoPE positions of its {count} video tokens are not a raster of "
-                    f"{rows}×{cols} frames; pass video_grid_thw"
-                )
-            frame_index = torch.arange(start, end, device=device).view(count // (rows * cols), rows * cols)
+            temporal, height, width = host[:, 0 if host.shape[1] == 1 else sample, start:end]
+            layout = self._raster_layout(sample, temporal, height, width, call)
+            frames, rows, cols = layout
+            frame_index = torch.arange(start, end, device=device).view(frames, rows * cols)
             empty = torch.empty(0, dtype=torch.long, device=device)
             layouts.append(VideoLayout(frame_index, empty, rows, cols, "none"))
         return layouts
+
+    @staticmethod
+    def _raster_layout(
+        sample: int, temporal: Tensor, height: Tensor, width: Tensor, call: MultimodalCall
+    ) -> tuple[int, int, int]:
+        """``(frames, rows, cols)`` of one video from its ``[N]`` M-RoPE rows (on the host), or AdapterError."""
+        count = int(width.numel())
+        steps = torch.arange(count)
+        if (
+            count > 1
+            and torch.equal(temporal, height)
+            and torch.equal(height, width)
+            and torch.equal(width - width[0], steps)
+        ):
+            missing = "" if call.kwargs.get("mm_token_type_ids") is not None else " (this call has none)"
+            raise AdapterError(
+                f"sample {sample}: its {count} video tokens received text positions, not M-RoPE ones: transformers "
+                "≥ 5.24 computes a video's 3-D positions only when mm_token_type_ids is passed with the inputs"
+                f"{missing} (the processor returns it), and otherwise runs even the unpruned model with the video "
+                "laid out as text; pass the processor's mm_token_type_ids"
+            )
+        rows = int(height.max() - height.min()) + 1
+        cols = int(width.max() - width.min()) + 1
+        if (
+            count % (rows * cols)
+            or not torch.equal(height - height.min(), (steps // cols) % rows)
+            or not torch.equal(width - width.min(), steps % cols)
+        ):
+            raise AdapterError(
+                f"sample {sample}: the M-RoPE height and width positions of its {count} video tokens are not a raster "
+                f"of {rows}×{cols}-token frames; pass video_grid_thw"
+            )
+        frames = count // (rows * cols)
+        per_frame = temporal.view(frames, rows * cols)
+        if not bool((per_frame == per_frame[:, :1]).all()) or bool((per_frame[1:, 0] < per_frame[:-1, 0]).any()):
+            raise AdapterError(
+                f"sample {sample}: the M-RoPE temporal positions of its {count} video tokens are not constant within "
+                f"each {rows}×{cols}-token frame and non-decreasing across frames; pass video_grid_thw"
+            )
+        return frames, rows, cols
 
     def prepare_continuation_call(
         self, kwargs: dict[str, Any], *, total_length: int, new_length: int, batch: int, device: torch.device

@@ -29,6 +29,9 @@ ATTENTION = ("sdpa", "eager")
 
 VIDEO_TOKEN, IMAGE_TOKEN, VISION_START, VISION_END = 251, 250, 252, 253
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = 0, 1, 2
+#: Qwen2.5-VL: ``vision_config.tokens_per_second`` of the released checkpoints, and the processor's
+#: ``second_per_grid_ts`` (temporal_patch_size / fps: 2 frames per temporal patch sampled at 2 fps).
+QWEN2_5_TOKENS_PER_SECOND, QWEN2_5_SECONDS_PER_GRID = 2, 1.0
 TEXT_CONFIG: dict[str, Any] = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -111,6 +114,9 @@ def _qwen2_5_vl_config() -> Any:
         in_channels=3,
         window_size=8,
         fullatt_block_indexes=[1],
+        # The real checkpoints' value (the class default is 4): temporal M-RoPE positions advance by
+        # tokens_per_second × second_per_grid_t per temporal patch, not by 1.
+        tokens_per_second=QWEN2_5_TOKENS_PER_SECOND,
     )
     return Qwen2_5_VLConfig(
         text_config=_qwen_text("qwen2_5_vl_text"),
@@ -306,6 +312,8 @@ class TinyCase:
             if video:
                 out["pixel_values_videos"] = torch.cat(pixels)
                 out["video_grid_thw"] = torch.tensor([[f, self.rows * 2, self.cols * 2] for f in frames])
+                if self.architecture == "qwen2_5_vl":  # what Qwen2.5-VL's processor adds
+                    out["second_per_grid_ts"] = torch.full((batch,), QWEN2_5_SECONDS_PER_GRID)
         elif video:
             out["pixel_values_videos"] = torch.stack(pixels)
         return {key: value.to(DEVICE) for key, value in out.items()}
