@@ -6,9 +6,11 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from hieravid.adapters.registry import get_adapter
+from hieravid.compat import cache_from_kwargs, cache_from_output
 from hieravid.errors import AdapterError, PlanError
 from hieravid.ops import GraphCache
 from hieravid.runtime.engine import Pruner
@@ -53,6 +55,8 @@ class PruningHandle:
         self._hooks: list[RemovableHandle] = []
         self._overrides = Overrides()
         self._active = False
+        #: Caches this handle filled with a pruned prompt, still alive: removal makes them refuse further use.
+        self._pruned_caches: weakref.WeakSet[Any] = weakref.WeakSet()
 
     # -------------------------------------------------------------- lifecycle
     def _install(self) -> None:
@@ -64,6 +68,10 @@ class PruningHandle:
                     else site.module.register_forward_hook
                 )
                 self._hooks.append(register(site.hook, **dict(site.options)))
+            if self._hooks:  # after the engine's own language-model hooks, which tag the cache
+                self._hooks.append(
+                    self.adapter.language_model().register_forward_hook(self._record_cache, with_kwargs=True)
+                )
             # After the hooks; chosen now (not at construction) so that a replaced handle's are already gone.
             self._overrides = Overrides(select_speedups(self.adapter, self._speedup_mode))
             self._overrides.install()
@@ -91,9 +99,27 @@ class PruningHandle:
                     self._graphs.clear()
 
     def remove(self) -> None:
-        """Remove every hook; the model is exactly as before :func:`apply`. Idempotent."""
+        """Remove every hook; the model is exactly as before :func:`apply`. Idempotent.
+
+        A KV cache this handle filled with a pruned prompt cannot be continued by the unpruned model (its layers
+        hold different rows, its positions are not its length): from now on it raises
+        :class:`~hieravid.errors.AdapterError` when the model tries to write to it."""
         self._remove_hooks()
         self._active = False
+        caches, self._pruned_caches = list(self._pruned_caches), weakref.WeakSet()
+        for cache in caches:
+            cache.__dict__["update"] = _refuse_pruned_cache
+
+    def _record_cache(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        """Remember a cache filled with a pruned prompt (a weak reference; decode steps find it there already)."""
+        if torch.compiler.is_compiling():
+            return
+        cache = cache_from_output(output)
+        if cache is None:
+            cache = cache_from_kwargs(kwargs)
+        request = self._pruner.request_of_cache(cache)
+        if request is not None and request.pruned and cache not in self._pruned_caches:
+            self._pruned_caches.add(cache)
 
     @property
     def active(self) -> bool:
@@ -130,6 +156,16 @@ class PruningHandle:
             f"<PruningHandle {state}: policy {self.plan.policy.name!r} on {type(self.model).__name__} via "
             f"{type(self.adapter).__name__}, {len(self._hooks)} hooks>"
         )
+
+
+def _refuse_pruned_cache(*args: Any, **kwargs: Any) -> None:
+    """What ``update`` of a cache becomes once the handle that pruned its prompt is removed."""
+    raise AdapterError(
+        "this KV cache holds a prompt pruned by a hieravid handle that has since been removed: its layers hold "
+        "different rows and its positions are not its length, so the unpruned model cannot continue it. Continue a "
+        "pruned request while its handle is installed (inside the `with hieravid.apply(...)` block), or prefill the "
+        "prompt again with a new cache"
+    )
 
 
 #: Attribute of a model instance that refers (weakly) to the handle installed on it, while installed.
