@@ -21,6 +21,32 @@ from hieravid.errors import SpecError
 
 NewlineLayout = Literal["none", "per_row", "per_frame", "per_video"]
 
+#: Upper bounds of a spec's fields. Far above any VideoLLM (the largest have 80-128 layers and under 100k video
+#: tokens), they turn a typo or a hostile config (``num_hidden_layers: 1000000000``) into an error instead of a
+#: planner that loops over a billion layers.
+SPEC_LIMITS = {
+    "num_layers": 1024,
+    "hidden_size": 1 << 20,
+    "intermediate_size": 1 << 22,
+    "num_attention_heads": 1 << 16,
+    "num_key_value_heads": 1 << 16,
+    "vocab_size": 1 << 26,
+    "frames": 1 << 20,
+    "rows": 1 << 16,
+    "cols": 1 << 16,
+    "text_tokens": 1 << 24,
+    "default_query_rows": 1 << 16,
+}
+#: Most video tokens (frames × rows × cols) a spec may describe.
+MAX_VIDEO_TOKENS = 1 << 26
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {len(str(value)) if value.bit_length() < 14000 else 'over 4300'} digits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -44,21 +70,20 @@ class ModelSpec:
     default_query_rows: int = 1
 
     def __post_init__(self) -> None:
-        for field in (
-            "num_layers",
-            "hidden_size",
-            "intermediate_size",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "frames",
-            "rows",
-            "cols",
-        ):
+        for field, limit in SPEC_LIMITS.items():
             value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
-                raise SpecError(f"model spec {self.name!r}: {field} must be a positive integer, got {value!r}")
-        if self.text_tokens < 1:
-            raise SpecError(f"model spec {self.name!r}: text_tokens must be ≥ 1 (the question), got {self.text_tokens}")
+            minimum = 0 if field == "vocab_size" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= limit:
+                what = "a positive integer" if minimum else "a non-negative integer"
+                extra = " (the question)" if field == "text_tokens" else ""
+                raise SpecError(
+                    f"model spec {self.name!r}: {field} must be {what} up to {limit}{extra}, got {_shown(value)}"
+                )
+        if self.frame_tokens > MAX_VIDEO_TOKENS:
+            raise SpecError(
+                f"model spec {self.name!r}: {self.frames} frames × {self.rows}×{self.cols} tokens exceed "
+                f"{MAX_VIDEO_TOKENS} video tokens"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -86,8 +111,8 @@ class ModelSpec:
 
     def with_frames(self, frames: int) -> ModelSpec:
         """The same model seeing ``frames`` frames (as the LLM counts them)."""
-        if frames < 1:
-            raise SpecError(f"frames must be a positive integer, got {frames}")
+        if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
+            raise SpecError(f"frames must be a positive integer, got {_shown(frames)}")
         return dataclasses.replace(self, frames=frames)
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,7 +184,8 @@ def _dimension(text: Any, key: str, model_type: str, default: Any = None) -> int
     # bool is an int in Python, and 28.5 would silently become 28: a dimension is written as an integer.
     if type(value) is not int or value < 1:
         raise SpecError(
-            f"config of model_type {model_type!r}: the language model's {key} must be a positive integer, got {value!r}"
+            f"config of model_type {model_type!r}: the language model's {key} must be a positive integer, got "
+            f"{_shown(value)}"
         )
     return value
 
@@ -215,14 +241,44 @@ def spec_from_config(
     )
 
 
+#: Largest ``config.json`` read (real ones are a few kB).
+MAX_CONFIG_BYTES = 1 << 24
+#: Keys whose value transformers expands into one entry per layer when it builds a config.
+_LAYER_COUNT_KEYS = frozenset({"num_hidden_layers", "num_layers", "n_layer", "depth"})
+#: Integers in a config beyond this are not model settings (token ids, sizes and lengths are far smaller).
+_MAX_CONFIG_INTEGER = 1 << 40
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SpecError(f"{path}: cannot read model config ({error})") from None
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise SpecError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes: not a model config")
+        data = json.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:  # ValueError: JSON, huge integers
+        detail = " ".join(str(error).split())[:200]
+        raise SpecError(f"{path}: cannot read model config ({type(error).__name__}: {detail})") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: a model config must be a JSON object")
+    _check_config_numbers(data, path)
     return data
+
+
+def _check_config_numbers(data: Any, path: Path, where: str = "", depth: int = 0) -> None:
+    """Refuse integers no model has before transformers sees them: it builds per-layer lists from layer counts, so
+    ``num_hidden_layers: 1000000000`` would hang it."""
+    if depth > 16:
+        raise SpecError(f"{path}: nested more than 16 levels deep: not a model config")
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        name = f"{where}.{key}" if where and isinstance(key, str) else f"{where}[{key}]" if where else str(key)
+        if isinstance(value, (dict, list)):
+            _check_config_numbers(value, path, name, depth + 1)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            limit = SPEC_LIMITS["num_layers"] if key in _LAYER_COUNT_KEYS else _MAX_CONFIG_INTEGER
+            if abs(value) > limit:
+                raise SpecError(f"{path}: {name} is {_shown(value)}, beyond any model (at most {limit})")
 
 
 def _with_defaults(config: dict[str, Any], path: Path) -> Any:
