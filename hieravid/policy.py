@@ -745,22 +745,30 @@ def load_policy(path_or_text: str | Path | Policy) -> Policy:
             f"{type(path_or_text).__name__}"
         )
     if isinstance(path_or_text, Path) or not _looks_like_yaml_text(path_or_text):
-        path = Path(path_or_text)
-        if not isinstance(path_or_text, Path) and not _exists(path):
-            shipped = shipped_policy_path(path_or_text)
-            if shipped is not None:
-                return _load_shipped(path_or_text, shipped)
-            if not path_or_text.endswith((".yaml", ".yml")) and "/" not in path_or_text and "\\" not in path_or_text:
-                raise PolicyError(
-                    f"{path_or_text}: no such policy file, and not the name of a shipped policy (shipped: "
-                    f"{', '.join(shipped_policies())}; `hieravid policies` lists them)"
-                )
-        source, text = str(path), _read_policy_file(path)
-    else:
-        source, text = "<policy text>", path_or_text
-        if len(text.encode("utf-8", "surrogatepass")) > MAX_POLICY_BYTES:
-            raise PolicyError(f"{source}: larger than {MAX_POLICY_BYTES} bytes: not a policy")
-    return _parse(text, source)
+        return load_policy_file(path_or_text)
+    if len(path_or_text.encode("utf-8", "surrogatepass")) > MAX_POLICY_BYTES:
+        raise PolicyError(f"<policy text>: larger than {MAX_POLICY_BYTES} bytes: not a policy")
+    return _parse(path_or_text, "<policy text>")
+
+
+def load_policy_file(reference: str | Path) -> Policy:
+    """A policy file, or (a string that names no file) a shipped policy by name — never YAML text: what a
+    command-line argument or a configuration value names.
+
+    Raises:
+        PolicyError: no such file and no such shipped policy (the message lists them), or an invalid policy.
+    """
+    path = Path(reference)
+    if isinstance(reference, str) and not _exists(path):
+        shipped = shipped_policy_path(reference)
+        if shipped is not None:
+            return _load_shipped(reference, shipped)
+        if not reference.endswith((".yaml", ".yml")) and "/" not in reference and "\\" not in reference:
+            raise PolicyError(
+                f"{reference}: no such policy file, and not the name of a shipped policy (shipped: "
+                f"{', '.join(shipped_policies())}; `hieravid policies` lists them)"
+            )
+    return _parse(_read_policy_file(path), str(path))
 
 
 def _exists(path: Path) -> bool:

@@ -129,7 +129,11 @@ BAD_INPUTS = {
     "missing video": ({"--video": "nope.mp4"}, "video file not found"),
     "video without frames": ({"--video": "empty.mkv"}, "holds no frames"),
     "model not on disk nor cached": ({"--model": "hieravid-test/no-such-model"}, "local_files_only=True"),
-    "folder that is not a checkpoint": ({"--model": "folder"}, "not a loadable checkpoint"),
+    "folder that is not a checkpoint": ({"--model": "folder"}, "it lacks the model config (config.json)"),
+    "weights without tokenizer or processor": ({"--model": "weights-only"}, "it lacks the tokenizer"),
+    "device torch does not know": ({"--device": "tpu"}, "not a device torch knows"),
+    "trace onto a folder": ({"--trace": "folder"}, "is a folder"),
+    "shipped policy by a wrong name": ({"--policy": "hieravid-35"}, "not the name of a shipped policy"),
     "invalid policy": ({"--policy": "bad.yaml"}, "frame.selector"),
     "missing policy": ({"--policy": "none.yaml"}, "policy file not found"),
     "zero frames": ({"--frames": "0"}, "positive integer"),
@@ -151,6 +155,9 @@ def test_bad_input_exits_2_with_one_paragraph(case: str, checkpoint: Path, tmp_p
     (tmp_path / "bad.yaml").write_text("version: 1\nkind: PruningPolicy\nname: bad\nframe: {selector: {kind: magic}}\n")
     video_stream_without_frames(tmp_path / "empty.mkv")
     (tmp_path / "folder").mkdir()
+    (tmp_path / "weights-only").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "weights-only" / name).write_bytes((checkpoint / name).read_bytes())
     options = {
         "--model": str(checkpoint),
         "--video": str(checkpoint / "demo.mp4"),
@@ -163,6 +170,8 @@ def test_bad_input_exits_2_with_one_paragraph(case: str, checkpoint: Path, tmp_p
     for key, value in changes.items():
         local = tmp_path / value
         options[key] = str(local) if key in ("--video", "--policy") or local.exists() else value
+    if case == "shipped policy by a wrong name":
+        options["--policy"] = "hieravid-35"
     args = [item for pair in options.items() for item in pair]
     result = hieravid("run", *args, cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr

@@ -1,7 +1,9 @@
 """The ``hieravid`` command line.
 
 Every subcommand exits 0 on success and 2 on bad input, printing one paragraph on stderr (a
-traceback only with ``--debug``). Subcommands that need torch/transformers import them lazily.
+traceback only with ``--debug``); an unexpected failure (a bug) exits 70 with one line saying so.
+Output cut short by the reader (``hieravid plan ... | head``) ends quietly. Subcommands that need
+torch/transformers import them lazily.
 """
 
 from __future__ import annotations
@@ -19,25 +21,29 @@ from hieravid.errors import HieravidError
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 70  # sysexits' EX_SOFTWARE
+#: Largest count any option accepts (frames, tokens, runs): larger values are typos, not requests.
+MAX_COUNT = 100_000
 
 Command = Callable[[argparse.Namespace], int]
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from hieravid.plan import compile_plan
+    from hieravid.policy import load_policy_file
 
-    plan = compile_plan(args.policy, args.model, frames=args.frames)
+    plan = compile_plan(load_policy_file(args.policy), args.model, frames=args.frames)
     print(plan.to_json() if args.json else plan)
     return EXIT_OK
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from hieravid.policy import load_policy
+    from hieravid.policy import load_policy_file
 
     failures = []
     for path in args.policies:
         try:
-            policy = load_policy(Path(path))
+            policy = load_policy_file(path)
         except HieravidError as error:
             failures.append(str(error))
             continue
@@ -49,12 +55,36 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from hieravid.plan import compile_plan
+    from hieravid.policy import load_policy_file
 
-    plans = [compile_plan(path, args.model, frames=args.frames) for path in args.policies]
+    plans = [compile_plan(load_policy_file(path), args.model, frames=args.frames) for path in args.policies]
     if args.json:
         print(json.dumps([plan.to_dict() for plan in plans], indent=2))
         return EXIT_OK
     print(format_comparison(plans, markdown=args.markdown))
+    return EXIT_OK
+
+
+def _cmd_policies(args: argparse.Namespace) -> int:
+    from hieravid.policy import load_policy_file, shipped_policies
+
+    shipped = shipped_policies()
+    if args.name:
+        policy = load_policy_file(args.name)  # a name, its policy's own name, or a file
+        entry = shipped.get(args.name.removesuffix(".yaml"))
+        print(entry.read_text(encoding="utf-8") if entry is not None else policy.to_yaml(), end="")
+        return EXIT_OK
+    if not shipped:
+        raise HieravidError("no shipped policies found: this installation of hieravid lacks its package data")
+    width = max(len(name) for name in shipped)
+    print("shipped policies (use a name wherever a policy file goes: hieravid plan hieravid-30 --model ...,")
+    print(
+        "hieravid run --policy hieravid-20, hieravid.apply(model, 'hieravid-30'); `hieravid policies NAME` prints one)"
+    )
+    for name in shipped:
+        policy = load_policy_file(name)
+        label = "" if policy.name == name.rsplit("/", 1)[-1] else f" [{policy.name}]"
+        print(f"  {name:<{width}}  {policy.description or '-'}{label}")
     return EXIT_OK
 
 
@@ -85,11 +115,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise HieravidError(
             f"--model {', '.join(unknown)}: not a benchmark model; choose from {', '.join(bench.BENCH_MODELS)} or 'all'"
         )
-    policies = args.policy or [str(path) for path in sorted(Path("policies").glob("hieravid-*.yaml"))]
-    for policy in policies:
-        from hieravid.policy import load_policy
+    policies = _bench_policies(args.policy)
+    args.device = _bench_device(args.device, args.size)
+    if args.out:
+        from hieravid.apps.paths import check_output_file
 
-        load_policy(Path(policy))
+        check_output_file(args.out, option="--out")
     log = (lambda message: print(message, file=sys.stderr)) if args.json else print
     report = bench.run_benchmark(
         models,
@@ -113,6 +144,36 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         bench.write_report(report, args.out)
     print(json.dumps(report, indent=2) if args.json else bench.format_report(report))
     return EXIT_OK
+
+
+def _bench_policies(given: Sequence[str] | None) -> list[str]:
+    """The policies to time, as strings ``load_policy`` reads: files, or shipped policies by name (the default:
+    the shipped HieraVid policies, wherever hieravid runs from)."""
+    from hieravid.policy import load_policy_file, shipped_policies
+
+    if not given:
+        given = [name for name in shipped_policies() if name.startswith("hieravid-")]
+        if not given:
+            raise HieravidError("no shipped HieraVid policy found; pass --policy FILE")
+    resolved = []
+    for policy in given:
+        load_policy_file(policy)  # an error here, before any model is built
+        path = Path(policy)
+        resolved.append(str(path) if path.is_file() else policy)
+    return resolved
+
+
+def _bench_device(device: str, size: str) -> str:
+    """``auto``: CUDA when available, else the CPU; full-size models need CUDA."""
+    from hieravid.apps.run import resolve_device
+
+    resolved = resolve_device(device)
+    if size == "full" and not resolved.startswith("cuda"):
+        raise HieravidError(
+            f"--size full builds 7B-shaped models (about 15 GiB of weights): it needs a CUDA device, and this run "
+            f"would use {resolved}; pass --size tiny to check the path on a CPU"
+        )
+    return resolved
 
 
 def _bench_extras(
@@ -148,11 +209,11 @@ def _bench_extras(
 
 def _frame_list(text: str) -> list[int]:
     try:
-        values = [int(part) for part in text.split(",") if part.strip()]
+        values = [int(part) for part in text.split(",") if part.strip() and len(part) <= 20]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated frame counts like 16,32,64, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive frame counts, got {text!r}")
+    if not values or min(values) < 1 or max(values) > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"expected positive frame counts up to {MAX_COUNT}, got {text[:60]!r}")
     return values
 
 
@@ -207,14 +268,25 @@ def format_comparison(plans: Sequence, *, markdown: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
+def _count(text: str, *, minimum: int) -> int:
+    what = "a positive integer" if minimum == 1 else "a non-negative integer"
     try:
-        value = int(text)
+        value = int(text.strip()) if len(text) <= 20 else None
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        value = None
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text[:40]!r}")
+    if not minimum <= value <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"expected {what} up to {MAX_COUNT}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _count(text, minimum=1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _count(text, minimum=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     plan = sub.add_parser("plan", help="compile a policy for a model and print the per-layer plan")
-    plan.add_argument("policy", help="policy YAML file")
+    plan.add_argument("policy", help="policy YAML file or shipped policy name (e.g. hieravid-30; hieravid policies)")
     plan.add_argument(
         "--model", required=True, help="catalogue name (e.g. llava-onevision-7b), config.json or checkpoint folder"
     )
@@ -236,16 +308,22 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(handler=_cmd_plan)
 
     validate = sub.add_parser("validate", help="validate one or more policy files")
-    validate.add_argument("policies", nargs="+", help="policy YAML files")
+    validate.add_argument("policies", nargs="+", help="policy YAML files (or shipped policy names)")
     validate.set_defaults(handler=_cmd_validate)
 
     compare = sub.add_parser("compare", help="compile several policies for one model and print them side by side")
-    compare.add_argument("policies", nargs="+", help="policy YAML files")
+    compare.add_argument("policies", nargs="+", help="policy YAML files or shipped policy names")
     compare.add_argument("--model", required=True, help="catalogue name, config.json or checkpoint folder")
     compare.add_argument("--frames", type=_positive_int, help="frames as the LLM sees them (default: the model's)")
     compare.add_argument("--json", action="store_true", help="print the plans as a JSON list")
     compare.add_argument("--markdown", action="store_true", help="print a Markdown table")
     compare.set_defaults(handler=_cmd_compare)
+
+    policies = sub.add_parser(
+        "policies", help="list the policies shipped with hieravid (usable by name), or print one as YAML"
+    )
+    policies.add_argument("name", nargs="?", help="print this shipped policy's YAML (e.g. hieravid-30)")
+    policies.set_defaults(handler=_cmd_policies)
 
     run = sub.add_parser("run", help="answer a question about a video with a real checkpoint, pruned by a policy")
     run.add_argument(
@@ -253,9 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--video", required=True, help="video file (any format FFmpeg/PyAV decodes)")
     run.add_argument("--question", required=True, help="the question about the video")
-    run.add_argument("--policy", required=True, help="policy YAML file (e.g. policies/hieravid-30.yaml)")
+    run.add_argument(
+        "--policy", required=True, help="policy YAML file or shipped policy name (e.g. hieravid-30; hieravid policies)"
+    )
     run.add_argument("--frames", type=_positive_int, default=32, help="frames sampled uniformly (default: 32)")
-    run.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
+    run.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (default: cuda when available)")
     run.add_argument(
         "--dtype",
         default="auto",
@@ -283,10 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="hieravid-demo", help="output folder: trace, picture, video (default: hieravid-demo)"
     )
     demo.add_argument("--frames", type=_positive_int, default=32, help="frames of the synthetic video (default: 32)")
-    demo.add_argument("--policy", default=None, help="policy YAML file (default: hieravid-30)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights and textures (default: 0)")
+    demo.add_argument("--policy", default=None, help="policy YAML file or shipped name (default: hieravid-30)")
     demo.add_argument(
-        "--export", metavar="DIR", help="instead, write the tiny model as a checkpoint folder plus the video"
+        "--seed", type=_non_negative_int, default=0, help="seed of the random weights and textures (default: 0)"
+    )
+    demo.add_argument(
+        "--export",
+        metavar="DIR",
+        help="instead, write the tiny model as a complete local checkpoint (weights, tokenizer, processor, chat "
+        "template) plus the video into DIR (a new or empty folder), for hieravid run --model DIR",
     )
     demo.add_argument(
         "--arch",
@@ -299,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     viz = sub.add_parser("viz", help="draw a trace: kept/merged/pruned tokens per stage and the segment timeline")
     viz.add_argument("trace", help="trace file written by --trace or hieravid demo")
     viz.add_argument("-o", "--output", required=True, help="image to write (.png, .svg or .pdf)")
-    viz.add_argument("--request", type=int, default=0, help="request index in the trace (default: 0)")
+    viz.add_argument("--request", type=_non_negative_int, default=0, help="request index in the trace (default: 0)")
     viz.add_argument("--max-frames", type=_positive_int, default=16, help="frames drawn at most (default: 16)")
     viz.set_defaults(handler=_cmd_viz)
 
@@ -317,7 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=["llava-onevision-7b"],
         help="llava-onevision-7b, llava-video-7b, qwen2-vl-7b, qwen2.5-vl-7b, or 'all' (default: llava-onevision-7b)",
     )
-    bench.add_argument("--policy", nargs="+", help="policy YAML files (default: policies/hieravid-*.yaml)")
+    bench.add_argument(
+        "--policy",
+        nargs="+",
+        help="policy YAML files or shipped names (default: the shipped hieravid-10, hieravid-20, hieravid-30)",
+    )
     bench.add_argument(
         "--frames",
         type=_positive_int,
@@ -327,13 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--size",
         choices=["full", "tiny"],
         default="full",
-        help="full: 7B shapes (needs a GPU); tiny: small models to check the path on a CPU",
+        help="full: 7B shapes (needs CUDA); tiny: small models to check the path on a CPU (default: full)",
     )
-    bench.add_argument("--device", default="cuda", help="torch device (default: cuda)")
+    bench.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (default: cuda when available)")
     bench.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     bench.add_argument("--runs", type=_positive_int, default=5, help="timed runs per measurement (median)")
-    bench.add_argument("--warmup", type=int, default=2, help="untimed runs first")
-    bench.add_argument("--decode-tokens", type=int, default=64, help="tokens for the decode measurement (0: skip)")
+    bench.add_argument("--warmup", type=_non_negative_int, default=2, help="untimed runs first (default: 2)")
+    bench.add_argument(
+        "--decode-tokens", type=_non_negative_int, default=64, help="tokens for the decode measurement (0: skip)"
+    )
     bench.add_argument(
         "--sweep",
         type=_frame_list,
@@ -375,15 +466,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
     except HieravidError as error:
         if args.debug:
             traceback.print_exc()
         print(f"hieravid {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_OK
     except KeyboardInterrupt:
         print("hieravid: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if args.debug:
+            traceback.print_exc()
+        detail = " ".join(str(error).split())[:300]
+        print(
+            f"hieravid {args.command}: internal error (a bug in hieravid, not your input): {type(error).__name__}: "
+            f"{detail}. Rerun with --debug for the traceback and report it.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+def _silence_stdout() -> None:
+    """The reader closed stdout (``| head``): point it at /dev/null so that the final flush stays quiet."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file descriptor (captured in-process)
+        pass
 
 
 if __name__ == "__main__":

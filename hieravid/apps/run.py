@@ -99,14 +99,40 @@ class LoadedModel:
 
 
 def resolve_device(device: str | None) -> str:
-    """``cuda`` when available and not overridden, else ``cpu``; rejects ``cuda`` without a GPU."""
+    """``cuda`` when available and not overridden (``None`` or ``"auto"``), else ``cpu``.
+
+    Raises:
+        ModelLoadError: not a torch device (``tpu``), or a device that is not here (``cuda`` without a GPU,
+            ``cuda:3`` on a machine with one).
+    """
     import torch
 
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    return device
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ModelLoadError(
+            f"--device {str(device)[:40]!r}: not a device torch knows; use auto, cuda, cuda:N or cpu"
+        ) from None
+    if parsed.type == "cpu":
+        return "cpu"
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+            )
+        return str(parsed)
+    backend = getattr(torch, parsed.type, None)
+    available = getattr(backend, "is_available", None)
+    if callable(available) and available():
+        return str(parsed)
+    raise ModelLoadError(
+        f"--device {device}: no {parsed.type} device is available here (hieravid runs on cuda and cpu); use auto, "
+        "cuda, cuda:N or cpu"
+    )
 
 
 def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
@@ -134,10 +160,49 @@ def _local_json(folder: Path, *names: str) -> dict[str, Any]:
     return {}
 
 
+#: What a checkpoint folder needs for ``hieravid run``: a description, then file patterns (any one will do).
+CHECKPOINT_FILES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("the model config (config.json)", ("config.json",)),
+    ("the weights (*.safetensors or pytorch_model*.bin)", ("*.safetensors", "pytorch_model*.bin")),
+    (
+        "the tokenizer (tokenizer.json, or tokenizer_config.json with its vocabulary)",
+        ("tokenizer.json", "tokenizer_config.json"),
+    ),
+    (
+        "the video processor settings (video_preprocessor_config.json or preprocessor_config.json)",
+        ("video_preprocessor_config.json", "preprocessor_config.json"),
+    ),
+    ("the chat template (chat_template.jinja or chat_template.json)", ("chat_template.jinja", "chat_template.json")),
+)
+
+
+def missing_checkpoint_files(folder: Path) -> list[str]:
+    """What :data:`CHECKPOINT_FILES` names that ``folder`` lacks (a chat template inside tokenizer_config.json
+    counts)."""
+    missing = []
+    for what, patterns in CHECKPOINT_FILES:
+        if any(next(folder.glob(pattern), None) is not None for pattern in patterns):
+            continue
+        if "chat template" in what and "chat_template" in _local_json(folder, "tokenizer_config.json"):
+            continue
+        missing.append(what)
+    return missing
+
+
 def _describe_missing(name: str, local: bool, download: bool, error: BaseException) -> ModelLoadError:
     if local:
+        detail = " ".join(f"{type(error).__name__}: {error}".split())
+        if len(detail) > 300:
+            detail = detail[:297] + "..."
+        missing = missing_checkpoint_files(Path(name))
+        if missing:
+            return ModelLoadError(
+                f"{name}: the folder is not a complete checkpoint: it lacks {'; '.join(missing)}. Copy them from the "
+                f"model's repository (e.g. `hf download MODEL_ID --local-dir {name}`); `hieravid demo --export DIR` "
+                f"writes a complete tiny one to compare with. (transformers: {detail})"
+            )
         return ModelLoadError(
-            f"{name}: the folder exists but is not a loadable checkpoint ({type(error).__name__}: {error}). "
+            f"{name}: the folder exists but is not a loadable checkpoint ({detail}). "
             "It needs config.json, the weights (*.safetensors) and the tokenizer/processor files."
         )
     if not download:
@@ -725,11 +790,16 @@ def run_command(args: Any) -> int:
     """``hieravid run`` (see ``hieravid run --help``); returns the exit status."""
     import sys
 
+    from hieravid.apps.paths import check_output_file
     from hieravid.apps.trace import save_trace
     from hieravid.apps.video import read_video
-    from hieravid.policy import load_policy
+    from hieravid.policy import load_policy_file
 
-    policy = load_policy(Path(args.policy))
+    # Everything that can be checked is checked before the minutes of decoding, loading and generating.
+    args.device = resolve_device(args.device)
+    if args.trace:
+        check_output_file(args.trace, option="--trace")
+    policy = load_policy_file(args.policy)
     print(f"decoding {args.video} ({args.frames} frames, uniform sampling)", file=sys.stderr)
     frames, info, indices = read_video(args.video, args.frames, progress=_progress_factory())
     print(f"loading {args.model}", file=sys.stderr)

@@ -36,6 +36,16 @@ if TYPE_CHECKING:
 
 TRACE_FORMAT = "hieravid-trace"
 TRACE_VERSION = 1
+#: Most content tokens a trace may describe (256 frames of 210 tokens are 53,760).
+MAX_TRACE_TOKENS = 10_000_000
+#: Most requests one trace file may hold.
+MAX_TRACE_REQUESTS = 100_000
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if not isinstance(value, int) or value.bit_length() < 200 else f"<{value.bit_length()}-bit int>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
 
 __all__ = ["TRACE_FORMAT", "TRACE_VERSION", "RequestTrace", "StageTrace", "TraceError", "load_trace", "save_trace"]
 
@@ -134,35 +144,105 @@ class RequestTrace:
         if self.input_kept is not None:
             return self.input_kept
         if self.merge_target is not None:
-            return torch.unique(self.merge_target)
+            targets = torch.unique(self.merge_target)
+            return targets[targets >= 0]  # -1: dropped
         return torch.arange(self.content_tokens, dtype=torch.int64)
 
     def validate(self) -> None:
-        """Check shapes and index ranges; raises :class:`TraceError` naming the inconsistent field."""
+        """Check types, shapes and index ranges; raises :class:`TraceError` naming the inconsistent field.
+
+        A trace read from a file is checked as hostile input: whatever it holds, drawing it afterwards cannot fail
+        or allocate more than its geometry says (at most :data:`MAX_TRACE_TOKENS` content tokens)."""
+        import torch
+
+        for name in ("frames", "rows", "cols", "newline_tokens"):
+            value = getattr(self, name)
+            if type(value) is not int or value < (0 if name == "newline_tokens" else 1):
+                raise TraceError(
+                    f"{name} must be a {'non-negative' if name == 'newline_tokens' else 'positive'} "
+                    f"integer, got {_short(value)}"
+                )
         n = self.content_tokens
-        if self.frames < 1 or self.rows < 1 or self.cols < 1:
-            raise TraceError(f"trace geometry must be positive, got {self.frames}×{self.rows}×{self.cols}")
-        if tuple(self.frame_segment_ids.shape) != (self.frames,):
+        if n > MAX_TRACE_TOKENS or self.newline_tokens > MAX_TRACE_TOKENS:
             raise TraceError(
-                f"frame_segment_ids must have shape [{self.frames}], got {tuple(self.frame_segment_ids.shape)}"
+                f"trace geometry {self.frames}×{self.rows}×{self.cols} (+{self.newline_tokens} newlines) exceeds "
+                f"{MAX_TRACE_TOKENS} tokens: not a video a model saw"
             )
-        if self.frames and int(self.frame_segment_ids.max()) + 1 != self.num_segments:
+
+        def tensor(name: str, value: Any, *, integer: bool, shape: tuple[int, ...] | None = None) -> Any:
+            if value is None:
+                return None
+            if not isinstance(value, torch.Tensor):
+                raise TraceError(f"{name} must be a tensor, got {type(value).__name__}")
+            if value.is_floating_point() == integer or value.is_complex() or value.dtype == torch.bool:
+                raise TraceError(f"{name} must hold {'integers' if integer else 'floats'}, got {value.dtype}")
+            if shape is not None and tuple(value.shape) != shape:
+                raise TraceError(f"{name} must have shape {list(shape)}, got {list(value.shape)}")
+            return value
+
+        ids = tensor("frame_segment_ids", self.frame_segment_ids, integer=True, shape=(self.frames,))
+        values = tensor("segment_values", self.segment_values, integer=False)
+        if values.dim() != 1:
+            raise TraceError(f"segment_values must be 1-D, got shape {list(values.shape)}")
+        steps = ids[1:] - ids[:-1]
+        if int(ids[0]) != 0 or bool(((steps != 0) & (steps != 1)).any()):
+            raise TraceError("frame_segment_ids must start at 0 and grow by 0 or 1 from one frame to the next")
+        if int(ids.max()) + 1 != self.num_segments:
             raise TraceError(
                 f"segment_values has {self.num_segments} entries but frame_segment_ids name "
-                f"{int(self.frame_segment_ids.max()) + 1} segments"
+                f"{int(ids.max()) + 1} segments"
             )
-        if self.merge_target is not None and tuple(self.merge_target.shape) != (n,):
-            raise TraceError(f"merge_target must have shape [{n}], got {tuple(self.merge_target.shape)}")
+        if not bool(torch.isfinite(values).all()):
+            raise TraceError("segment_values must be finite")
+        merge = tensor("merge_target", self.merge_target, integer=True, shape=(n,))
+        if merge is not None and n and (int(merge.min()) < -1 or int(merge.max()) >= n):
+            raise TraceError(f"merge_target: values must be content indices in [0, {n}) or -1 (dropped)")
         named = [("input_kept", self.input_kept)] + [
             (f"stage {index} (layer {stage.layer})", stage.kept) for index, stage in enumerate(self.stages)
         ]
         for name, kept in named:
+            tensor(name, kept, integer=True)
             if kept is None:
                 continue
             if kept.dim() != 1 or (kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= n)):
                 raise TraceError(f"{name}: kept indices must be 1-D within [0, {n})")
-        if self.thumbnails is not None and (self.thumbnails.dim() != 4 or self.thumbnails.shape[0] != self.frames):
-            raise TraceError(f"thumbnails must have shape [{self.frames}, h, w, 3], got {tuple(self.thumbnails.shape)}")
+        for index, stage in enumerate(self.stages):
+            if type(stage.layer) is not int or not 0 <= stage.layer < 4096:
+                raise TraceError(f"stage {index}: layer must be an integer in [0, 4096), got {_short(stage.layer)}")
+            if type(stage.newlines_kept) is not int or not 0 <= stage.newlines_kept <= self.newline_tokens:
+                raise TraceError(
+                    f"stage {index}: newlines_kept must be an integer in [0, {self.newline_tokens}], got "
+                    f"{_short(stage.newlines_kept)}"
+                )
+        if self.layer_video_tokens is not None and (
+            not isinstance(self.layer_video_tokens, list)
+            or len(self.layer_video_tokens) > 4096
+            or any(type(v) is not int or not 0 <= v <= n + self.newline_tokens for v in self.layer_video_tokens)
+        ):
+            raise TraceError(
+                f"layer_video_tokens must be a list of integers in [0, {n + self.newline_tokens}] (one per layer)"
+            )
+        redundancy = tensor("frame_redundancy", self.frame_redundancy, integer=False, shape=(self.frames,))
+        if redundancy is not None and not bool(torch.isfinite(redundancy).all()):
+            raise TraceError("frame_redundancy must be finite")
+        thumbs = self.thumbnails
+        if thumbs is not None and (
+            not isinstance(thumbs, torch.Tensor)
+            or thumbs.dtype != torch.uint8
+            or thumbs.dim() != 4
+            or thumbs.shape[0] != self.frames
+            or thumbs.shape[3] != 3
+            or not 1 <= thumbs.shape[1] <= 4096
+            or not 1 <= thumbs.shape[2] <= 4096
+        ):
+            shape = list(thumbs.shape) if isinstance(thumbs, torch.Tensor) else type(thumbs).__name__
+            raise TraceError(
+                f"thumbnails must have shape [{self.frames}, h, w, 3] (uint8, sides up to 4096), got {shape}"
+            )
+        for name in ("policy", "plan", "info"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, dict):
+                raise TraceError(f"{name} must be a JSON object, got {type(value).__name__}")
 
     def summary(self) -> str:
         """One line per level: segments, tokens after merging and after each stage."""
@@ -258,11 +338,18 @@ def load_trace(path: str | Path) -> list[RequestTrace]:
         raise TraceError(
             f"{path}: trace version {metadata.get('version')!r} is not supported (expected {TRACE_VERSION})"
         )
+    count = metadata.get("num_requests", "0")
+    if not count.isdigit() or not int(count) <= MAX_TRACE_REQUESTS:
+        raise TraceError(
+            f"{path}: metadata num_requests must be an integer up to {MAX_TRACE_REQUESTS}, got {_short(count)}"
+        )
     traces = []
-    for index in range(int(metadata.get("num_requests", "0"))):
+    for index in range(int(count)):
         prefix = f"request.{index}"
         try:
             scalars = json.loads(metadata[prefix])
+            if not isinstance(scalars, dict) or not isinstance(scalars.get("stages"), list):
+                raise TypeError("the request's metadata must be a JSON object with a list of stages")
             trace = RequestTrace(
                 frames=int(scalars["frames"]),
                 rows=int(scalars["rows"]),
@@ -287,8 +374,12 @@ def load_trace(path: str | Path) -> list[RequestTrace]:
                 plan=scalars.get("plan"),
                 info=scalars.get("info") or {},
             )
-        except (KeyError, ValueError, TypeError) as error:
-            raise TraceError(f"{path}: request {index} is incomplete or malformed ({error!r})") from None
-        trace.validate()
+        except (KeyError, ValueError, TypeError, OverflowError, AttributeError, RecursionError) as error:
+            detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+            raise TraceError(f"{path}: request {index} is incomplete or malformed ({detail})") from None
+        try:
+            trace.validate()
+        except TraceError as error:
+            raise TraceError(f"{path}: request {index}: {error}") from None
         traces.append(trace)
     return traces

@@ -11,6 +11,7 @@ Needs matplotlib (``pip install "hieravid[viz]"``).
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
     from hieravid.apps.trace import RequestTrace
 
-__all__ = ["VizError", "draw_trace", "select_frames", "token_status"]
+__all__ = ["IMAGE_SUFFIXES", "VizError", "draw_trace", "level_video_tokens", "select_frames", "token_status"]
 
 KEPT, MERGED, PRUNED = 0, 1, 2
 MERGED_RGBA = (1.0, 1.0, 1.0, 0.72)
@@ -42,6 +43,10 @@ SEGMENT_COLOURS = (
 
 class VizError(HieravidError, ValueError):
     """A trace cannot be drawn (matplotlib missing, bad options)."""
+
+
+#: Image formats :func:`draw_trace` writes (matplotlib picks the format from the suffix).
+IMAGE_SUFFIXES = (".png", ".svg", ".pdf")
 
 
 def token_status(trace: RequestTrace) -> np.ndarray:
@@ -65,6 +70,14 @@ def token_status(trace: RequestTrace) -> np.ndarray:
         status[index + 1] = row
         present = now
     return status.reshape(levels, trace.frames, trace.rows, trace.cols)
+
+
+def level_video_tokens(trace: RequestTrace) -> list[int]:
+    """Video tokens present after the segment level, then after each stage: content tokens plus the newline tokens
+    still there (what ``hieravid run`` and ``hieravid demo`` print per level)."""
+    counts = [int(trace.merged_kept().numel()) + trace.newline_tokens]
+    counts += [int(stage.kept.numel()) + stage.newlines_kept for stage in trace.stages]
+    return counts
 
 
 def select_frames(trace: RequestTrace, max_frames: int) -> list[int]:
@@ -101,7 +114,14 @@ def draw_trace(
     dpi: int = 110,
     title: str | None = None,
 ) -> Path:
-    """Draw ``trace`` to an image file (PNG, SVG or PDF by extension); returns the path written."""
+    """Draw ``trace`` to an image file (PNG, SVG or PDF by extension); returns the path written.
+
+    Raises:
+        VizError: another extension (matplotlib would write ``path + ".png"`` for none), a folder, matplotlib missing.
+        TraceError: an inconsistent trace.
+    """
+    path = _image_path(path)
+    trace.validate()
     try:
         import matplotlib
     except ImportError:
@@ -118,22 +138,23 @@ def draw_trace(
     values = trace.segment_values.tolist()
     thumbs = trace.thumbnails.numpy() if trace.thumbnails is not None else None
     n_v = trace.content_tokens + trace.newline_tokens
-    level_names = [f"segment level\n{int(trace.merged_kept().numel())} kept"] + [
-        f"after layer {stage.layer}\n{int(stage.kept.numel())} kept" for stage in trace.stages
+    level_names = [f"segment level\n{level_video_tokens(trace)[0]} kept"] + [
+        f"after layer {stage.layer}\n{kept} kept" for stage, kept in zip(trace.stages, level_video_tokens(trace)[1:])
     ]
 
     columns = len(frames)
     cell = 0.95
-    fig = plt.figure(figsize=(1.6 + columns * cell, levels * cell + 3.3), dpi=dpi)
+    width, height = max(7.5, 1.6 + columns * cell), levels * cell + 3.9
+    fig = plt.figure(figsize=(width, height), dpi=dpi)
     grid = fig.add_gridspec(
-        levels + 2,
+        levels + 3,
         columns,
-        height_ratios=[1.0] * levels + [0.9, 1.1],
-        left=1.3 / (1.6 + columns * cell),
+        height_ratios=[1.0] * levels + [0.9, 0.2, 1.1],  # a spacer row for the timeline's label
+        left=1.3 / width,
         right=0.99,
-        top=1 - 0.55 / (levels * cell + 3.3),
-        bottom=0.06,
-        hspace=0.18,
+        top=1 - 0.55 / height,
+        bottom=0.75 / height,
+        hspace=0.3,
         wspace=0.06,
     )
     aspect = trace.rows / trace.cols
@@ -168,6 +189,7 @@ def draw_trace(
         timeline.text((first + last + 1) / 2, 0.5, f"seg {seg}\nMV {value:+.2f}", ha="center", va="center", fontsize=7)
         if first:
             timeline.axvline(first, color="black", linewidth=1.2)
+    explained = "MV: a segment's marginal value (z-scored novelty; a higher MV gets a larger frame-level budget)"
     if trace.frame_redundancy is not None:
         redundancy = trace.frame_redundancy.numpy()
         timeline.plot(
@@ -180,16 +202,26 @@ def draw_trace(
             label="frame redundancy c[f]",
         )
         timeline.legend(loc="lower right", fontsize=6, frameon=False)
+        explained += (
+            "; c[f]: fraction of frame f's tokens similar to the same position in frame f-1 (a frame with c[f] < β "
+            "opens a segment)"
+        )
+        timeline.set_yticks([0, 0.5, 1])
+        timeline.set_ylabel("c[f]", fontsize=7, labelpad=1)
+    else:
+        timeline.set_yticks([])
+        timeline.set_ylabel("segments", fontsize=7, labelpad=1)
     timeline.set_xlim(0, trace.frames)
     timeline.set_ylim(0, 1.05)
-    timeline.set_yticks([])
-    timeline.set_xlabel("frame", fontsize=8, labelpad=1)
+    timeline.set_xlabel("frame (as the language model sees them)", fontsize=7, labelpad=1)
+    caption = "\n".join(textwrap.wrap(explained, width=int(width * 16)))
+    fig.text(0.01, 0.004, caption, fontsize=7, ha="left", va="bottom", color="#333333")
     timeline.tick_params(labelsize=7)
     timeline.set_title(
         f"{trace.num_segments} segment(s); cuts at frames {trace.cuts() or 'none'}", fontsize=8, loc="left", pad=2
     )
 
-    tokens_axis = fig.add_subplot(grid[levels + 1, :])
+    tokens_axis = fig.add_subplot(grid[levels + 2, :])
     if trace.layer_video_tokens:
         layers = np.arange(len(trace.layer_video_tokens))
         tokens_axis.bar(layers, trace.layer_video_tokens, color="#4c72b0", width=0.7)
@@ -215,7 +247,6 @@ def draw_trace(
     )
     fig.suptitle(heading, fontsize=10, x=0.01, ha="left", y=0.995)
     fig.legend(handles=legend, loc="upper right", ncol=3, fontsize=7, frameon=False, bbox_to_anchor=(0.995, 1.0))
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fig.savefig(path, dpi=dpi)
@@ -238,8 +269,22 @@ def draw_trace_file(trace_path: str | Path, out: str | Path, *, request: int = 0
     return draw_trace(traces[request], out, max_frames=max_frames)
 
 
+def _image_path(path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise VizError(
+            f"{path}: cannot write this image format ({path.suffix or 'no extension'}); use .png, .svg or .pdf"
+        )
+    if path.is_dir():
+        raise VizError(f"{path}: is a folder; give an image file name")
+    return path
+
+
 def viz_command(args: object) -> int:
     """``hieravid viz TRACE -o out.png``; returns the exit status."""
-    path = draw_trace_file(args.trace, args.output, request=args.request, max_frames=args.max_frames)  # type: ignore[attr-defined]
+    from hieravid.apps.paths import check_output_file
+
+    output = _image_path(check_output_file(args.output, option="-o"))  # type: ignore[attr-defined]
+    path = draw_trace_file(args.trace, output, request=args.request, max_frames=args.max_frames)  # type: ignore[attr-defined]
     print(f"wrote {path}")
     return 0
