@@ -98,6 +98,15 @@ def test_demo_command_end_to_end(tmp_path: Path) -> None:
     assert trace.merge_target.numel() == 32 * 64 and bool((trace.merge_target <= torch.arange(32 * 64)).all())
     redundancy = trace.frame_redundancy.tolist()
     assert [f for f, c in enumerate(redundancy) if c < 0.4] == [0, 6, 16, 23]
+    # The picture's per-level counts are the printed table's (content and newline tokens, as N_v counts them).
+    from hieravid.apps.viz import level_video_tokens
+
+    printed = [int(re.search(r"segment level \(merge\)\s+(\d+)", text).group(1))]
+    printed += [int(n) for n in re.findall(r"stage @ layer \d+\s+(\d+)", text)]
+    assert level_video_tokens(trace) == printed
+    # The toy model is not faster pruned, and the demo says why (both runs are warmed up first).
+    if "why no speedup here" not in text:
+        assert "fixed overheads dominate" in text
 
 
 def test_demo_video_is_the_bundled_geometry() -> None:
@@ -117,3 +126,14 @@ def test_demo_rejects_a_bad_policy(tmp_path: Path) -> None:
         timeout=120,
     )
     assert result.returncode == 2 and "merge_ratio" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_readme_names_what_the_demo_writes() -> None:
+    from hieravid.apps.cli import build_parser
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    folder = build_parser().parse_args(["demo"]).out
+    for name in ("demo.png", "trace.safetensors", "demo.mp4"):
+        assert f"`{folder}/{name}`" in readme, name
+    assert "`hieravid demo --export DIR`" in readme
+    assert f"/{folder}/" in (REPO / ".gitignore").read_text().splitlines()
