@@ -72,3 +72,9 @@ def test_too_many_query_rows_fail_before_any_layer_and_leave_nothing_behind(tiny
         counting.remove()
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, expected)
+
+
+def test_apply_takes_a_shipped_policy_by_name(tiny_llava):
+    with apply(tiny_llava.model, "hieravid-30") as handle, torch.no_grad():
+        tiny_llava.model(**tiny_llava.inputs(seed=52))
+        assert handle.plan.policy.name == "hieravid-30" and handle.last_request.pruned
