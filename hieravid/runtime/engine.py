@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from hieravid.compat import cache_from_kwargs, cache_from_output, causal_mask
+from hieravid.compat import cache_argument, cache_from_kwargs, cache_from_output, causal_mask
 from hieravid.errors import AdapterError
 from hieravid.runtime import hooks
 from hieravid.runtime.calls import KeywordBinder
@@ -138,6 +138,16 @@ class Pruner:
             sites.append(HookSite(layer, "forward", hooks.LayerOutputCut(self, stage_index)))
         return sites
 
+    def new_cache(self) -> dict[str, Any]:
+        """``{name: cache}``: the dynamic cache the language model creates when called without one (when its config
+        caches), under the argument name its forward takes."""
+        from transformers import DynamicCache
+
+        config = self.adapter.text_config()
+        if not getattr(config, "use_cache", True):
+            return {}
+        return cache_argument(self.language_model, DynamicCache(config=config))
+
     def reset(self) -> None:
         """Forget every in-flight call and request of this thread (after a removal or a failure)."""
         self.local.__dict__.clear()
@@ -199,7 +209,10 @@ class Pruner:
         with torch.profiler.record_function("hieravid/segment_level"):
             prune_inputs(request, self.plan, self.adapter, kwargs, inputs_embeds, mask2d, layouts, graphs=self.graphs)
         if self.plan.segment.enabled:
-            if request.stage_all_valid[0] and cache is not None:
+            caches = cache is not None or (
+                kwargs.get("use_cache") is not False and getattr(self.adapter.text_config(), "use_cache", True)
+            )
+            if request.stage_all_valid[0] and caches:
                 # No padding anywhere: no mask, as the model had none (building one from an all-ones mask syncs).
                 mask = None
             else:
