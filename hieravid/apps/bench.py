@@ -21,7 +21,9 @@ Measurements (median of ``runs`` after ``warmup``, batch 1):
 - ``peak_memory_bytes``: peak allocated during generate; ``kv_cache_bytes`` after prefill;
 - ``pruning_overhead_ms``: GPU time of hieravid's own work, by level (from the profiler ranges the
   runtime emits);
-- ``ideal_llm_prefill_ms`` = unpruned LLM prefill × the plan's FLOPs ratio.
+- ``ideal_llm_prefill_ms`` = unpruned LLM prefill × the plan's FLOPs ratio;
+- ``floor_llm_prefill_ms``: the model's own decoder layers on hidden states sliced to the realised per-layer
+  counts, no pruning work, in one CUDA graph (:func:`floor_prefill_ms`), measured in the same run.
 """
 
 from __future__ import annotations
@@ -401,15 +403,98 @@ class PolicyResult:
     vision_ms: float | None = None
     speedups: str = "none"
     realised_video_tokens: list[int] = field(default_factory=list)
+    layer_sequence_lengths: list[int] = field(default_factory=list)
     pruning_overhead_ms: dict[str, float] = field(default_factory=dict)
     ideal_llm_prefill_ms: float | None = None
     prefill_vs_ideal: float | None = None
+    floor_llm_prefill_ms: float | None = None
+    prefill_vs_floor: float | None = None
     ttft_speedup: float | None = None
     decode_speedup: float | None = None
 
 
 def _median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
+
+
+def language_model_inputs(case: SyntheticCase) -> dict[str, Any]:
+    """What the language model receives for the case's prompt in an unpruned forward (its first call)."""
+    import torch
+
+    language_model = case.model.model.language_model
+    captured: dict[str, Any] = {}
+
+    def keep(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        if not captured:
+            captured.update(embeds=kwargs["inputs_embeds"], positions=kwargs.get("position_ids"))
+
+    hook = language_model.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            case.model(**case.inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return captured
+
+
+def floor_prefill_ms(
+    case: SyntheticCase,
+    lengths: Sequence[int],
+    timer: _Timer,
+    *,
+    runs: int = 5,
+    lm_inputs: dict[str, Any] | None = None,
+) -> float:
+    """The floor of a pruned prefill: the model's own decoder layers on hidden states simply sliced to the realised
+    per-layer row counts (``lengths``, the attention rows of each layer), no pruning work and no cache, the whole
+    stack and the final norm in one CUDA graph on a GPU (eager on a CPU). It is the limit a pruned prefill can
+    reach on this machine (small row counts run matrix products less efficiently than the FLOPs ideal assumes).
+    Each stage layer runs its MLP at the pre-cut count: an upper bound by at most one MLP half per stage."""
+    import torch
+
+    language_model = case.model.model.language_model
+    inputs = lm_inputs or language_model_inputs(case)
+    embeds, positions = inputs["embeds"], inputs["positions"]
+    first = int(lengths[0])
+    hidden0 = embeds[:, :first].clone()
+    if positions is None:
+        positions = torch.arange(embeds.shape[1], device=embeds.device).unsqueeze(0)
+    if positions.dim() == 3 and positions.shape[0] == 4:  # generate's text row, then the M-RoPE rows
+        positions = positions[1:]
+    with torch.inference_mode():
+        cos, sin = language_model.rotary_emb(hidden0, positions[..., :first])
+    layers = list(language_model.layers)
+
+    def stack() -> Any:
+        hidden = hidden0
+        for layer, length in zip(layers, lengths):
+            hidden = hidden[:, :length]
+            out = layer(
+                hidden,
+                attention_mask=None,
+                position_ids=None,
+                use_cache=False,
+                position_embeddings=(cos[:, :length], sin[:, :length]),
+            )
+            hidden = out[0] if isinstance(out, tuple) else out
+        return language_model.norm(hidden)
+
+    with torch.inference_mode():
+        if not timer.cuda:
+            stack()
+            return _median([timer.time(stack) for _ in range(runs)])
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            stack()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            stack()
+        graph.replay()
+        times = [timer.time(graph.replay) for _ in range(runs)]
+        del graph
+        return _median(times)
 
 
 def _pruning_overhead(case: SyntheticCase, run: Callable[[], Any], timer: _Timer) -> dict[str, float]:
@@ -476,7 +561,8 @@ def bench_policy(
         output = forward()
         kv_bytes = _kv_cache_bytes(cache_from_output(output))
         stats = getattr(handle, "last_request", None)
-        realised = [counts[0] for counts in stats.layer_video_tokens] if stats is not None else []
+        realised = [counts[0] for counts in stats.layer_video_tokens] if stats is not None and stats.pruned else []
+        lengths = list(stats.layer_sequence_lengths) if stats is not None and stats.pruned else []
         del output
         decode = decode_step = None
         peak = None
@@ -509,6 +595,7 @@ def bench_policy(
         vision_ms=_median(vision_times) if vision_times else None,
         speedups="none" if stock else speedups,
         realised_video_tokens=realised,
+        layer_sequence_lengths=lengths,
         pruning_overhead_ms=overhead,
     )
     return result, plan
@@ -640,6 +727,7 @@ def _bench_model(
 
     case = build_case(name, frames=frames, size=size, device=device, dtype=dtype)
     log(f"{name}: {case.sampled_frames} frames, {case.inputs['input_ids'].shape[1]} prompt tokens")
+    lm_inputs = language_model_inputs(case)
     baseline, _ = bench_policy(
         case, None, runs=runs, warmup=warmup, decode_tokens=decode_tokens, device=device, speedups="none"
     )
@@ -665,12 +753,18 @@ def _bench_model(
         )
         result.ideal_llm_prefill_ms = baseline.llm_prefill_ms * plan.flops_ratio
         result.prefill_vs_ideal = result.llm_prefill_ms / result.ideal_llm_prefill_ms
+        if result.layer_sequence_lengths:
+            result.floor_llm_prefill_ms = floor_prefill_ms(
+                case, result.layer_sequence_lengths, _Timer(device), runs=runs, lm_inputs=lm_inputs
+            )
+            result.prefill_vs_floor = result.llm_prefill_ms / result.floor_llm_prefill_ms
         result.ttft_speedup = baseline.ttft_ms / result.ttft_ms
         if result.decode_step_ms and baseline.decode_step_ms:
             result.decode_speedup = baseline.decode_step_ms / result.decode_step_ms
         entries.append(result)
         log(
-            f"  {result.policy}: prefill {result.llm_prefill_ms:.1f} ms (ideal {result.ideal_llm_prefill_ms:.1f})"
+            f"  {result.policy}: prefill {result.llm_prefill_ms:.1f} ms (ideal {result.ideal_llm_prefill_ms:.1f}, "
+            f"floor {result.floor_llm_prefill_ms or float('nan'):.1f})"
             f", TTFT {result.ttft_ms:.1f} ms, vision {result.vision_ms:.1f} ms"
         )
     report["models"].append(
@@ -760,7 +854,7 @@ def format_report(report: dict[str, Any]) -> str:
     """A readable table of a benchmark report."""
     env = report["environment"]
     settings = report.get("settings", {})
-    notes = " · segment level in CUDA graphs" if settings.get("cuda_graphs") else ""
+    notes = " · CUDA graphs (input level, prefills)" if settings.get("cuda_graphs") else ""
     notes += f" · speedups: {settings.get('speedups', 'none')}"
     lines = [
         f"hieravid bench — {env.get('gpu') or env['device']}, torch {env['torch']}, "
@@ -773,6 +867,8 @@ def format_report(report: dict[str, Any]) -> str:
         "prefill ms",
         "ideal ms",
         "vs ideal",
+        "floor ms",
+        "vs floor",
         "TTFT ms",
         "TTFT ×",
         "vision ms",
@@ -800,6 +896,8 @@ def format_report(report: dict[str, Any]) -> str:
                     fmt(result["llm_prefill_ms"], ".1f"),
                     fmt(result["ideal_llm_prefill_ms"], ".1f"),
                     fmt(result["prefill_vs_ideal"], ".2f"),
+                    fmt(result.get("floor_llm_prefill_ms"), ".1f"),
+                    fmt(result.get("prefill_vs_floor"), ".2f"),
                     fmt(result["ttft_ms"], ".1f"),
                     fmt(result["ttft_speedup"], ".2f"),
                     fmt(result.get("vision_ms"), ".1f"),

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from hieravid.compat import CACHE_KEYS, cache_from_kwargs
+from hieravid.compat import CACHE_KEYS, cache_argument, cache_from_kwargs
 from hieravid.policy import RandomSelector
 from hieravid.runtime.state import Coords, Request, StageStats
 
@@ -58,6 +58,18 @@ def _device_state(request: Request) -> list[tuple[Any, Any]]:
                 items.append((budgets, "device"))
                 items += [(prepared, "device") for prepared in budgets.prepared.values()]
     return [(holder, key) for holder, key in items if isinstance(_get(holder, key), Tensor)]
+
+
+def _cache_key(kwargs: dict[str, Any], language_model: Any) -> str:
+    """The argument the language model reads its cache from in this call: the name that holds one, else the name
+    present in the call (transformers >= 5.24 passes ``cache``), else the name its forward takes."""
+    for name in CACHE_KEYS:
+        if kwargs.get(name) is not None:
+            return name
+    for name in CACHE_KEYS:
+        if name in kwargs:
+            return name
+    return next(iter(cache_argument(language_model, None)))
 
 
 def _get(holder: Any, key: Any) -> Any:
@@ -145,7 +157,9 @@ class PrefillGraphs:
         def forward(*args: Any, **kwargs: Any) -> Any:
             if not args and cache_from_kwargs(kwargs) is None and kwargs.get("use_cache") is not False:
                 # The cache the language model would create itself, made here so that a replay can fill it.
-                kwargs.update(self.pruner.new_cache())
+                cache = self.pruner.new_cache()
+                if cache is not None:
+                    kwargs[_cache_key(kwargs, language_model)] = cache
             key = None if args else self.key(self.pruner.active_request(), kwargs)
             if key is None:
                 return original(*args, **kwargs)
@@ -241,10 +255,7 @@ class PrefillGraphs:
             live = self.pruner.active_request()
             assert live is not None
             cache = DynamicCache()
-            call = {**kwargs, **inputs}
-            for name in CACHE_KEYS:
-                if name in call:
-                    call[name] = cache
+            call = {**kwargs, **inputs, _cache_key(kwargs, self.pruner.language_model): cache}
             items = _device_state(live)
             originals = [_get(holder, key) for holder, key in items]
             prefix = (len(live.coords), len(live.stages), len(live.stage_all_valid))

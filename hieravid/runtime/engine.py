@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from hieravid.compat import cache_argument, cache_from_kwargs, cache_from_output, causal_mask
+from hieravid.compat import cache_from_kwargs, cache_from_output, causal_mask
 from hieravid.errors import AdapterError
 from hieravid.runtime import hooks
 from hieravid.runtime.calls import KeywordBinder
@@ -138,15 +138,13 @@ class Pruner:
             sites.append(HookSite(layer, "forward", hooks.LayerOutputCut(self, stage_index)))
         return sites
 
-    def new_cache(self) -> dict[str, Any]:
-        """``{name: cache}``: the dynamic cache the language model creates when called without one (when its config
-        caches), under the argument name its forward takes."""
+    def new_cache(self) -> Any:
+        """The dynamic cache the language model creates when called without one (None when its config does not
+        cache)."""
         from transformers import DynamicCache
 
         config = self.adapter.text_config()
-        if not getattr(config, "use_cache", True):
-            return {}
-        return cache_argument(self.language_model, DynamicCache(config=config))
+        return DynamicCache(config=config) if getattr(config, "use_cache", True) else None
 
     def reset(self) -> None:
         """Forget every in-flight call and request of this thread (after a removal or a failure)."""
