@@ -55,9 +55,9 @@ def replay_is_exact(case: bench.SyntheticCase, policy: str) -> dict[str, Any]:
     }
 
 
-def run_model(name: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
+def run_model(name: str, args: argparse.Namespace, log: Any, frames: int | None = None) -> dict[str, Any]:
     started = time.time()
-    case = bench.build_case(name, size=args.size, device=args.device, dtype=args.dtype)
+    case = bench.build_case(name, frames=frames, size=args.size, device=args.device, dtype=args.dtype)
     timer = bench._Timer(args.device)
     lm_inputs = bench.language_model_inputs(case)
     options = dict(runs=args.runs, warmup=args.warmup, decode_tokens=0, device=args.device)
@@ -65,7 +65,7 @@ def run_model(name: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
     exact, _ = bench.bench_policy(case, None, speedups="exact", **options)
     rows = [stock, exact]
     checks = {}
-    for policy in POLICIES:
+    for policy in args.policies:
         path = str(ROOT / "policies" / f"{policy}.yaml")
         for graphs in (False, True):
             try:
@@ -87,7 +87,7 @@ def run_model(name: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
                 f"floor {result.floor_llm_prefill_ms:.1f} (×{result.prefill_vs_floor:.2f}), TTFT "
                 f"{result.ttft_ms:.1f} (×{result.ttft_speedup:.2f}), vision {result.vision_ms:.1f}"
             )
-        if timer.cuda:
+        if timer.cuda and not args.no_checks:
             checks[policy] = replay_is_exact(case, policy)
             log(f"  {policy} replay: {checks[policy]}")
     peak = torch.cuda.max_memory_allocated() if timer.cuda else None
@@ -121,14 +121,18 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES))
+    parser.add_argument("--frames", nargs="+", type=int, default=[None], help="frames sampled (default: the model's)")
+    parser.add_argument("--no-checks", action="store_true", help="skip the replay bit-identity checks")
     args = parser.parse_args()
     report: dict[str, Any] = {"environment": bench.environment_info(args.device), "models": []}
     report["settings"] = {"runs": args.runs, "warmup": args.warmup, "size": args.size, "cudnn_sdp": False}
     with bench.sdpa_backends(cudnn=False):
         for name in args.models:
-            print(name, flush=True)
-            report["models"].append(run_model(name, args, lambda line: print(line, flush=True)))
-            Path(args.out).write_text(json.dumps(report, indent=2))
+            for frames in args.frames:
+                print(name, frames or "default frames", flush=True)
+                report["models"].append(run_model(name, args, lambda line: print(line, flush=True), frames))
+                Path(args.out).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

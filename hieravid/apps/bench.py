@@ -41,7 +41,16 @@ from pathlib import Path
 from typing import Any
 
 BENCH_MODELS = ("llava-onevision-7b", "llava-video-7b", "qwen2-vl-7b", "qwen2.5-vl-7b")
-DEFAULT_FRAMES = {"llava-onevision-7b": 32, "llava-video-7b": 64, "qwen2-vl-7b": 32, "qwen2.5-vl-7b": 32}
+#: Small models (host-bound regime), benchmarked on request (``--model llava-onevision-0.5b``).
+SMALL_MODELS = ("llava-onevision-0.5b", "qwen2-vl-2b")
+DEFAULT_FRAMES = {
+    "llava-onevision-7b": 32,
+    "llava-video-7b": 64,
+    "qwen2-vl-7b": 32,
+    "qwen2.5-vl-7b": 32,
+    "llava-onevision-0.5b": 32,
+    "qwen2-vl-2b": 32,
+}
 """Frames sampled from the video (Qwen2-VL packs two sampled frames into one temporal patch)."""
 
 _VIDEO_TOKEN, _IMAGE_TOKEN, _VISION_START, _VISION_END = 151656, 151655, 151652, 151653
@@ -54,6 +63,27 @@ _QWEN2_7B_TEXT = dict(
     vocab_size=152064,
     max_position_embeddings=131072,
 )
+#: The small models' language models (Qwen2-0.5B, Qwen2-1.5B), full size.
+_SMALL_TEXT = {
+    "llava-onevision-0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=131072,
+    ),
+    "qwen2-vl-2b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=131072,
+    ),
+}
 _TINY_TEXT = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -89,7 +119,7 @@ class SyntheticCase:
         )
 
 
-def _onevision_config(size: str) -> Any:
+def _onevision_config(size: str, text_size: dict[str, int] | None = None) -> Any:
     from transformers import LlavaOnevisionConfig
 
     if size == "full":
@@ -102,7 +132,7 @@ def _onevision_config(size: str) -> Any:
             image_size=384,
             patch_size=14,
         )
-        text = _QWEN2_7B_TEXT
+        text = text_size or _QWEN2_7B_TEXT
     else:
         vision = dict(
             model_type="siglip_vision_model",
@@ -125,7 +155,7 @@ def _onevision_config(size: str) -> Any:
     )
 
 
-def _qwen2_vl_config(size: str) -> Any:
+def _qwen2_vl_config(size: str, text_size: dict[str, int] | None = None) -> Any:
     from transformers import Qwen2VLConfig
 
     if size == "full":
@@ -140,8 +170,10 @@ def _qwen2_vl_config(size: str) -> Any:
             temporal_patch_size=2,
             in_channels=3,
         )
-        text = _QWEN2_7B_TEXT
+        text = text_size or _QWEN2_7B_TEXT
         rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
+        if text_size is not None:  # Qwen2-VL-2B: head dim 128 as the 7B, the merger projects to its width
+            vision = {**vision, "hidden_size": text_size["hidden_size"]}
     else:
         vision = dict(
             depth=1,
@@ -232,8 +264,9 @@ def build_case(
     import torch
     import transformers
 
-    if name not in BENCH_MODELS:
-        raise ValueError(f"unknown benchmark model {name!r}; choose one of {', '.join(BENCH_MODELS)}")
+    if name not in BENCH_MODELS + SMALL_MODELS:
+        known = ", ".join(BENCH_MODELS + SMALL_MODELS)
+        raise ValueError(f"unknown benchmark model {name!r}; choose one of {known}")
     frames = frames or DEFAULT_FRAMES[name]
     torch_dtype = getattr(torch, dtype)
     torch.manual_seed(seed)
@@ -242,9 +275,11 @@ def build_case(
     if name == "qwen2.5-vl-7b":
         config, model_class = _qwen2_5_vl_config(size), transformers.Qwen2_5_VLForConditionalGeneration
     elif qwen:
-        config, model_class = _qwen2_vl_config(size), transformers.Qwen2VLForConditionalGeneration
+        config = _qwen2_vl_config(size, _SMALL_TEXT.get(name))
+        model_class = transformers.Qwen2VLForConditionalGeneration
     else:
-        config, model_class = _onevision_config(size), transformers.LlavaOnevisionForConditionalGeneration
+        config = _onevision_config(size, _SMALL_TEXT.get(name))
+        model_class = transformers.LlavaOnevisionForConditionalGeneration
     with torch.device(device):
         model = model_class._from_config(config, attn_implementation=attention, dtype=torch_dtype)
     model.eval()

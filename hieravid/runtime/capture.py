@@ -99,6 +99,15 @@ class CudaGraph:
         self.graph = torch.cuda.CUDAGraph()
 
     def record(self, fn: Callable[[], Any]) -> Any:
+        # Warm up on a side stream first (PyTorch's recipe): libraries set up per-stream state (e.g. cuBLAS
+        # workspaces) on first use; set up during capture instead, they pick other kernels — slower ones, and not
+        # bit-identical to the eager path.
+        current = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            fn()
+        current.wait_stream(side)
         torch.cuda.synchronize()
         with torch.cuda.graph(self.graph):
             return fn()
