@@ -263,7 +263,9 @@ class PrefillGraphs:
             keeps only what it had before (the records are returned, and given to each replayed request)."""
             live = self.pruner.active_request()
             assert live is not None
-            cache = DynamicCache()
+            # The cache the language model would make (with its config: transformers then skips the causal mask and
+            # SDPA runs its causal kernel; an empty config-less cache makes it build a dense mask instead).
+            cache = self.pruner.new_cache() or DynamicCache()
             call = {**kwargs, **inputs, _cache_key(kwargs, self.pruner.language_model): cache}
             items = _device_state(live)
             originals = [_get(holder, key) for holder, key in items]
