@@ -15,8 +15,9 @@ replay copies the new request's state into those buffers, replays, copies the KV
 gives the request the stage records the graph computed. Replays are bit-identical to the eager pruned forward
 (the same kernels on the same values).
 
-Scope: CUDA, a dynamic KV cache (``generate``'s default), no padding anywhere (batches of equal-length prompts,
-e.g. batch 1), no random selector (its draw is made on the host), no requested attentions or hidden states.
+Scope: CUDA, SDPA attention, a dynamic KV cache (``generate``'s default), no padding anywhere (batches of
+equal-length prompts, e.g. batch 1), no random selector (its draw is made on the host), no requested attentions or
+hidden states.
 Anything else runs eagerly. At most ``size`` schedules are kept (least recently used dropped): each holds the
 prefill's activations and KV cache in its private memory pool, about the eager prefill's peak activation memory
 plus one KV cache, until the handle is removed.
@@ -208,6 +209,8 @@ class PrefillGraphs:
             return None
         if kwargs.get("attention_mask") is not None:
             return None
+        if getattr(self.pruner.adapter.text_config(), "_attn_implementation", None) != "sdpa":
+            return None  # eager attention needs the mask materialised; flash variants read position ids instead
         if not request.prompt_unmasked or not all(coords.all_valid for coords in request.coords):
             return None
         if any(isinstance(stage.selector, RandomSelector) for stage in self.pruner.stages):
@@ -267,6 +270,10 @@ class PrefillGraphs:
             # SDPA runs its causal kernel; an empty config-less cache makes it build a dense mask instead).
             cache = self.pruner.new_cache() or DynamicCache()
             call = {**kwargs, **inputs, _cache_key(kwargs, self.pruner.language_model): cache}
+            # transformers builds a dense causal mask while a CUDA stream captures (it cannot prove the mask
+            # unneeded then), where the eager prefill gives SDPA none and runs its causal kernel: pass the eager
+            # path's mapping (no mask), so the recorded kernels are the eager ones.
+            call["attention_mask"] = {"full_attention": None}
             items = _device_state(live)
             originals = [_get(holder, key) for holder, key in items]
             prefix = (len(live.coords), len(live.stages), len(live.stage_all_valid))
