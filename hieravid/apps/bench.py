@@ -54,6 +54,33 @@ DEFAULT_FRAMES = {
 """Frames sampled from the video (Qwen2-VL packs two sampled frames into one temporal patch)."""
 
 _VIDEO_TOKEN, _IMAGE_TOKEN, _VISION_START, _VISION_END = 151656, 151655, 151652, 151653
+#: Full-size vision towers as their transformers config dicts (also used by ``benchmarks/vision_*.py``).
+SIGLIP_SO400M_VISION = dict(
+    model_type="siglip_vision_model",
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=26,
+    num_attention_heads=16,
+    image_size=384,
+    patch_size=14,
+)
+"""LLaVA-OneVision's and LLaVA-Video's SigLIP-so400m/14 at 384 px."""
+QWEN_PATCHING = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+QWEN2_VL_7B_VISION = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, **QWEN_PATCHING)
+"""Qwen2-VL-7B's vision transformer (``hidden_size`` is the merger's output: the language model's width)."""
+QWEN2_5_VL_7B_VISION = dict(
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    out_hidden_size=3584,
+    window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+    hidden_act="silu",
+    tokens_per_second=2,
+    **QWEN_PATCHING,
+)
+"""Qwen2.5-VL-7B's vision transformer (112-pixel windows, four full-attention blocks)."""
 _QWEN2_7B_TEXT = dict(
     hidden_size=3584,
     intermediate_size=18944,
@@ -123,15 +150,7 @@ def _onevision_config(size: str, text_size: dict[str, int] | None = None) -> Any
     from transformers import LlavaOnevisionConfig
 
     if size == "full":
-        vision = dict(
-            model_type="siglip_vision_model",
-            hidden_size=1152,
-            intermediate_size=4304,
-            num_hidden_layers=26,
-            num_attention_heads=16,
-            image_size=384,
-            patch_size=14,
-        )
+        vision = dict(SIGLIP_SO400M_VISION)
         text = text_size or _QWEN2_7B_TEXT
     else:
         vision = dict(
@@ -159,17 +178,7 @@ def _qwen2_vl_config(size: str, text_size: dict[str, int] | None = None) -> Any:
     from transformers import Qwen2VLConfig
 
     if size == "full":
-        vision = dict(
-            depth=32,
-            embed_dim=1280,
-            hidden_size=3584,
-            num_heads=16,
-            mlp_ratio=4,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            in_channels=3,
-        )
+        vision = dict(QWEN2_VL_7B_VISION)
         text = text_size or _QWEN2_7B_TEXT
         rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
         if text_size is not None:  # Qwen2-VL-2B: head dim 128 as the 7B, the merger projects to its width
@@ -204,21 +213,7 @@ def _qwen2_5_vl_config(size: str) -> Any:
     from transformers import Qwen2_5_VLConfig
 
     if size == "full":
-        vision = dict(
-            depth=32,
-            hidden_size=1280,
-            intermediate_size=3420,
-            num_heads=16,
-            out_hidden_size=3584,
-            window_size=112,
-            fullatt_block_indexes=[7, 15, 23, 31],
-            hidden_act="silu",
-            tokens_per_second=2,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            in_channels=3,
-        )
+        vision = dict(QWEN2_5_VL_7B_VISION)
         text = _QWEN2_7B_TEXT
         rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
     else:  # 56-pixel windows: 2×2 merged tokens, so the tiny 8×8-patch frames have 4 windows each
