@@ -73,15 +73,9 @@ def onevision(frames: int, runs: int, compile_tower: bool) -> dict[str, Any]:
     from transformers import LlavaOnevisionConfig
     from transformers.models.llava_onevision import modeling_llava_onevision as mod
 
-    vision = dict(
-        model_type="siglip_vision_model",
-        hidden_size=1152,
-        intermediate_size=4304,
-        num_hidden_layers=26,
-        num_attention_heads=16,
-        image_size=384,
-        patch_size=14,
-    )
+    from hieravid.apps.bench import SIGLIP_SO400M_VISION
+
+    vision = dict(SIGLIP_SO400M_VISION)
     config = LlavaOnevisionConfig(
         text_config=dict(
             model_type="qwen2",
@@ -185,38 +179,17 @@ def qwen(kind: str, frames: int, runs: int) -> dict[str, Any]:
         from transformers import Qwen2VLConfig
         from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel as Tower
 
-        vision = dict(
-            depth=32,
-            embed_dim=1280,
-            hidden_size=3584,
-            num_heads=16,
-            mlp_ratio=4,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            in_channels=3,
-        )
-        config = Qwen2VLConfig(vision_config=vision).vision_config
+        from hieravid.apps.bench import QWEN2_VL_7B_VISION
+
+        config = Qwen2VLConfig(vision_config=dict(QWEN2_VL_7B_VISION)).vision_config
         mlp_flops_per_token = 2 * 2 * 1280 * 5120
     else:
         from transformers import Qwen2_5_VLConfig
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel as Tower
 
-        vision = dict(
-            depth=32,
-            hidden_size=1280,
-            intermediate_size=3420,
-            num_heads=16,
-            out_hidden_size=3584,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=112,
-            fullatt_block_indexes=[7, 15, 23, 31],
-            hidden_act="silu",
-            in_channels=3,
-        )
-        config = Qwen2_5_VLConfig(vision_config=vision).vision_config
+        from hieravid.apps.bench import QWEN2_5_VL_7B_VISION
+
+        config = Qwen2_5_VLConfig(vision_config=dict(QWEN2_5_VL_7B_VISION)).vision_config
         mlp_flops_per_token = 2 * 3 * 1280 * 3420
     config._attn_implementation = "sdpa"
     with torch.device("cuda"):

@@ -63,16 +63,11 @@ _QWEN_TOKENS = dict(vision_start_token_id=1002, vision_end_token_id=1003)
 def onevision_model(scale: str) -> Any:
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
+    from hieravid.apps.bench import SIGLIP_SO400M_VISION
+
     full = scale == "full"
-    vision = dict(
-        model_type="siglip_vision_model",
-        hidden_size=1152 if full else 32,
-        intermediate_size=4304 if full else 64,
-        num_hidden_layers=26 if full else 1,
-        num_attention_heads=16 if full else 2,
-        image_size=384 if full else 56,
-        patch_size=14 if full else 4,
-    )
+    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=56)
+    vision = {**SIGLIP_SO400M_VISION, **({} if full else {**tiny, "patch_size": 4})}
     config = LlavaOnevisionConfig(
         text_config=dict(model_type="qwen2", **(_TEXT if full else _TINY_TEXT)),
         vision_config=vision,
@@ -86,33 +81,22 @@ def onevision_model(scale: str) -> Any:
 def qwen_model(kind: str, scale: str) -> Any:
     import transformers
 
+    from hieravid.apps.bench import QWEN2_5_VL_7B_VISION, QWEN2_VL_7B_VISION
+
     full = scale == "full"
     text = dict(_TEXT if full else _TINY_TEXT)
     rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24] if full else [2, 3, 3]}
-    common = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     if kind == "qwen2_vl":
-        vision = (
-            dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4)
-            if full
-            else (dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2))
-        )
+        tiny = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
+        vision = {**QWEN2_VL_7B_VISION, **({} if full else tiny)}
         config_class, model_class = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
     else:
-        vision = (
-            dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584)
-            if full
-            else dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
-        )
-        vision.update(
-            window_size=112,
-            fullatt_block_indexes=[7, 15, 23, 31] if full else [1, 3],
-            hidden_act="silu",
-            tokens_per_second=2,
-        )
+        tiny = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+        vision = {**QWEN2_5_VL_7B_VISION, **({} if full else {**tiny, "fullatt_block_indexes": [1, 3]})}
         config_class, model_class = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
     config = config_class(
         text_config=dict(model_type=f"{kind}_text", rope_parameters=rope, **text),
-        vision_config={**vision, **common},
+        vision_config=vision,
         **_TOKENS,
         **_QWEN_TOKENS,
     )

@@ -88,12 +88,18 @@ class SyncSpy(TorchFunctionMode):
     ``__int__``, ``nonzero``, ``equal``, ``cpu``, boolean-mask indexing, ``x[tensor_index] = scalar`` (the
     scalar is copied to the device with a blocking copy), …; ``any``/``all`` count only
     when their result is read (through ``__bool__``, counted there). Blocking host-to-device copies
-    (``.to(device)`` of a host tensor without ``non_blocking``) count too, as ``h2d``.
+    (``.to(device)`` of a host tensor without ``non_blocking``) count too, as ``h2d``; with ``capture=True`` every
+    other host-to-device transfer counts as well (what a CUDA graph cannot capture).
     """
 
-    def __init__(self, all_reads: bool = False) -> None:
+    def __init__(self, all_reads: bool = False, capture: bool = False) -> None:
         super().__init__()
         self.all_reads = all_reads
+        #: Also count what a CUDA graph cannot capture besides syncs: every host-to-device copy (``non_blocking``
+        #: too, as ``h2d-async``) and device tensors made from host data (``torch.tensor(..., device=...)``).
+        self.capture = capture
+        #: Whether calls are counted now (tensors are tracked either way, so a window can be counted alone).
+        self.counting = True
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -102,7 +108,9 @@ class SyncSpy(TorchFunctionMode):
         inputs = _tensors(args) + _tensors(kwargs)
         host_inputs = bool(inputs) and all(_is_host(t) for t in inputs)
         receiver = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if receiver is not None and (self.all_reads or not _is_host(receiver)):
+        if not self.counting:
+            pass
+        elif receiver is not None and (self.all_reads or not _is_host(receiver)):
             masked = name == "__getitem__" and any(t.dtype == torch.bool for t in _tensors(args[1:]))
             if (name in READS and name not in ("any", "all")) or masked:
                 self.counts[(_site(), "bool-index" if masked else name)] += 1
@@ -112,7 +120,9 @@ class SyncSpy(TorchFunctionMode):
                 # ``x[index] = scalar`` with a tensor index copies the scalar to the device and waits for it.
                 self.counts[(_site(), "scalar-index-put")] += 1
         target = _device_argument(args[1:] if receiver is not None else args, kwargs)
-        if (
+        if not self.counting:
+            pass
+        elif (
             name in COPIES
             and receiver is not None
             and _is_host(receiver)
@@ -120,6 +130,20 @@ class SyncSpy(TorchFunctionMode):
             and not kwargs.get("non_blocking", False)
         ):
             self.counts[(_site(), "h2d")] += 1
+        elif (
+            self.capture
+            and name in COPIES
+            and receiver is not None
+            and _is_host(receiver)
+            and target
+            not in (
+                None,
+                "cpu",
+            )
+        ):
+            self.counts[(_site(), "h2d-async")] += 1
+        elif self.capture and name in ("tensor", "as_tensor") and target not in (None, "cpu"):
+            self.counts[(_site(), "h2d-data")] += 1
         out = func(*args, **kwargs)
         if name == "cpu" or (name in COPIES and target == "cpu"):
             host = True

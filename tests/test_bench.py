@@ -58,6 +58,10 @@ def test_report_holds_every_measurement(tiny_report) -> None:
     (model,) = report["models"]
     unpruned, alone, pruned = model["results"]
     assert unpruned["policy"] == "unpruned" and pruned["policy"] == "hieravid-30"
+    # The floor: the model's own layers on the realised per-layer rows, measured in the same run.
+    assert pruned["layer_sequence_lengths"] and pruned["floor_llm_prefill_ms"] > 0
+    assert pruned["prefill_vs_floor"] == pytest.approx(pruned["llm_prefill_ms"] / pruned["floor_llm_prefill_ms"])
+    assert unpruned["floor_llm_prefill_ms"] is None
     # The stock model, then the speedups alone (exact: the default), then each policy with them.
     assert report["settings"]["speedups"] == "exact"
     assert (unpruned["speedups"], alone["speedups"], pruned["speedups"]) == ("none", "exact", "exact")
@@ -82,7 +86,7 @@ def test_sweep_profile_and_table(tiny_report) -> None:
     assert [row["frames"] for row in rows] == [8, 16]
     assert all(row["pruned_prefill_ms"] > 0 and 0 < row["flops_ratio"] < 1 for row in rows)
     assert report["profile"]["top_ops"] and "hieravid/stage_1" in report["profile"]["hieravid_ranges_ms"]
-    assert "segment level in CUDA graphs" in printed and "hieravid-30" in printed and "vs ideal" in printed
+    assert "CUDA graphs (input level, prefills)" in printed and "hieravid-30" in printed and "vs ideal" in printed
     assert "speedups: exact" in printed and "vision ms" in printed and "unpruned+exact" in printed
 
 

@@ -21,7 +21,9 @@ Measurements (median of ``runs`` after ``warmup``, batch 1):
 - ``peak_memory_bytes``: peak allocated during generate; ``kv_cache_bytes`` after prefill;
 - ``pruning_overhead_ms``: GPU time of hieravid's own work, by level (from the profiler ranges the
   runtime emits);
-- ``ideal_llm_prefill_ms`` = unpruned LLM prefill × the plan's FLOPs ratio.
+- ``ideal_llm_prefill_ms`` = unpruned LLM prefill × the plan's FLOPs ratio;
+- ``floor_llm_prefill_ms``: the model's own decoder layers on hidden states sliced to the realised per-layer
+  counts, no pruning work, in one CUDA graph (:func:`floor_prefill_ms`), measured in the same run.
 """
 
 from __future__ import annotations
@@ -39,10 +41,46 @@ from pathlib import Path
 from typing import Any
 
 BENCH_MODELS = ("llava-onevision-7b", "llava-video-7b", "qwen2-vl-7b", "qwen2.5-vl-7b")
-DEFAULT_FRAMES = {"llava-onevision-7b": 32, "llava-video-7b": 64, "qwen2-vl-7b": 32, "qwen2.5-vl-7b": 32}
+#: Small models (host-bound regime), benchmarked on request (``--model llava-onevision-0.5b``).
+SMALL_MODELS = ("llava-onevision-0.5b", "qwen2-vl-2b")
+DEFAULT_FRAMES = {
+    "llava-onevision-7b": 32,
+    "llava-video-7b": 64,
+    "qwen2-vl-7b": 32,
+    "qwen2.5-vl-7b": 32,
+    "llava-onevision-0.5b": 32,
+    "qwen2-vl-2b": 32,
+}
 """Frames sampled from the video (Qwen2-VL packs two sampled frames into one temporal patch)."""
 
 _VIDEO_TOKEN, _IMAGE_TOKEN, _VISION_START, _VISION_END = 151656, 151655, 151652, 151653
+#: Full-size vision towers as their transformers config dicts (also used by ``benchmarks/vision_*.py``).
+SIGLIP_SO400M_VISION = dict(
+    model_type="siglip_vision_model",
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=26,
+    num_attention_heads=16,
+    image_size=384,
+    patch_size=14,
+)
+"""LLaVA-OneVision's and LLaVA-Video's SigLIP-so400m/14 at 384 px."""
+QWEN_PATCHING = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+QWEN2_VL_7B_VISION = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, **QWEN_PATCHING)
+"""Qwen2-VL-7B's vision transformer (``hidden_size`` is the merger's output: the language model's width)."""
+QWEN2_5_VL_7B_VISION = dict(
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    out_hidden_size=3584,
+    window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+    hidden_act="silu",
+    tokens_per_second=2,
+    **QWEN_PATCHING,
+)
+"""Qwen2.5-VL-7B's vision transformer (112-pixel windows, four full-attention blocks)."""
 _QWEN2_7B_TEXT = dict(
     hidden_size=3584,
     intermediate_size=18944,
@@ -52,6 +90,27 @@ _QWEN2_7B_TEXT = dict(
     vocab_size=152064,
     max_position_embeddings=131072,
 )
+#: The small models' language models (Qwen2-0.5B, Qwen2-1.5B), full size.
+_SMALL_TEXT = {
+    "llava-onevision-0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=131072,
+    ),
+    "qwen2-vl-2b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=131072,
+    ),
+}
 _TINY_TEXT = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -87,20 +146,12 @@ class SyntheticCase:
         )
 
 
-def _onevision_config(size: str) -> Any:
+def _onevision_config(size: str, text_size: dict[str, int] | None = None) -> Any:
     from transformers import LlavaOnevisionConfig
 
     if size == "full":
-        vision = dict(
-            model_type="siglip_vision_model",
-            hidden_size=1152,
-            intermediate_size=4304,
-            num_hidden_layers=26,
-            num_attention_heads=16,
-            image_size=384,
-            patch_size=14,
-        )
-        text = _QWEN2_7B_TEXT
+        vision = dict(SIGLIP_SO400M_VISION)
+        text = text_size or _QWEN2_7B_TEXT
     else:
         vision = dict(
             model_type="siglip_vision_model",
@@ -123,23 +174,15 @@ def _onevision_config(size: str) -> Any:
     )
 
 
-def _qwen2_vl_config(size: str) -> Any:
+def _qwen2_vl_config(size: str, text_size: dict[str, int] | None = None) -> Any:
     from transformers import Qwen2VLConfig
 
     if size == "full":
-        vision = dict(
-            depth=32,
-            embed_dim=1280,
-            hidden_size=3584,
-            num_heads=16,
-            mlp_ratio=4,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            in_channels=3,
-        )
-        text = _QWEN2_7B_TEXT
+        vision = dict(QWEN2_VL_7B_VISION)
+        text = text_size or _QWEN2_7B_TEXT
         rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
+        if text_size is not None:  # Qwen2-VL-2B: head dim 128 as the 7B, the merger projects to its width
+            vision = {**vision, "hidden_size": text_size["hidden_size"]}
     else:
         vision = dict(
             depth=1,
@@ -170,21 +213,7 @@ def _qwen2_5_vl_config(size: str) -> Any:
     from transformers import Qwen2_5_VLConfig
 
     if size == "full":
-        vision = dict(
-            depth=32,
-            hidden_size=1280,
-            intermediate_size=3420,
-            num_heads=16,
-            out_hidden_size=3584,
-            window_size=112,
-            fullatt_block_indexes=[7, 15, 23, 31],
-            hidden_act="silu",
-            tokens_per_second=2,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            in_channels=3,
-        )
+        vision = dict(QWEN2_5_VL_7B_VISION)
         text = _QWEN2_7B_TEXT
         rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
     else:  # 56-pixel windows: 2×2 merged tokens, so the tiny 8×8-patch frames have 4 windows each
@@ -230,8 +259,9 @@ def build_case(
     import torch
     import transformers
 
-    if name not in BENCH_MODELS:
-        raise ValueError(f"unknown benchmark model {name!r}; choose one of {', '.join(BENCH_MODELS)}")
+    if name not in BENCH_MODELS + SMALL_MODELS:
+        known = ", ".join(BENCH_MODELS + SMALL_MODELS)
+        raise ValueError(f"unknown benchmark model {name!r}; choose one of {known}")
     frames = frames or DEFAULT_FRAMES[name]
     torch_dtype = getattr(torch, dtype)
     torch.manual_seed(seed)
@@ -240,9 +270,11 @@ def build_case(
     if name == "qwen2.5-vl-7b":
         config, model_class = _qwen2_5_vl_config(size), transformers.Qwen2_5_VLForConditionalGeneration
     elif qwen:
-        config, model_class = _qwen2_vl_config(size), transformers.Qwen2VLForConditionalGeneration
+        config = _qwen2_vl_config(size, _SMALL_TEXT.get(name))
+        model_class = transformers.Qwen2VLForConditionalGeneration
     else:
-        config, model_class = _onevision_config(size), transformers.LlavaOnevisionForConditionalGeneration
+        config = _onevision_config(size, _SMALL_TEXT.get(name))
+        model_class = transformers.LlavaOnevisionForConditionalGeneration
     with torch.device(device):
         model = model_class._from_config(config, attn_implementation=attention, dtype=torch_dtype)
     model.eval()
@@ -401,15 +433,98 @@ class PolicyResult:
     vision_ms: float | None = None
     speedups: str = "none"
     realised_video_tokens: list[int] = field(default_factory=list)
+    layer_sequence_lengths: list[int] = field(default_factory=list)
     pruning_overhead_ms: dict[str, float] = field(default_factory=dict)
     ideal_llm_prefill_ms: float | None = None
     prefill_vs_ideal: float | None = None
+    floor_llm_prefill_ms: float | None = None
+    prefill_vs_floor: float | None = None
     ttft_speedup: float | None = None
     decode_speedup: float | None = None
 
 
 def _median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
+
+
+def language_model_inputs(case: SyntheticCase) -> dict[str, Any]:
+    """What the language model receives for the case's prompt in an unpruned forward (its first call)."""
+    import torch
+
+    language_model = case.model.model.language_model
+    captured: dict[str, Any] = {}
+
+    def keep(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        if not captured:
+            captured.update(embeds=kwargs["inputs_embeds"], positions=kwargs.get("position_ids"))
+
+    hook = language_model.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            case.model(**case.inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return captured
+
+
+def floor_prefill_ms(
+    case: SyntheticCase,
+    lengths: Sequence[int],
+    timer: _Timer,
+    *,
+    runs: int = 5,
+    lm_inputs: dict[str, Any] | None = None,
+) -> float:
+    """The floor of a pruned prefill: the model's own decoder layers on hidden states simply sliced to the realised
+    per-layer row counts (``lengths``, the attention rows of each layer), no pruning work and no cache, the whole
+    stack and the final norm in one CUDA graph on a GPU (eager on a CPU). It is the limit a pruned prefill can
+    reach on this machine (small row counts run matrix products less efficiently than the FLOPs ideal assumes).
+    Each stage layer runs its MLP at the pre-cut count: an upper bound by at most one MLP half per stage."""
+    import torch
+
+    language_model = case.model.model.language_model
+    inputs = lm_inputs or language_model_inputs(case)
+    embeds, positions = inputs["embeds"], inputs["positions"]
+    first = int(lengths[0])
+    hidden0 = embeds[:, :first].clone()
+    if positions is None:
+        positions = torch.arange(embeds.shape[1], device=embeds.device).unsqueeze(0)
+    if positions.dim() == 3 and positions.shape[0] == 4:  # generate's text row, then the M-RoPE rows
+        positions = positions[1:]
+    with torch.inference_mode():
+        cos, sin = language_model.rotary_emb(hidden0, positions[..., :first])
+    layers = list(language_model.layers)
+
+    def stack() -> Any:
+        hidden = hidden0
+        for layer, length in zip(layers, lengths):
+            hidden = hidden[:, :length]
+            out = layer(
+                hidden,
+                attention_mask=None,
+                position_ids=None,
+                use_cache=False,
+                position_embeddings=(cos[:, :length], sin[:, :length]),
+            )
+            hidden = out[0] if isinstance(out, tuple) else out
+        return language_model.norm(hidden)
+
+    with torch.inference_mode():
+        if not timer.cuda:
+            stack()
+            return _median([timer.time(stack) for _ in range(runs)])
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            stack()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            stack()
+        graph.replay()
+        times = [timer.time(graph.replay) for _ in range(runs)]
+        del graph
+        return _median(times)
 
 
 def _pruning_overhead(case: SyntheticCase, run: Callable[[], Any], timer: _Timer) -> dict[str, float]:
@@ -476,7 +591,8 @@ def bench_policy(
         output = forward()
         kv_bytes = _kv_cache_bytes(cache_from_output(output))
         stats = getattr(handle, "last_request", None)
-        realised = [counts[0] for counts in stats.layer_video_tokens] if stats is not None else []
+        realised = [counts[0] for counts in stats.layer_video_tokens] if stats is not None and stats.pruned else []
+        lengths = list(stats.layer_sequence_lengths) if stats is not None and stats.pruned else []
         del output
         decode = decode_step = None
         peak = None
@@ -509,6 +625,7 @@ def bench_policy(
         vision_ms=_median(vision_times) if vision_times else None,
         speedups="none" if stock else speedups,
         realised_video_tokens=realised,
+        layer_sequence_lengths=lengths,
         pruning_overhead_ms=overhead,
     )
     return result, plan
@@ -640,6 +757,7 @@ def _bench_model(
 
     case = build_case(name, frames=frames, size=size, device=device, dtype=dtype)
     log(f"{name}: {case.sampled_frames} frames, {case.inputs['input_ids'].shape[1]} prompt tokens")
+    lm_inputs = language_model_inputs(case)
     baseline, _ = bench_policy(
         case, None, runs=runs, warmup=warmup, decode_tokens=decode_tokens, device=device, speedups="none"
     )
@@ -665,12 +783,18 @@ def _bench_model(
         )
         result.ideal_llm_prefill_ms = baseline.llm_prefill_ms * plan.flops_ratio
         result.prefill_vs_ideal = result.llm_prefill_ms / result.ideal_llm_prefill_ms
+        if result.layer_sequence_lengths:
+            result.floor_llm_prefill_ms = floor_prefill_ms(
+                case, result.layer_sequence_lengths, _Timer(device), runs=runs, lm_inputs=lm_inputs
+            )
+            result.prefill_vs_floor = result.llm_prefill_ms / result.floor_llm_prefill_ms
         result.ttft_speedup = baseline.ttft_ms / result.ttft_ms
         if result.decode_step_ms and baseline.decode_step_ms:
             result.decode_speedup = baseline.decode_step_ms / result.decode_step_ms
         entries.append(result)
         log(
-            f"  {result.policy}: prefill {result.llm_prefill_ms:.1f} ms (ideal {result.ideal_llm_prefill_ms:.1f})"
+            f"  {result.policy}: prefill {result.llm_prefill_ms:.1f} ms (ideal {result.ideal_llm_prefill_ms:.1f}, "
+            f"floor {result.floor_llm_prefill_ms or float('nan'):.1f})"
             f", TTFT {result.ttft_ms:.1f} ms, vision {result.vision_ms:.1f} ms"
         )
     report["models"].append(
@@ -760,7 +884,7 @@ def format_report(report: dict[str, Any]) -> str:
     """A readable table of a benchmark report."""
     env = report["environment"]
     settings = report.get("settings", {})
-    notes = " · segment level in CUDA graphs" if settings.get("cuda_graphs") else ""
+    notes = " · CUDA graphs (input level, prefills)" if settings.get("cuda_graphs") else ""
     notes += f" · speedups: {settings.get('speedups', 'none')}"
     lines = [
         f"hieravid bench — {env.get('gpu') or env['device']}, torch {env['torch']}, "
@@ -773,6 +897,8 @@ def format_report(report: dict[str, Any]) -> str:
         "prefill ms",
         "ideal ms",
         "vs ideal",
+        "floor ms",
+        "vs floor",
         "TTFT ms",
         "TTFT ×",
         "vision ms",
@@ -800,6 +926,8 @@ def format_report(report: dict[str, Any]) -> str:
                     fmt(result["llm_prefill_ms"], ".1f"),
                     fmt(result["ideal_llm_prefill_ms"], ".1f"),
                     fmt(result["prefill_vs_ideal"], ".2f"),
+                    fmt(result.get("floor_llm_prefill_ms"), ".1f"),
+                    fmt(result.get("prefill_vs_floor"), ".2f"),
                     fmt(result["ttft_ms"], ".1f"),
                     fmt(result["ttft_speedup"], ".2f"),
                     fmt(result.get("vision_ms"), ".1f"),

@@ -441,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--cuda-graphs",
         action="store_true",
-        help="run the segment level through CUDA graphs (apply(..., cuda_graphs=True)): fewer launches "
-        "before layer 0, about three video-embedding copies of extra memory",
+        help="replay pruned prefills from CUDA graphs (apply(..., cuda_graphs=True)): the input level, and from "
+        "layer 0 on whole prefills of a repeated schedule; bit-identical, more memory (graph buffers)",
     )
     _speedups_option(bench, "the unpruned row runs the stock model; an unpruned+SPEEDUPS row the speedups alone")
     bench.add_argument("--json", action="store_true", help="print JSON instead of the table")

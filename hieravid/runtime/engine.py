@@ -138,6 +138,14 @@ class Pruner:
             sites.append(HookSite(layer, "forward", hooks.LayerOutputCut(self, stage_index)))
         return sites
 
+    def new_cache(self) -> Any:
+        """The dynamic cache the language model creates when called without one (None when its config does not
+        cache)."""
+        from transformers import DynamicCache
+
+        config = self.adapter.text_config()
+        return DynamicCache(config=config) if getattr(config, "use_cache", True) else None
+
     def reset(self) -> None:
         """Forget every in-flight call and request of this thread (after a removal or a failure)."""
         self.local.__dict__.clear()
@@ -199,7 +207,10 @@ class Pruner:
         with torch.profiler.record_function("hieravid/segment_level"):
             prune_inputs(request, self.plan, self.adapter, kwargs, inputs_embeds, mask2d, layouts, graphs=self.graphs)
         if self.plan.segment.enabled:
-            if request.stage_all_valid[0] and cache is not None:
+            caches = cache is not None or (
+                kwargs.get("use_cache") is not False and getattr(self.adapter.text_config(), "use_cache", True)
+            )
+            if request.stage_all_valid[0] and caches:
                 # No padding anywhere: no mask, as the model had none (building one from an all-ones mask syncs).
                 mask = None
             else:

@@ -13,6 +13,7 @@ from hieravid.adapters.registry import get_adapter
 from hieravid.compat import cache_from_kwargs, cache_from_output
 from hieravid.errors import AdapterError, PlanError
 from hieravid.ops import GraphCache
+from hieravid.runtime.capture import PrefillGraphs
 from hieravid.runtime.engine import Pruner
 from hieravid.runtime.overrides import Overrides, check_speedup_mode, select_speedups
 from hieravid.runtime.state import RequestStats
@@ -49,9 +50,11 @@ class PruningHandle:
         self.model = model
         self.adapter = adapter
         self.plan = plan
-        # Owned here and dropped with the handle: CUDA graphs of the input level (one per video geometry).
+        # Owned here and dropped with the handle: CUDA graphs of the input level (one per video geometry) and of
+        # whole prefills from layer 0 on (one per schedule).
         self._graphs = GraphCache() if cuda_graphs else None
         self._pruner = Pruner(model, adapter, plan, graphs=self._graphs, handle=self)
+        self._prefill_graphs = PrefillGraphs(self._pruner) if cuda_graphs and plan.prunes else None
         self._hooks: list[RemovableHandle] = []
         self._overrides = Overrides()
         self._active = False
@@ -73,7 +76,10 @@ class PruningHandle:
                     self.adapter.language_model().register_forward_hook(self._record_cache, with_kwargs=True)
                 )
             # After the hooks; chosen now (not at construction) so that a replaced handle's are already gone.
-            self._overrides = Overrides(select_speedups(self.adapter, self._speedup_mode))
+            speedups = select_speedups(self.adapter, self._speedup_mode)
+            if self._prefill_graphs is not None:
+                speedups.append(self._prefill_graphs.speedup())
+            self._overrides = Overrides(speedups)
             self._overrides.install()
         except BaseException:
             self._remove_hooks()
@@ -95,8 +101,9 @@ class PruningHandle:
                 if reference is not None and reference() is self:
                     del self.model.__dict__[HANDLE_ATTRIBUTE]
                 self._pruner.reset()
-                if self._graphs is not None:
-                    self._graphs.clear()
+                for graphs in (self._graphs, self._prefill_graphs):
+                    if graphs is not None:
+                        graphs.clear()
 
     def remove(self) -> None:
         """Remove every hook; the model is exactly as before :func:`apply`. Idempotent.
@@ -223,11 +230,13 @@ def apply(
         policy_or_plan: a :class:`~hieravid.policy.Policy`, a YAML path or text, or a
             :class:`~hieravid.plan.PruningPlan` (compiled for this model's depth and type).
         replace: replace a plan already installed on ``model`` instead of raising.
-        cuda_graphs: on CUDA, run HieraVid's segment level through CUDA graphs owned by the handle (one per
-            video geometry, captured at its first prefill; identical results, ~200 kernel launches fewer per
-            prefill: ~3 ms of a 7B prefill at 32 frames on an H100). Each graph keeps its buffers (about
-            three times the video's embeddings, ~0.1–0.2 GiB at 32 frames) until the handle is removed,
-            which is why it is off by default: pruning then never needs more memory than the unpruned model.
+        cuda_graphs: on CUDA, replay pruned prefills from CUDA graphs owned by the handle, bit-identical to the
+            eager path: the input level (one graph per video geometry, ~200 kernel launches fewer) and, from the
+            first decoder layer to the language model's output, whole prefills of a repeated schedule
+            (:mod:`hieravid.runtime.capture`: no host launch time left, which matters most when pruning leaves few
+            rows per layer). Each graph keeps its buffers until the handle is removed (input level ~0.1–0.2 GiB at
+            32 frames; a prefill graph about the eager prefill's activations plus one KV cache), which is why this
+            is off by default: pruning then never needs more memory than the unpruned model.
         speedups: the adapter's vision-side speedups installed with the plan (even a plan that prunes
             nothing), removed with it: ``"exact"`` (default) installs those that keep outputs bit-identical
             (LLaVA-OneVision: pooling without a layout copy; Qwen2-VL / Qwen2.5-VL: one SDPA call per window

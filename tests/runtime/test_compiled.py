@@ -64,10 +64,10 @@ def fresh_dynamo():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("architecture", "policy", "batch"), CASES)
-def test_compiled_static_generation_equals_eager_and_never_recompiles(fresh_dynamo, architecture, policy, batch):
-    from conftest import tiny_case
-
-    case = tiny_case(architecture)
+def test_compiled_static_generation_equals_eager_and_never_recompiles(
+    fresh_dynamo, tiny_builders, architecture, policy, batch
+):
+    case = tiny_builders.tiny_case(architecture)
     model = case.model
     # Planned at 64 frames so that every stage of hieravid-10 keeps a token (the engine counts the real video).
     plan = compile_plan(POLICIES / f"{policy}.yaml", case.spec(frames=64))
@@ -102,13 +102,12 @@ def test_compiled_static_generation_equals_eager_and_never_recompiles(fresh_dyna
 
 
 @pytest.mark.slow
-def test_a_compiled_forward_decodes_a_pruned_static_cache_with_fullgraph(fresh_dynamo):
+def test_a_compiled_forward_decodes_a_pruned_static_cache_with_fullgraph(fresh_dynamo, tiny_builders):
     """``torch.compile(model.forward, fullgraph=True)`` driving decode steps by hand: no graph break in any hook,
     no recompilation after the first step, the same tokens as the eager forward."""
-    from conftest import tiny_case
     from transformers import StaticCache
 
-    case = tiny_case("llava_onevision")
+    case = tiny_builders.tiny_case("llava_onevision")
     model = case.model
     inputs = case.inputs(seed=5)
     length = inputs["input_ids"].shape[1]

@@ -17,10 +17,12 @@ from hieravid.runtime import apply
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 #: Call sites inside a frame-level stage: relevance, budgets, selectors, row packing, coordinates.
 STAGE_SITES = (
-    "(_select)",
-    "(_frame_level)",
-    "(_pack)",
-    "(_compact)",
+    "runtime/stages.py",
+    "runtime/hooks.py",
+    "runtime/packing.py",
+    "runtime/masks.py",
+    "(stage_mask)",
+    "(stage_inputs)",
     "ops/layer.py",
     "ops/selectors.py",
     "ops/dpp.py",
@@ -69,6 +71,48 @@ def test_stages_do_not_synchronise(tiny_sdpa, policy: str) -> None:
     assert sum(vision.values()) <= 2, vision
     ours = {site: n for site, n in counts.items() if site[0] != "<outside the repository>" and site not in vision}
     assert sum(ours.values()) <= 3, ours
+
+
+@pytest.mark.parametrize("policy", ["hieravid-30.yaml", "hieravid-10.yaml", "ablations/frame-topk.yaml"])
+def test_from_layer_0_to_the_logits_a_prefill_is_capturable(tiny_sdpa, policy: str) -> None:
+    """What a CUDA graph of the pruned prefill needs: from the first decoder layer to the language model's output,
+    no host sync, no host-to-device copy (not even an asynchronous one) and no device tensor made from host data —
+    every budget and plan was uploaded before layer 0. Checked for transformers' layers and hieravid's stages."""
+    case = tiny_sdpa
+    inputs = case.inputs(seed=4)
+    spy = SyncSpy(capture=True)
+    language_model = case.model.model.language_model
+    first_layer = language_model.layers[0]
+
+    def count(module, *args):  # from layer 0's start to the language model's output
+        spy.counting = module is first_layer
+
+    with apply(case.model, compile_plan(str(POLICIES / policy), case.spec(frames=64))) as handle:
+        hooks = [
+            first_layer.register_forward_pre_hook(count, prepend=True),
+            language_model.register_forward_hook(count),
+        ]
+        try:
+            with torch.inference_mode():
+                case.model(**inputs, use_cache=True)  # warm-up (lazy initialisations)
+                spy.counting = False
+                with spy:  # tracks which tensors live on the host from the start, counts only the window
+                    case.model(**inputs, use_cache=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert handle.last_request.pruned and len(handle.last_request.stages) >= 1
+    assert dict(spy.counts) == {}
+
+
+def test_the_capture_spy_sees_host_to_device_copies() -> None:
+    spy = SyncSpy(capture=True)
+    with spy:
+        host = torch.arange(3)
+        host.to("cuda", non_blocking=True) if torch.cuda.is_available() else host.to("meta", non_blocking=True)
+        torch.tensor([1, 2], device="meta")
+    kinds = sorted(kind for _, kind in spy.counts)
+    assert kinds == ["h2d-async", "h2d-data"]
 
 
 def test_padded_batch_stages_do_not_synchronise(tiny_llava) -> None:

@@ -1,0 +1,86 @@
+"""Decode ms/token, eager and compiled (static cache + torch.compile, transformers' own path), unpruned vs pruned,
+in one run on one model: what HieraVid's per-layer caches cost or save once generation is compiled, and a check
+that a second request of the same shape runs without recompiling.
+
+    python benchmarks/decode_compiled.py --model llava-onevision-7b --tokens 64 --out decode-compiled.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hieravid.apps import bench
+from hieravid.plan import compile_plan
+from hieravid.runtime import apply
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def per_token_ms(case: bench.SyntheticCase, tokens: int, runs: int, compiled: bool) -> float:
+    """(time of generate(1 + tokens) − time of generate(1)) / tokens, medians, static cache."""
+    timer = bench._Timer("cuda")
+    options: dict[str, Any] = {"cache_implementation": "static", "do_sample": False}
+    if not compiled:
+        options["disable_compile"] = True
+
+    def generate(count: int) -> Any:
+        return case.model.generate(**case.inputs, max_new_tokens=count, min_new_tokens=count, **options)
+
+    short = statistics.median(timer.time(lambda: generate(1)) for _ in range(runs))
+    long = statistics.median(timer.time(lambda: generate(1 + tokens)) for _ in range(runs))
+    return (long - short) / tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llava-onevision-7b")
+    parser.add_argument("--policies", nargs="+", default=["unpruned", "hieravid-30"])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    case = bench.build_case(args.model)
+    report: dict[str, Any] = {
+        "environment": bench.environment_info("cuda"),
+        "model": args.model,
+        "prompt_tokens": int(case.inputs["input_ids"].shape[1]),
+        "tokens": args.tokens,
+        "results": [],
+    }
+    with bench.sdpa_backends(cudnn=False), torch.inference_mode():
+        for policy in args.policies:
+            handle = None
+            if policy != "unpruned":
+                handle = apply(case.model, compile_plan(ROOT / "policies" / f"{policy}.yaml", case.spec()))
+            try:
+                row: dict[str, Any] = {"policy": policy}
+                row["eager_ms_per_token"] = per_token_ms(case, args.tokens, args.runs, compiled=False)
+                torch._dynamo.reset()
+                started = time.time()
+                case.model.generate(**case.inputs, max_new_tokens=8, do_sample=False, cache_implementation="static")
+                row["compile_warmup_s"] = round(time.time() - started, 1)
+                torch._dynamo.config.error_on_recompile = True
+                try:
+                    row["compiled_ms_per_token"] = per_token_ms(case, args.tokens, args.runs, compiled=True)
+                    row["recompiled_after_warmup"] = False
+                except Exception as error:  # a recompile raised: report it
+                    row["recompiled_after_warmup"] = f"{type(error).__name__}: {str(error)[:300]}"
+                finally:
+                    torch._dynamo.config.error_on_recompile = False
+            finally:
+                if handle is not None:
+                    handle.remove()
+            report["results"].append(row)
+            print(json.dumps(row), flush=True)
+            Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

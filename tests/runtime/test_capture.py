@@ -1,0 +1,113 @@
+"""Whole pruned prefills replayed per schedule (``hieravid.runtime.capture``).
+
+On a GPU the recorder is a CUDA graph (checked bit-identical to the eager pruned forward by
+``benchmarks/capture_check.py`` on an H200). Here an eager stand-in re-runs the recorded prefill on the static
+buffers and writes its results into the recorded tensors, as a graph replay does, so everything around the graph —
+which calls are captured, how a new request's state reaches the static buffers, how its records, cache and output
+come back — is checked against the plain pruned forward on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._pytree import tree_leaves
+
+from hieravid.compat import cache_from_output
+from hieravid.plan import compile_plan
+from hieravid.runtime import apply
+
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
+
+
+class EagerReplay:
+    """Stand-in for :class:`hieravid.runtime.capture.CudaGraph` on a CPU: a replay re-runs the recorded function and
+    writes its tensors into those the recording returned."""
+
+    def record(self, fn):
+        self.fn = fn
+        self.outputs = fn()
+        return self.outputs
+
+    def replay(self):
+        fresh = self.fn()
+        for recorded, value in zip(tree_leaves(self.outputs[:4]), tree_leaves(fresh[:4])):
+            recorded.copy_(value)
+
+
+def _on_cpu(handle):
+    """On a CPU run, the eager stand-in replaces the CUDA graph (``HIERAVID_TEST_DEVICE=cuda`` runs the real one)."""
+    graphs = handle._prefill_graphs
+    if os.environ.get("HIERAVID_TEST_DEVICE", "cpu") != "cuda":
+        graphs.backend = EagerReplay
+        graphs.device_types = ("cpu",)
+    return graphs
+
+
+@pytest.mark.parametrize("policy", ["hieravid-30", "hieravid-10", "ablations/frame-topk"])
+def test_replayed_prefills_equal_the_eager_pruned_forward(tiny_sdpa, policy):
+    case = tiny_sdpa
+    plan = compile_plan(POLICIES / f"{policy}.yaml", case.spec(frames=64))
+    first, second = case.inputs(seed=1), case.inputs(seed=2)  # one shape (one schedule when the counts agree)
+    with apply(case.model, plan) as handle, torch.no_grad():
+        expected = {seed: case.model(**inputs) for seed, inputs in ((1, first), (2, first), (3, second))}
+        stats = handle.last_request
+        expected_stats = {}
+        for seed, inputs in ((1, first), (3, second)):
+            case.model(**inputs)
+            expected_stats[seed] = handle.last_request
+        expected_generation = case.model.generate(**first, max_new_tokens=4, do_sample=False)
+    assert stats.pruned
+    with apply(case.model, plan, cuda_graphs=True) as handle, torch.no_grad():
+        graphs = _on_cpu(handle)
+        outputs = [case.model(**first) for _ in range(3)]  # eager (first sight), capture + replay, replay
+        assert (graphs.captures, graphs.replays) == (1, 2)
+        replayed_stats = handle.last_request
+        other = case.model(**second)
+        other_stats = handle.last_request
+        same_schedule = graphs.replays == 3
+        generation = case.model.generate(**first, max_new_tokens=4, do_sample=False)
+    for output in outputs:
+        assert torch.equal(output.logits, expected[1].logits)
+        caches = cache_from_output(output), cache_from_output(expected[1])
+        assert [layer.keys.shape for layer in caches[0].layers] == [layer.keys.shape for layer in caches[1].layers]
+        assert all(
+            torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) for a, b in zip(*(c.layers for c in caches))
+        )
+    assert torch.equal(other.logits, expected[3].logits)
+    assert torch.equal(generation, expected_generation)
+    for got, want in ((replayed_stats, expected_stats[1]), (other_stats, expected_stats[3])):
+        assert got.layer_sequence_lengths == want.layer_sequence_lengths
+        assert got.layer_video_tokens == want.layer_video_tokens
+        for a, b in zip(got.stages, want.stages):
+            assert a.budgets == b.budgets and all(torch.equal(x, y) for x, y in zip(a.kept_positions, b.kept_positions))
+        assert all(torch.equal(a, b) for a, b in zip(got.stage_positions, want.stage_positions))
+    assert same_schedule or other_stats.stages[0].budgets != replayed_stats.stages[0].budgets
+
+
+def test_calls_that_cannot_be_captured_run_eagerly(tiny_llava):
+    case = tiny_llava
+    plan = compile_plan(POLICIES / "hieravid-30.yaml", case.spec())
+    padded = case.inputs(batch=2, pads=(0, 4), seed=1)
+    plain = case.inputs(seed=1)
+    with apply(case.model, plan, cuda_graphs=True) as handle, torch.no_grad():
+        graphs = _on_cpu(handle)
+        for _ in range(3):
+            case.model(**padded)  # padding: masks are built on the fly
+            case.model(**plain, use_cache=False)  # no cache to fill
+            case.model(**plain, output_hidden_states=True)
+        assert (graphs.captures, graphs.replays) == (0, 0)
+
+
+def test_removal_restores_the_language_models_forward(tiny_llava):
+    model = tiny_llava.model
+    language_model = model.model.language_model
+    plan = compile_plan(POLICIES / "hieravid-30.yaml", tiny_llava.spec())
+    assert "forward" not in vars(language_model)
+    with apply(model, plan, cuda_graphs=True) as handle:
+        assert "forward" in vars(language_model)
+        assert [speedup.name for speedup in handle.speedups][-1] == "prefill-cuda-graphs"
+    assert "forward" not in vars(language_model)
