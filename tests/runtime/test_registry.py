@@ -154,7 +154,7 @@ def test_apply_uses_a_third_party_adapter_from_an_entry_point(third_party, tiny_
     spec = case.spec()
     import dataclasses
 
-    plan = compile_plan("policies/hieravid-30.yaml", dataclasses.replace(spec, model_type="tiny_third_party"))
+    plan = compile_plan("hieravid-30", dataclasses.replace(spec, model_type="tiny_third_party"))
     inputs = case.inputs(seed=4)
     try:
         with apply(model, plan) as handle:
