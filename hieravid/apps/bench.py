@@ -180,7 +180,6 @@ def _qwen2_vl_config(size: str, text_size: dict[str, int] | None = None) -> Any:
     if size == "full":
         vision = dict(QWEN2_VL_7B_VISION)
         text = text_size or _QWEN2_7B_TEXT
-        rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
         if text_size is not None:  # Qwen2-VL-2B: head dim 128 as the 7B, the merger projects to its width
             vision = {**vision, "hidden_size": text_size["hidden_size"]}
     else:
@@ -196,9 +195,17 @@ def _qwen2_vl_config(size: str, text_size: dict[str, int] | None = None) -> Any:
             in_channels=3,
         )
         text = _TINY_TEXT
-        rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}
-    return Qwen2VLConfig(
-        text_config=dict(model_type="qwen2_vl_text", rope_parameters=rope, **text),
+    return _qwen_family_config(Qwen2VLConfig, "qwen2_vl_text", vision, text, full=size == "full")
+
+
+def _qwen_family_config(
+    config_class: type, text_model_type: str, vision: dict[str, Any], text: dict[str, int], *, full: bool
+) -> Any:
+    """A Qwen2-VL-family config: M-RoPE sections of the 7B (head dim 128) or of the tiny text model."""
+    mrope_section = [16, 24, 24] if full else [2, 3, 3]
+    rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope_section}
+    return config_class(
+        text_config=dict(model_type=text_model_type, rope_parameters=rope, **text),
         vision_config=vision,
         image_token_id=_IMAGE_TOKEN,
         video_token_id=_VIDEO_TOKEN,
@@ -215,7 +222,6 @@ def _qwen2_5_vl_config(size: str) -> Any:
     if size == "full":
         vision = dict(QWEN2_5_VL_7B_VISION)
         text = _QWEN2_7B_TEXT
-        rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
     else:  # 56-pixel windows: 2×2 merged tokens, so the tiny 8×8-patch frames have 4 windows each
         vision = dict(
             depth=2,
@@ -233,16 +239,7 @@ def _qwen2_5_vl_config(size: str) -> Any:
             in_channels=3,
         )
         text = _TINY_TEXT
-        rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}
-    return Qwen2_5_VLConfig(
-        text_config=dict(model_type="qwen2_5_vl_text", rope_parameters=rope, **text),
-        vision_config=vision,
-        image_token_id=_IMAGE_TOKEN,
-        video_token_id=_VIDEO_TOKEN,
-        vision_start_token_id=_VISION_START,
-        vision_end_token_id=_VISION_END,
-        tie_word_embeddings=False,
-    )
+    return _qwen_family_config(Qwen2_5_VLConfig, "qwen2_5_vl_text", vision, text, full=size == "full")
 
 
 def build_case(
