@@ -36,7 +36,7 @@ from torch import Tensor
 
 from hieravid.compat import CACHE_KEYS, cache_argument, cache_from_kwargs
 from hieravid.policy import RandomSelector
-from hieravid.runtime.state import Coords, Request, StageStats
+from hieravid.runtime.state import COORD_TENSORS, Coords, Request, StageStats
 
 if TYPE_CHECKING:
     from hieravid.adapters.base import Speedup
@@ -44,13 +44,11 @@ if TYPE_CHECKING:
 
 __all__ = ["CudaGraph", "PrefillGraphs"]
 
-_COORD_FIELDS = ("src", "idx0", "orig", "valid", "kind", "seg")
-
 
 def _device_state(request: Request) -> list[tuple[Any, Any]]:
     """``(holder, key)`` of every device tensor of the request that the layers read: stage-0 coordinates, marginal
     values, the 2-D mask, the uploaded budgets and selector plans."""
-    items: list[tuple[Any, Any]] = [(request.coords[0], name) for name in _COORD_FIELDS]
+    items: list[tuple[Any, Any]] = [(request.coords[0], name) for name in COORD_TENSORS]
     items += [(request.marginal_values, index) for index in range(len(request.marginal_values))]
     items.append((request, "mask2d"))
     for row in request.budgets:
@@ -85,7 +83,7 @@ def _set(holder: Any, key: Any, value: Any) -> None:
 
 
 def _clone_coords(coords: Coords) -> Coords:
-    return replace(coords, **{name: getattr(coords, name).clone() for name in _COORD_FIELDS})
+    return replace(coords, **{name: getattr(coords, name).clone() for name in COORD_TENSORS})
 
 
 def _clone_stats(stats: StageStats) -> StageStats:
@@ -291,7 +289,7 @@ class PrefillGraphs:
             live.pending = live.capture = None
             live.stage_inputs.clear()
             layers = [(layer.keys, layer.values) for layer in cache.layers]
-            stage_tensors = [[getattr(coords, name) for name in _COORD_FIELDS] for coords in records["coords"]]
+            stage_tensors = [[getattr(coords, name) for name in COORD_TENSORS] for coords in records["coords"]]
             kept = [list(stats.kept_positions) for stats in records["stages"]]
             return output["last_hidden_state"], layers, stage_tensors, kept, output
 

@@ -253,6 +253,7 @@ class Pruner:
         batch, new_length = reference.shape[0], reference.shape[1]
         if batch != request.batch:
             raise AdapterError(f"a continuation of a pruned batch of {request.batch} got {batch} samples")
+        request.follow(reference.device)  # the prefill may have left it on the last stage's device
         mask = kwargs.get("attention_mask")
         if request.static is not None:
             kwargs["attention_mask"] = with_mask(mask, static_mask(request.static, 0, cache, new_length, mask))
@@ -337,8 +338,8 @@ class Pruner:
         if cached is not None and cached.position_embeddings is not None:
             return cached
         mask = self.stage_mask(request, stage, hidden, kwargs)
-        cos, sin = kwargs["position_embeddings"]
         index0 = request.coords[stage].idx0
+        cos, sin = (table.to(index0.device) for table in kwargs["position_embeddings"])  # made on the first device
         inputs = StageInputs(mask, (gather_rows(cos, index0), gather_rows(sin, index0)))
         request.stage_inputs[stage] = inputs
         return inputs

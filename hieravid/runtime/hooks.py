@@ -149,6 +149,7 @@ class LayerInputHook(_Hook):
         if request is None or not request.pruned or request.phase == "idle":
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
+        request.follow(hidden.device)
         if request.phase == "continuation":  # never pruned: only the mask of this layer's system
             if self.system == 0:
                 return None
@@ -202,9 +203,10 @@ class SelectionHook(_Hook):
         layer = pruner.layers[stage.layer]
         with torch.profiler.record_function(f"hieravid/stage_{self.stage_index + 1}"):
             assert capture.query is not None and capture.key is not None
-            query, key = pruner.adapter.stage_query_key(
-                layer, capture.query, capture.key, capture.position_embeddings, stage.query_rows
-            )
+            device = args[0].device  # this layer's device, where a model split over devices runs it
+            request.follow(device)
+            cos, sin = (table.to(device) for table in capture.position_embeddings)
+            query, key = pruner.adapter.stage_query_key(layer, capture.query, capture.key, (cos, sin), stage.query_rows)
             attention = last_query_attention(
                 query,
                 key,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 __all__ = ["RequestStats", "StageStats"]
@@ -102,6 +103,10 @@ class RequestStats:
                 f"{list(stage.video_tokens_after)}"
             )
         return "\n".join(lines)
+
+
+COORD_TENSORS = ("src", "idx0", "orig", "valid", "kind", "seg")
+"""The tensor fields of :class:`Coords` (all ``[B, K]``, on the device of the layers that read them)."""
 
 
 @dataclass
@@ -257,6 +262,24 @@ class Request:
         if cache is None or not self.coords:
             return self.original_length
         return self.original_length + int(cache.get_seq_length()) - self.coords[0].length
+
+    def follow(self, device: torch.device) -> None:
+        """Move what the layers read (coordinates, marginal values, 2-D mask, static-slot masks) to ``device``.
+
+        A model split over devices (accelerate's ``dispatch_model``, ``device_map=...``) runs its later layers on
+        another device; the hooks call this with the device of the rows they work on, so stage work and masks
+        follow each layer. A no-op on one device. Tensors are moved in place, so holders stay valid.
+        """
+        if not self.coords or self.coords[-1].src.device == device:
+            return
+        for coords in self.coords:
+            for name in COORD_TENSORS:
+                setattr(coords, name, getattr(coords, name).to(device))
+        self.marginal_values = [values.to(device) for values in self.marginal_values]
+        if self.mask2d is not None:
+            self.mask2d = self.mask2d.to(device)
+        if self.static is not None:
+            self.static.slot_valid = [valid.to(device) for valid in self.static.slot_valid]
 
     def reset_call(self) -> None:
         """Forget what belongs to one language-model call (masks and stage work in flight)."""
