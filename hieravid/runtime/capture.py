@@ -209,6 +209,11 @@ class PrefillGraphs:
             return None
         if getattr(self.pruner.adapter.text_config(), "_attn_implementation", None) != "sdpa":
             return None  # eager attention needs the mask materialised; flash variants read position ids instead
+        if not hasattr(self.pruner.language_model, "has_sliding_layers"):
+            # The recording passes the eager path's mask mapping, which only decoders that keep one mask per layer
+            # type take (transformers' Qwen2 family marks them with ``has_sliding_layers``); Llama-style decoders
+            # take one mask tensor and would build a dense mask while a stream captures: they run eagerly.
+            return None
         if not request.prompt_unmasked or not all(coords.all_valid for coords in request.coords):
             return None
         if any(isinstance(stage.selector, RandomSelector) for stage in self.pruner.stages):

@@ -102,6 +102,32 @@ def test_calls_that_cannot_be_captured_run_eagerly(tiny_llava):
         assert (graphs.captures, graphs.replays) == (0, 0)
 
 
+def test_a_language_model_that_takes_no_mask_mapping_runs_eagerly(tiny_llava):
+    """The recording hands the language model the eager path's mask mapping; Llama-style decoders take one mask
+    tensor only, so their prefills are not captured (they ran into ``'dict' object has no attribute 'ndim'``)."""
+    import dataclasses
+
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    data = tiny_llava.model.config.to_dict()
+    data["text_config"]["model_type"] = "llama"
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration._from_config(
+        LlavaOnevisionConfig.from_dict(data), attn_implementation="sdpa"
+    ).eval()
+    assert type(model.model.language_model).__name__ == "LlamaModel"
+    case = dataclasses.replace(tiny_llava, model=model)
+    plan = compile_plan(POLICIES / "hieravid-30.yaml", case.spec())
+    inputs = case.inputs(seed=1)
+    with apply(model, plan) as handle, torch.no_grad():
+        expected = model(**inputs).logits
+    with apply(model, plan, cuda_graphs=True) as handle, torch.no_grad():
+        graphs = _on_cpu(handle)
+        outputs = [model(**inputs).logits for _ in range(3)]
+        assert (graphs.captures, graphs.replays) == (0, 0)
+    assert all(torch.equal(output, expected) for output in outputs)
+
+
 def test_removal_restores_the_language_models_forward(tiny_llava):
     model = tiny_llava.model
     language_model = model.model.language_model
