@@ -1,7 +1,8 @@
 """Per-architecture adapters, importable as ``hieravid.adapters``.
 
 Built in: :mod:`~hieravid.adapters.llava_onevision` (LLaVA-OneVision and LLaVA-Video checkpoints,
-both newline layouts) and :mod:`~hieravid.adapters.qwen2_vl` (Qwen2-VL, Qwen2.5-VL).
+both newline layouts), :mod:`~hieravid.adapters.llava_next_video` (LLaVA-NeXT-Video) and
+:mod:`~hieravid.adapters.qwen2_vl` (Qwen2-VL, Qwen2.5-VL).
 
 Writing an adapter for another architecture (see :class:`~hieravid.adapters.base.Adapter`):
 

@@ -42,6 +42,7 @@ ENTRY_POINT_GROUP = "hieravid.adapters"
 
 BUILTIN_ADAPTERS: dict[str, str] = {
     "llava_onevision": "hieravid.adapters.llava_onevision:LlavaOnevisionAdapter",
+    "llava_next_video": "hieravid.adapters.llava_next_video:LlavaNextVideoAdapter",
     "qwen2_vl": "hieravid.adapters.qwen2_vl:Qwen2VLAdapter",
     "qwen2_5_vl": "hieravid.adapters.qwen2_vl:Qwen2_5_VLAdapter",
 }

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 
-ARCHITECTURES = ("llava_onevision", "llava_video_per_row", "qwen2_vl", "qwen2_5_vl")
+ARCHITECTURES = ("llava_onevision", "llava_video_per_row", "llava_next_video", "qwen2_vl", "qwen2_5_vl")
 #: Where the tiny models run: CPU in CI; ``HIERAVID_TEST_DEVICE=cuda`` runs the same suite on a GPU.
 DEVICE = torch.device(os.environ.get("HIERAVID_TEST_DEVICE", "cpu"))
 ATTENTION = ("sdpa", "eager")
@@ -65,6 +65,33 @@ def _llava_config() -> Any:
         video_token_id=VIDEO_TOKEN,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
+        tie_word_embeddings=False,
+    )
+
+
+def _llava_next_video_config() -> Any:
+    """LLaVA-NeXT-Video as released: a CLIP tower whose CLS token the "default" strategy drops (8×8 patches),
+    average-pooled with stride 2 to 4×4 tokens per frame, and a Llama language model."""
+    from transformers import LlavaNextVideoConfig
+
+    vision = dict(
+        model_type="clip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=4,
+    )
+    return LlavaNextVideoConfig(
+        text_config=dict(model_type="llama", **TEXT_CONFIG),
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        spatial_pool_mode="average",
+        spatial_pool_stride=2,
         tie_word_embeddings=False,
     )
 
@@ -173,6 +200,7 @@ def model_class(architecture: str) -> type:
         return _PER_ROW[1]
     return {
         "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
+        "llava_next_video": transformers.LlavaNextVideoForConditionalGeneration,
         "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
         "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
     }[architecture]
@@ -181,7 +209,11 @@ def model_class(architecture: str) -> type:
 def model_config(architecture: str) -> Any:
     if architecture in ("llava_onevision", "llava_video_per_row"):
         return _llava_config()
-    return {"qwen2_vl": _qwen2_vl_config, "qwen2_5_vl": _qwen2_5_vl_config}[architecture]()
+    return {
+        "llava_next_video": _llava_next_video_config,
+        "qwen2_vl": _qwen2_vl_config,
+        "qwen2_5_vl": _qwen2_5_vl_config,
+    }[architecture]()
 
 
 def build_model(architecture: str, attention: str, seed: int = 0) -> torch.nn.Module:

@@ -50,6 +50,8 @@ def _on_cpu(handle):
 @pytest.mark.parametrize("policy", ["hieravid-30", "hieravid-10", "ablations/frame-topk"])
 def test_replayed_prefills_equal_the_eager_pruned_forward(tiny_sdpa, policy):
     case = tiny_sdpa
+    if case.architecture == "llava_next_video":
+        pytest.skip("a Llama language model: its prefills run eagerly (test_a_language_model_that_takes_no_mask_...)")
     plan = compile_plan(POLICIES / f"{policy}.yaml", case.spec(frames=64))
     first, second = case.inputs(seed=1), case.inputs(seed=2)  # one shape (one schedule when the counts agree)
     with apply(case.model, plan) as handle, torch.no_grad():

@@ -21,7 +21,7 @@ from hieravid.runtime.state import COORD_TENSORS, Coords, Request
 
 accelerate = pytest.importorskip("accelerate")
 
-ARCHITECTURES = ("llava_onevision", "llava_video_per_row", "qwen2_vl", "qwen2_5_vl")
+ARCHITECTURES = ("llava_onevision", "llava_video_per_row", "llava_next_video", "qwen2_vl", "qwen2_5_vl")
 
 
 def split_over_cpu_and_meta(model: torch.nn.Module, first_meta_layer: int) -> torch.nn.Module:
