@@ -19,8 +19,6 @@ import torch
 import hieravid
 from hieravid.runtime.state import COORD_TENSORS, Coords, Request
 
-accelerate = pytest.importorskip("accelerate")
-
 ARCHITECTURES = ("llava_onevision", "llava_video_per_row", "llava_next_video", "qwen2_vl", "qwen2_5_vl")
 
 
