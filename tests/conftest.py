@@ -46,11 +46,10 @@ TEXT_CONFIG: dict[str, Any] = dict(
 )
 
 
-def _llava_config() -> Any:
-    from transformers import LlavaOnevisionConfig
-
-    vision = dict(
-        model_type="siglip_vision_model",
+def _tiny_vision(model_type: str) -> dict[str, Any]:
+    """A one-layer vision tower on 32×32 frames of 4×4 patches (an 8×8 patch grid)."""
+    return dict(
+        model_type=model_type,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=1,
@@ -58,9 +57,14 @@ def _llava_config() -> Any:
         image_size=32,
         patch_size=4,
     )
+
+
+def _llava_config() -> Any:
+    from transformers import LlavaOnevisionConfig
+
     return LlavaOnevisionConfig(
         text_config=dict(model_type="qwen2", **TEXT_CONFIG),
-        vision_config=vision,
+        vision_config=_tiny_vision("siglip_vision_model"),
         image_token_id=IMAGE_TOKEN,
         video_token_id=VIDEO_TOKEN,
         vision_feature_layer=-1,
@@ -74,18 +78,9 @@ def _llava_next_video_config() -> Any:
     average-pooled with stride 2 to 4×4 tokens per frame, and a Llama language model."""
     from transformers import LlavaNextVideoConfig
 
-    vision = dict(
-        model_type="clip_vision_model",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=4,
-    )
     return LlavaNextVideoConfig(
         text_config=dict(model_type="llama", **TEXT_CONFIG),
-        vision_config=vision,
+        vision_config=_tiny_vision("clip_vision_model"),
         image_token_id=IMAGE_TOKEN,
         video_token_id=VIDEO_TOKEN,
         vision_feature_layer=-1,
