@@ -409,7 +409,7 @@ def _timing_note(result: RunResult) -> list[str]:
         "then a",
         "  greedy DPP per segment at each stage). A 7B model's 28 wide layers dwarf it: LLaVA-OneVision-7B at 32 "
         "frames,",
-        "  LLM prefill 183.7 → 66.6 ms with hieravid-30 on an H100 (README, Speed).",
+        "  LLM prefill 182.5 → 67.4 ms with hieravid-30 on an H200 (README, Speed).",
     ]
 
 
