@@ -256,6 +256,8 @@ class Request:
     pending: PendingCut | None = None
     owner: Any = None
     """The engine that runs the request (a cache filled by another handle is not continued as pruned)."""
+    device: torch.device | None = None
+    """Where the tensors the layers read live (see :meth:`follow`); None until the first layer reads them."""
 
     def total_length(self, cache: Any) -> int:
         """Original positions seen so far: the prompt, then every token the cache took since (host read)."""
@@ -270,7 +272,13 @@ class Request:
         another device; the hooks call this with the device of the rows they work on, so stage work and masks
         follow each layer. A no-op on one device. Tensors are moved in place, so holders stay valid.
         """
-        if not self.coords or self.coords[-1].src.device == device:
+        if not self.coords:
+            return
+        # The device is kept as a plain object: reading it from a tensor would make a compiled decode step guard
+        # on that tensor's shape, which changes with every request's kept counts.
+        if self.device is None:
+            self.device = self.coords[-1].src.device
+        if self.device == device:
             return
         for coords in self.coords:
             for name in COORD_TENSORS:
@@ -280,6 +288,7 @@ class Request:
             self.mask2d = self.mask2d.to(device)
         if self.static is not None:
             self.static.slot_valid = [valid.to(device) for valid in self.static.slot_valid]
+        self.device = device
 
     def reset_call(self) -> None:
         """Forget what belongs to one language-model call (masks and stage work in flight)."""
