@@ -38,14 +38,21 @@ if TYPE_CHECKING:
 __all__ = [
     "LoadedModel",
     "ModelLoadError",
+    "PreparedBatch",
     "PreparedInputs",
     "RunResult",
     "Timings",
+    "batch_answer_ids",
+    "batch_key",
     "build_trace",
+    "collate_inputs",
     "format_report",
     "language_model_of",
     "load_model",
+    "pad_token_id",
     "plan_for_inputs",
+    "plans_share_runtime",
+    "prepare_batch",
     "prepare_inputs",
     "run_request",
 ]
@@ -398,6 +405,144 @@ def prepare_inputs(loaded: LoadedModel, frames: np.ndarray, question: str) -> Pr
         cols=cols,
         video_tokens=video_tokens,
     )
+
+
+#: Token-aligned inputs (``[1, prompt_length]`` per sample) that a batch pads on the left, with their padding value
+#: (None: the tokenizer's pad id).
+SEQUENCE_PADDING: dict[str, int | None] = {
+    "input_ids": None,
+    "attention_mask": 0,
+    "mm_token_type_ids": 0,
+    "token_type_ids": 0,
+}
+
+
+@dataclass
+class PreparedBatch:
+    """Model inputs of several requests, left-padded into one batch.
+
+    Attributes:
+        tensors: keyword arguments of ``model.generate`` (``[B, prompt_length]`` token inputs, the pixel inputs of
+            every sample in order).
+        samples: each request's own :class:`PreparedInputs` (unpadded), in batch order.
+        prompt_length: tokens in the padded prompt (generated tokens of every row start there).
+        pad_token_id: the id the prompts were padded with.
+    """
+
+    tensors: dict[str, Any]
+    samples: list[PreparedInputs]
+    prompt_length: int
+    pad_token_id: int
+
+
+def pad_token_id(loaded: LoadedModel) -> int:
+    """The tokenizer's pad id (its end-of-sequence id when it has none), as ``generate`` is given it."""
+    tokenizer = loaded.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise HieravidError(f"{loaded.name}: the tokenizer has neither a pad token nor an end-of-sequence token")
+    return int(pad)
+
+
+def batch_key(inputs: PreparedInputs) -> tuple[Any, ...]:
+    """What requests must share to run in one batch: the token grid of a frame, and the shape (beyond the first
+    dimension) and dtype of every pixel input.
+
+    Pixel inputs concatenate along their first dimension. LLaVA's ``pixel_values_videos`` is
+    ``[1, frames, C, H, W]`` per request, so its frame count is part of the key; Qwen2-VL's is ``[patches, D]`` with
+    one ``video_grid_thw`` row per video, so Qwen2-VL requests with different frame counts share a batch (the model
+    and the runtime locate each sample's video from its own grid row).
+    """
+    pixels = tuple(
+        sorted(
+            (key, tuple(value.shape[1:]), str(value.dtype))
+            for key, value in inputs.tensors.items()
+            if key not in SEQUENCE_PADDING
+        )
+    )
+    return (inputs.rows, inputs.cols, pixels)
+
+
+def collate_inputs(loaded: LoadedModel, samples: Sequence[PreparedInputs]) -> PreparedBatch:
+    """One left-padded batch from requests prepared one by one (:func:`prepare_inputs`).
+
+    Token inputs (``input_ids``, ``attention_mask``, ``mm_token_type_ids``) are padded on the left to the longest
+    prompt (``input_ids`` with the tokenizer's pad id, the others with 0); every other tensor (pixels,
+    ``video_grid_thw``, ``second_per_grid_ts``) is concatenated along its first dimension, one sample after the other.
+
+    Raises:
+        HieravidError: no samples, or samples that cannot share a batch (different :func:`batch_key`, or tensors
+            that one sample has and another lacks).
+    """
+    import torch
+
+    if not samples:
+        raise HieravidError("a batch needs at least one request")
+    first = samples[0]
+    keys = set(first.tensors)
+    for index, sample in enumerate(samples[1:], start=1):
+        if set(sample.tensors) != keys:
+            raise HieravidError(
+                f"request {index} of the batch has inputs {sorted(sample.tensors)}, request 0 {sorted(keys)}"
+            )
+        if batch_key(sample) != batch_key(first):
+            raise HieravidError(
+                f"request {index} of the batch cannot share it with request 0: video geometry "
+                f"{sample.llm_frames}×{sample.rows}×{sample.cols} vs {first.llm_frames}×{first.rows}×{first.cols} "
+                "(or pixel inputs of other shapes)"
+            )
+    pad = pad_token_id(loaded)
+    length = max(sample.prompt_length for sample in samples)
+    tensors: dict[str, Any] = {}
+    for key in first.tensors:
+        values = [sample.tensors[key] for sample in samples]
+        if key in SEQUENCE_PADDING:
+            fill = pad if SEQUENCE_PADDING[key] is None else SEQUENCE_PADDING[key]
+            padded = values[0].new_full((len(values), length), fill)
+            for row, value in enumerate(values):
+                if value.dim() != 2 or value.shape[0] != 1:
+                    raise HieravidError(f"{key} of request {row} is {tuple(value.shape)}, expected [1, prompt length]")
+                padded[row, length - value.shape[1] :] = value[0]
+            tensors[key] = padded
+        else:
+            tensors[key] = torch.cat(values, dim=0)
+    if "attention_mask" not in tensors:
+        mask = torch.zeros(len(samples), length, dtype=torch.long, device=tensors["input_ids"].device)
+        for row, sample in enumerate(samples):
+            mask[row, length - sample.prompt_length :] = 1
+        tensors["attention_mask"] = mask
+    return PreparedBatch(tensors=tensors, samples=list(samples), prompt_length=length, pad_token_id=pad)
+
+
+def prepare_batch(loaded: LoadedModel, requests: Sequence[tuple[np.ndarray, str]]) -> PreparedBatch:
+    """Left-padded inputs of several video questions (``(frames, question)`` pairs): :func:`prepare_inputs` per
+    request, then :func:`collate_inputs`."""
+    return collate_inputs(loaded, [prepare_inputs(loaded, frames, question) for frames, question in requests])
+
+
+def batch_answer_ids(loaded: LoadedModel, output: torch.Tensor, prompt_length: int) -> list[list[int]]:
+    """Each row's generated ids after the padded prompt, up to and including its first end-of-sequence token (the
+    padding ``generate`` appends to rows that finished early is dropped, as a batch of one never has it)."""
+    eos = loaded.model.generation_config.eos_token_id
+    stops = {int(eos)} if isinstance(eos, int) else {int(value) for value in (eos or [])}
+    rows = []
+    for row in output[:, prompt_length:].tolist():
+        ids = [int(value) for value in row]
+        end = next((index + 1 for index, value in enumerate(ids) if value in stops), len(ids))
+        rows.append(ids[:end])
+    return rows
+
+
+def _runtime_part(plan: PruningPlan) -> tuple[Any, ...]:
+    stages = tuple(dataclasses.replace(stage, video_tokens_before=0, video_tokens_after=0) for stage in plan.stages)
+    return (plan.spec.model_type, plan.spec.num_layers, plan.segment.config, plan.keep_newlines, stages)
+
+
+def plans_share_runtime(first: PruningPlan, second: PruningPlan) -> bool:
+    """Whether two plans compiled for different requests prune alike: same input level, same stages (layers,
+    ratios, selectors, query rows, budgets). The runtime computes every sample's counts and budgets from its own
+    video, so such plans differ only in their static estimates and one of them serves a batch of both requests."""
+    return _runtime_part(first) == _runtime_part(second)
 
 
 def plan_for_inputs(policy: Policy | str | Path, loaded: LoadedModel, inputs: PreparedInputs) -> PruningPlan:

@@ -14,13 +14,21 @@ layout) come from :mod:`hieravid.apps.run` and the runtime's adapters. ``model_a
                     (one file per process: ``name.rankN.safetensors`` when running data parallel)
 ``download``        ``true`` to allow fetching the checkpoint from the Hub (default: local/cache only)
 
+``--batch_size N`` (a positive integer; ``auto`` is refused): consecutive requests with the same generation
+arguments and the same video geometry (LLaVA: frames and token grid; Qwen2-VL: token grid, frame counts may
+differ) run as one left-padded batch of up to N under one ``apply``; the others run in smaller batches. Each
+sample is pruned on its own content (the runtime computes every sample's budgets from its own video), so with
+greedy decoding the answers are those of batch size 1 up to the rounding that left padding brings (token for token
+on the tiny models in the tests; see docs/evaluation.md). Answers keep the request order and a trace still holds
+one entry per request.
+
 Data parallel evaluation: ``accelerate launch --num_processes N -m lmms_eval ...``; each process loads
-the model on its own GPU and lmms-eval shards the requests by rank. Batch size must be 1 (the paper's
-setting; hieravid prunes per sample but left-padded multi-video batches are not evaluated here).
+the model on its own GPU and lmms-eval shards the requests by rank.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +46,19 @@ def _as_bool(value: Any) -> bool:
     return bool(value)
 
 
+def _batch_size(value: Any) -> int:
+    """``batch_size`` as lmms-eval passes it (``--batch_size``: an int or its text)."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+        if text.lower().startswith("auto"):
+            raise ValueError(
+                f"batch_size={text}: hieravid lmms-eval models do not pick a batch size automatically (a batch's "
+                "memory depends on its videos); pass --batch_size N with a positive integer N"
+            )
+        raise ValueError(f"batch_size={text!r}: expected a positive integer (--batch_size N)")
+    return int(text)
+
+
 def _default_policy() -> Any:
     from hieravid.apps.demo import default_policy
 
@@ -45,7 +66,7 @@ def _default_policy() -> Any:
 
 
 class HieravidVideoLMM(lmms):
-    """A transformers VideoLLM with a hieravid policy, as an lmms-eval "simple" model (batch size 1)."""
+    """A transformers VideoLLM with a hieravid policy, as an lmms-eval "simple" model (left-padded batches)."""
 
     is_simple = True
     model_types: tuple[str, ...] = ()
@@ -58,6 +79,7 @@ class HieravidVideoLMM(lmms):
         device: str | None = None,
         dtype: str = "auto",
         batch_size: int | str = 1,
+        max_batch_size: int | str | None = None,
         max_new_tokens: int | str = 128,
         trace: str | None = None,
         download: bool | str = False,
@@ -66,8 +88,8 @@ class HieravidVideoLMM(lmms):
         super().__init__()
         if kwargs:
             raise ValueError(f"unknown model_args for hieravid: {', '.join(sorted(kwargs))}")
-        if int(batch_size) != 1:
-            raise ValueError("hieravid lmms-eval models run at batch size 1 (pass --batch_size 1)")
+        self._batch_size = _batch_size(batch_size)
+        del max_batch_size  # lmms-eval's cap for --batch_size auto, which is refused above
         from accelerate import Accelerator
 
         from hieravid.apps.run import load_model
@@ -94,6 +116,7 @@ class HieravidVideoLMM(lmms):
         self.trace_path = trace
         self.traces: list[Any] = []
         self.last_stats: Any = None
+        self.last_batch_size = 0
         self.handle: Any = None
         self.plans: dict[tuple[int, int, int, int], Any] = {}
 
@@ -108,7 +131,7 @@ class HieravidVideoLMM(lmms):
 
     @property
     def batch_size(self) -> int:
-        return 1
+        return self._batch_size
 
     @property
     def device(self) -> str:
@@ -131,56 +154,104 @@ class HieravidVideoLMM(lmms):
             self.plans[key] = plan_for_inputs(self.policy_obj, self.loaded, inputs)
         return self.plans[key]
 
-    def _answer(self, video: str, question: str, gen_kwargs: dict[str, Any]) -> str:
-        import torch
+    def _generate_args(self, gen_kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """``generate``'s keyword arguments from a task's generation kwargs, and the task's stop strings."""
+        from hieravid.apps.run import pad_token_id
 
-        import hieravid.runtime as runtime
-        from hieravid.apps.run import prepare_inputs
-        from hieravid.apps.video import read_video
-
-        frames, _, _ = read_video(video, self.max_frames_num)
-        inputs = prepare_inputs(self.loaded, frames, question)
         options = dict(gen_kwargs)
         until = options.pop("until", None)
         max_new = int(options.pop("max_new_tokens", self.max_new_tokens))
         temperature = float(options.pop("temperature", 0) or 0)
         sample = temperature > 0
-        tokenizer = self.loaded.tokenizer
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         generate_args = dict(
-            max_new_tokens=max_new, do_sample=sample, pad_token_id=pad, num_beams=int(options.pop("num_beams", 1) or 1)
+            max_new_tokens=max_new,
+            do_sample=sample,
+            pad_token_id=pad_token_id(self.loaded),
+            num_beams=int(options.pop("num_beams", 1) or 1),
         )
         if sample:
             generate_args["temperature"] = temperature
             if options.get("top_p") is not None:
                 generate_args["top_p"] = float(options["top_p"])
+        return generate_args, until
+
+    def _prepare(self, video: str, question: str) -> Any:
+        from hieravid.apps.run import prepare_inputs
+        from hieravid.apps.video import read_video
+
+        frames, _, _ = read_video(video, self.max_frames_num)
+        return prepare_inputs(self.loaded, frames, question)
+
+    def _fits(self, batch: list[_Pending], item: _Pending) -> bool:
+        """Whether ``item`` may join ``batch``: room left, same generation kwargs, same video geometry, and (pruned)
+        a plan that prunes alike."""
+        from hieravid.apps.run import batch_key, plans_share_runtime
+
+        if not batch:
+            return True
+        first = batch[0]
+        if len(batch) >= self._batch_size or item.gen_kwargs != first.gen_kwargs:
+            return False
+        if batch_key(item.inputs) != batch_key(first.inputs):
+            return False
+        return self.policy_obj is None or plans_share_runtime(self._plan(item.inputs), self._plan(first.inputs))
+
+    def _run_batch(self, batch: list[_Pending]) -> list[str]:
+        """One ``generate`` over the left-padded batch (under one ``apply`` when pruning); the answers in batch
+        order."""
+        import torch
+
+        import hieravid.runtime as runtime
+        from hieravid.apps.run import batch_answer_ids, collate_inputs
+
+        generate_args, until = self._generate_args(batch[0].gen_kwargs)
+        prepared = collate_inputs(self.loaded, [item.inputs for item in batch])
+        self.last_batch_size = len(batch)
         if self.policy_obj is None:
             with torch.inference_mode():
-                output = self.loaded.model.generate(**inputs.tensors, **generate_args)
+                output = self.loaded.model.generate(**prepared.tensors, **generate_args)
         else:
-            with runtime.apply(self.loaded.model, self._plan(inputs)) as handle, torch.inference_mode():
-                output = self.loaded.model.generate(**inputs.tensors, **generate_args)
+            # One plan serves the batch: _fits admitted only requests whose plans prune alike, and the runtime
+            # computes each sample's budgets from its own counts.
+            with runtime.apply(self.loaded.model, self._plan(batch[0].inputs)) as handle, torch.inference_mode():
+                output = self.loaded.model.generate(**prepared.tensors, **generate_args)
                 self.last_stats = handle.last_request
             if self.trace_path:
-                self._record(inputs, question)
-        text = tokenizer.decode(output[0, inputs.prompt_length :], skip_special_tokens=True)
-        for stop in [until] if isinstance(until, str) else (until or []):
-            if stop and stop in text:
-                text = text.split(stop)[0]
-        return text.strip()
+                for sample, item in enumerate(batch):
+                    self._record(item.inputs, item.question, sample)
+        answers = []
+        for ids in batch_answer_ids(self.loaded, output, prepared.prompt_length):
+            text = self.loaded.tokenizer.decode(ids, skip_special_tokens=True)
+            for stop in [until] if isinstance(until, str) else (until or []):
+                if stop and stop in text:
+                    text = text.split(stop)[0]
+            answers.append(text.strip())
+        return answers
 
-    def _record(self, inputs: Any, question: str) -> None:
+    def _record(self, inputs: Any, question: str, sample: int = 0) -> None:
         from hieravid.apps.run import build_trace, llm_frame_thumbnails
 
         plan = self._plan(inputs)
         thumbs = llm_frame_thumbnails(inputs.frames, self.loaded.frames_per_step, inputs.llm_frames, size=48)
-        self.traces.append(build_trace(self.last_stats, plan, thumbnails=thumbs, info={"question": question}))
+        self.traces.append(
+            build_trace(self.last_stats, plan, sample=sample, thumbnails=thumbs, info={"question": question})
+        )
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         from tqdm import tqdm
 
-        answers = []
-        for request in tqdm(requests, disable=self.rank != 0, desc="hieravid"):
+        answers: list[str] = []
+        batch: list[_Pending] = []
+        progress = tqdm(total=len(requests), disable=self.rank != 0, desc="hieravid")
+
+        def flush() -> None:
+            for item, answer in zip(batch, self._run_batch(batch)):
+                answers.append(answer)
+                self.cache_hook.add_partial("generate_until", (item.question, item.gen_kwargs), answer)
+            progress.update(len(batch))
+            batch.clear()
+
+        for request in requests:
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
             visuals = doc_to_visual(self.task_dict[task][split][doc_id])
             videos = [v for v in _flatten(visuals) if isinstance(v, (str, Path))]
@@ -189,8 +260,13 @@ class HieravidVideoLMM(lmms):
                     f"{task} doc {doc_id}: hieravid evaluates video questions with exactly one video per request, "
                     f"got {len(videos)} video path(s)"
                 )
-            answers.append(self._answer(str(videos[0]), context, gen_kwargs))
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), answers[-1])
+            item = _Pending(context, gen_kwargs, self._prepare(str(videos[0]), context))
+            if not self._fits(batch, item):
+                flush()
+            batch.append(item)
+        if batch:
+            flush()
+        progress.close()
         self._save_traces()
         return answers
 
@@ -209,6 +285,15 @@ class HieravidVideoLMM(lmms):
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError("hieravid lmms-eval models do not support multi-round generation")
+
+
+@dataclass
+class _Pending:
+    """A request waiting for its batch: the question, the task's generation kwargs, its prepared inputs."""
+
+    question: str
+    gen_kwargs: dict[str, Any]
+    inputs: Any
 
 
 def _flatten(items: Any) -> list[Any]:
