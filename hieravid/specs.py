@@ -133,8 +133,13 @@ _QWEN2_05B = dict(
 _QWEN2_15B = dict(
     num_hidden_layers=28, hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2
 )
+_VICUNA_7B = dict(
+    num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32
+)
 # SigLIP-so400m at 384 px, 14 px patches (27×27, pooled to 14×14 by the OneVision adapter's geometry).
 _SIGLIP = {"image_size": 384, "patch_size": 14}
+# CLIP ViT-L/14 at 336 px (24×24 patches, average-pooled with stride 2 to 12×12 by LLaVA-NeXT-Video).
+_CLIP_L336 = {"image_size": 336, "patch_size": 14}
 # Qwen2-VL's vision tower: 14 px patches, 2×2 merge, temporal patches of 2 frames.
 _QWEN2VL_VISION = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
 
@@ -156,6 +161,14 @@ CATALOGUE_CONFIGS: dict[str, tuple[dict[str, Any], int]] = {
     "llava-onevision-72b": (_config("llava_onevision", _QWEN2_72B, 152064, _SIGLIP), 32),
     "llava-video-7b": (_config("llava_onevision", _QWEN2_7B, 152064, _SIGLIP), 64),
     "llava-video-72b": (_config("llava_onevision", _QWEN2_72B, 152064, _SIGLIP), 64),
+    "llava-next-video-7b": (
+        {
+            **_config("llava_next_video", _VICUNA_7B, 32064, _CLIP_L336),
+            "video_token_id": 32000,
+            "spatial_pool_stride": 2,
+        },
+        32,
+    ),
     "qwen2-vl-7b": (_config("qwen2_vl", _QWEN2_7B, 152064, _QWEN2VL_VISION), 32),
     "qwen2-vl-2b": (_config("qwen2_vl", _QWEN2_15B, 151936, _QWEN2VL_VISION), 32),
     "qwen2-vl-72b": (_config("qwen2_vl", _QWEN2_72B, 152064, _QWEN2VL_VISION), 32),

@@ -21,6 +21,9 @@ def test_catalogue_shapes() -> None:
     assert qwen.default_query_rows == 4 and qwen.newline_tokens == 0
     assert CATALOGUE["llava-onevision-72b"].num_layers == 80
     assert CATALOGUE["qwen2-vl-2b"].hidden_size == 1536
+    next_video = CATALOGUE["llava-next-video-7b"]  # CLIP-L/336: 24×24 patches pooled with stride 2, no newlines
+    assert (next_video.num_layers, next_video.num_key_value_heads, next_video.rows, next_video.cols) == (32, 32, 12, 12)
+    assert next_video.video_tokens == 32 * 144 and next_video.newline_tokens == 0
 
 
 def test_with_frames_and_newline_layouts() -> None:
