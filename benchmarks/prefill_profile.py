@@ -63,31 +63,8 @@ def kernel_table(run: Any, top: int = 12) -> dict[str, Any]:
 
 def stack_graph_identity(case: bench.SyntheticCase, lengths: list[int]) -> dict[str, Any]:
     """The decoder stack on sliced rows, eagerly and replayed from a CUDA graph: bit-identical or not."""
-    language_model = case.model.model.language_model
-    inputs = bench.language_model_inputs(case)
-    hidden0 = inputs["embeds"][:, : lengths[0]].clone()
-    positions = inputs["positions"]
-    if positions is None:
-        positions = torch.arange(inputs["embeds"].shape[1], device=hidden0.device).unsqueeze(0)
-    if positions.dim() == 3 and positions.shape[0] == 4:
-        positions = positions[1:]
+    stack = bench.floor_stack(case, lengths)
     with torch.inference_mode():
-        cos, sin = language_model.rotary_emb(hidden0, positions[..., : lengths[0]])
-
-        def stack() -> torch.Tensor:
-            hidden = hidden0
-            for layer, length in zip(language_model.layers, lengths):
-                hidden = hidden[:, :length]
-                out = layer(
-                    hidden,
-                    attention_mask=None,
-                    position_ids=None,
-                    use_cache=False,
-                    position_embeddings=(cos[:, :length], sin[:, :length]),
-                )
-                hidden = out[0] if isinstance(out, tuple) else out
-            return language_model.norm(hidden)
-
         eager = stack().clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -464,19 +464,12 @@ def language_model_inputs(case: SyntheticCase) -> dict[str, Any]:
     return captured
 
 
-def floor_prefill_ms(
-    case: SyntheticCase,
-    lengths: Sequence[int],
-    timer: _Timer,
-    *,
-    runs: int = 5,
-    lm_inputs: dict[str, Any] | None = None,
-) -> float:
-    """The floor of a pruned prefill: the model's own decoder layers on hidden states simply sliced to the realised
-    per-layer row counts (``lengths``, the attention rows of each layer), no pruning work and no cache, the whole
-    stack and the final norm in one CUDA graph on a GPU (eager on a CPU). It is the limit a pruned prefill can
-    reach on this machine (small row counts run matrix products less efficiently than the FLOPs ideal assumes).
-    Each stage layer runs its MLP at the pre-cut count: an upper bound by at most one MLP half per stage."""
+def floor_stack(
+    case: SyntheticCase, lengths: Sequence[int], lm_inputs: dict[str, Any] | None = None
+) -> Callable[[], Any]:
+    """The floor's computation: the model's own decoder layers on hidden states simply sliced to the realised
+    per-layer row counts (``lengths``, the attention rows of each layer), no pruning work and no cache, then the
+    final norm. Returns a function that runs it (call it under ``torch.inference_mode``)."""
     import torch
 
     language_model = case.model.model.language_model
@@ -506,6 +499,25 @@ def floor_prefill_ms(
             hidden = out[0] if isinstance(out, tuple) else out
         return language_model.norm(hidden)
 
+    return stack
+
+
+def floor_prefill_ms(
+    case: SyntheticCase,
+    lengths: Sequence[int],
+    timer: _Timer,
+    *,
+    runs: int = 5,
+    lm_inputs: dict[str, Any] | None = None,
+) -> float:
+    """The floor of a pruned prefill: the model's own decoder layers on hidden states simply sliced to the realised
+    per-layer row counts (``lengths``, the attention rows of each layer), no pruning work and no cache, the whole
+    stack and the final norm in one CUDA graph on a GPU (eager on a CPU). It is the limit a pruned prefill can
+    reach on this machine (small row counts run matrix products less efficiently than the FLOPs ideal assumes).
+    Each stage layer runs its MLP at the pre-cut count: an upper bound by at most one MLP half per stage."""
+    import torch
+
+    stack = floor_stack(case, lengths, lm_inputs)
     with torch.inference_mode():
         if not timer.cuda:
             stack()
