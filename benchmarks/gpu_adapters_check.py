@@ -149,9 +149,75 @@ def peak_memory(fn: Any, device: torch.device) -> tuple[Any, int]:
     return result, int(torch.cuda.max_memory_allocated(device))
 
 
-def main(argv: list[str] | None = None) -> int:
+def check_pruned_vs_reference(model: Any, inputs: dict, plan: Any, rtol: float) -> dict[str, Any]:
+    """Every layer's output under ``plan`` against the unpatched layers run on the pruned sequence (sample 0).
+
+    Works on a model split over devices: rows are compared on the host.
+    """
     from hv_reference import capture_layer_outputs, capture_lm_inputs, reference_run, stage_of_output
 
+    from hieravid.runtime import apply
+
+    handle = apply(model, plan)
+    adapter = handle.adapter
+    handle.remove()
+    lm_inputs = capture_lm_inputs(adapter, model, inputs)
+    with apply(model, plan) as handle:
+        outputs, removables = capture_layer_outputs(adapter)
+        try:
+            logits = model(**inputs).logits
+        finally:
+            for removable in removables:
+                removable.remove()
+        stats = handle.last_request
+    reference = reference_run(model, adapter, plan, stats, lm_inputs, 0, qwen=False)
+    layer_errors = []
+    for index, output in enumerate(outputs):
+        positions = stats.stage_positions[stage_of_output(plan, index)][0].cpu()
+        rows = output[0].cpu()[positions >= 0].float()
+        ref = reference.layer_outputs[index].cpu().float()
+        same_rows = bool(torch.equal(positions[positions >= 0], reference.layer_positions[index].cpu()))
+        error = (rows - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
+        layer_errors.append({"layer": index, "rows": int(ref.shape[0]), "same_rows": same_rows, "max_rel_error": error})
+    last = logits[0, -1].float().cpu()
+    ref_last = reference.logits[-1].float().cpu()
+    cosine = torch.nn.functional.cosine_similarity(last, ref_last, dim=0).item()
+    entry = {
+        "policy": plan.policy.name,
+        "realised_layer_video_tokens": [t[0] for t in stats.layer_video_tokens],
+        "layer_sequence_lengths": list(stats.layer_sequence_lengths),
+        "num_segments": stats.num_segments[0],
+        "stage_video_tokens": [[s.video_tokens_before[0], s.video_tokens_after[0]] for s in stats.stages],
+        "max_layer_rel_error": max(e["max_rel_error"] for e in layer_errors),
+        "layers": layer_errors,
+        "final_logits_cosine": cosine,
+        "final_top1_agrees": bool(last.argmax() == ref_last.argmax()),
+        "rtol": rtol,
+    }
+    entry["pass"] = (
+        all(e["same_rows"] for e in layer_errors) and entry["max_layer_rel_error"] <= rtol and cosine >= 0.99
+    )
+    return entry
+
+
+def check_cache_lengths(model: Any, inputs: dict, plan: Any) -> dict[str, Any]:
+    """Each layer's KV-cache length after a pruned prefill equals the realised per-layer sequence length."""
+    from hieravid.runtime import apply
+
+    with apply(model, plan) as handle:
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+        devices = sorted({str(layer.keys.device) for layer in out.past_key_values.layers})
+        stats = handle.last_request
+    return {
+        "cache": lengths,
+        "realised": list(stats.layer_sequence_lengths),
+        "cache_devices": devices,
+        "pass": lengths == list(stats.layer_sequence_lengths),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
     from hieravid.plan import compile_plan
     from hieravid.policy import load_policy, policy_from_dict
     from hieravid.runtime import apply, find_handle
@@ -246,63 +312,10 @@ def main(argv: list[str] | None = None) -> int:
             "layer_video_tokens": list(plan.layer_video_tokens),
             "retention": plan.retention,
         }
-        handle = apply(model, plan)
-        adapter = handle.adapter
-        handle.remove()
-        lm_inputs = capture_lm_inputs(adapter, model, inputs)
-        with apply(model, plan) as handle:
-            outputs, removables = capture_layer_outputs(adapter)
-            try:
-                logits = model(**inputs).logits
-            finally:
-                for removable in removables:
-                    removable.remove()
-            stats = handle.last_request
-        reference = reference_run(model, adapter, plan, stats, lm_inputs, 0, qwen=False)
-        layer_errors = []
-        for index, output in enumerate(outputs):
-            positions = stats.stage_positions[stage_of_output(plan, index)][0]
-            rows = output[0][positions >= 0].float()
-            ref = reference.layer_outputs[index].float()
-            same_rows = bool(torch.equal(positions[positions >= 0], reference.layer_positions[index]))
-            error = (rows - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
-            layer_errors.append(
-                {"layer": index, "rows": int(ref.shape[0]), "same_rows": same_rows, "max_rel_error": error}
-            )
-        last = logits[0, -1].float()
-        ref_last = reference.logits[-1].float()
-        cosine = torch.nn.functional.cosine_similarity(last, ref_last, dim=0).item()
-        checks["pruned_vs_reference"] = {
-            "policy": "hieravid-30",
-            "realised_layer_video_tokens": [t[0] for t in stats.layer_video_tokens],
-            "layer_sequence_lengths": list(stats.layer_sequence_lengths),
-            "num_segments": stats.num_segments[0],
-            "stage_video_tokens": [[s.video_tokens_before[0], s.video_tokens_after[0]] for s in stats.stages],
-            "max_layer_rel_error": max(e["max_rel_error"] for e in layer_errors),
-            "layers": layer_errors,
-            "final_logits_cosine": cosine,
-            "final_top1_agrees": bool(last.argmax() == ref_last.argmax()),
-            "rtol": args.rtol,
-        }
-        entry = checks["pruned_vs_reference"]
-        entry["pass"] = (
-            all(e["same_rows"] for e in layer_errors) and entry["max_layer_rel_error"] <= args.rtol and cosine >= 0.99
-        )
+        checks["pruned_vs_reference"] = check_pruned_vs_reference(model, inputs, plan, args.rtol)
         print_check("pruned_vs_reference")
-        del outputs, reference, lm_inputs, logits
-
-        # ------------------------------------------------------------------ cache lengths
-        with apply(model, plan) as handle:
-            out = model(**inputs, use_cache=True, logits_to_keep=1)
-            lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
-            stats = handle.last_request
-        checks["cache_lengths"] = {
-            "cache": lengths,
-            "realised": list(stats.layer_sequence_lengths),
-            "pass": lengths == list(stats.layer_sequence_lengths),
-        }
+        checks["cache_lengths"] = check_cache_lengths(model, inputs, plan)
         print_check("cache_lengths")
-        del out
 
         # ------------------------------------------------------------------ generate: memory and time
         def prefill() -> Any:

@@ -156,7 +156,7 @@ def reference_run(
                 batch_hidden, attention_mask=causal, position_embeddings=(cos, sin), position_ids=None, use_cache=False
             )
             out = out[0] if isinstance(out, tuple) else out
-            hidden = out[0]
+            hidden = out[0].to(device)  # a model split over devices returns each layer's rows on its device
             if index in stage_at:
                 stage_stats = stats.stages[stage_at[index]]
                 kept = stage_stats.kept_positions[sample]
