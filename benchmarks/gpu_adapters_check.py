@@ -37,8 +37,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "adapters"))  # the conformance suite's reference helpers
-if str(ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(1, str(ROOT))
 
 
 def build_model(scale: str, vision_layers: int, device: torch.device, dtype: torch.dtype) -> Any:
