@@ -119,20 +119,23 @@ def greedy_dpp_triton(
     rows = (steps + block_t - 1) // block_t * block_t
     ld = (n + 15) // 16 * 16
     scratch = torch.zeros((G, rows, ld), dtype=torch.float32, device=kernel.device)
-    _greedy_dpp_kernel[(G,)](
-        kernel,
-        valid.to(torch.int8).contiguous(),
-        budgets.to(torch.int32).contiguous(),
-        fallback,
-        scratch,
-        order,
-        n,
-        steps,
-        rows,
-        ld,
-        float(eps),
-        BLOCK_N=block_n,
-        BLOCK_T=block_t,
-        num_warps=num_warps,
-    )
+    # Triton launches on the current CUDA device's stream, not the tensors' device: on a model split over GPUs
+    # the stage may run on another GPU, where launching from the current one would race with that GPU's stream.
+    with torch.cuda.device(kernel.device):
+        _greedy_dpp_kernel[(G,)](
+            kernel,
+            valid.to(torch.int8).contiguous(),
+            budgets.to(torch.int32).contiguous(),
+            fallback,
+            scratch,
+            order,
+            n,
+            steps,
+            rows,
+            ld,
+            float(eps),
+            BLOCK_N=block_n,
+            BLOCK_T=block_t,
+            num_warps=num_warps,
+        )
     return order

@@ -125,6 +125,24 @@ def test_triton_vs_torch(seed, G, n, D, frac):
         replay_is_greedy(sub, got, r[blk][idx].cpu().tolist(), DPP_EPS, tol=1e-5)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not triton_available(), reason="needs two CUDA devices and Triton")
+def test_triton_on_a_second_gpu_equals_the_first():
+    """A stage of a model split over GPUs runs on a GPU that is not the current one: the kernel must run there,
+    ordered with that GPU's stream (a launch on the current device raced with it: index out of bounds)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.nn.functional.normalize(torch.randn(8, 392, 256, generator=g), dim=-1)
+    r = torch.rand(8, 392, generator=g) + 0.05
+    valid = torch.rand(8, 392, generator=g) > 0.05
+    budgets = (valid.sum(1) * 0.5).long()
+    orders = []
+    for device in ("cuda:0", "cuda:1"):
+        with torch.cuda.device(0):
+            Xd, rd = X.to(device), r.to(device)
+            K = rd[:, :, None] * (Xd @ Xd.transpose(1, 2)) * rd[:, None, :]
+            orders.append(greedy_map_dpp_order(K, valid.to(device), budgets.to(device), rd, backend="triton").cpu())
+    assert torch.equal(orders[0], orders[1])
+
+
 @pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" or not triton_available(), reason="Triton interpreter not enabled"
 )
