@@ -118,7 +118,7 @@ def reference_run(
     if layout is not None:
         video[layout.frame_index.flatten()] = True
         video[layout.newline_index] = True
-        kept_video = stats.input_kept_positions[sample]
+        kept_video = stats.input_kept_positions[sample].to(device)
         if plan.segment.enabled:  # HieraVid's segment level or a peer's input operator
             result = input_level(plan.segment.config, embeds[layout.frame_index])
             rows_embeds[layout.frame_index.flatten()[result.kept_index]] = result.features.to(embeds.dtype)
@@ -159,7 +159,7 @@ def reference_run(
             hidden = out[0].to(device)  # a model split over devices returns each layer's rows on its device
             if index in stage_at:
                 stage_stats = stats.stages[stage_at[index]]
-                kept = stage_stats.kept_positions[sample]
+                kept = stage_stats.kept_positions[sample].to(device)
                 is_video = torch.zeros(orig.shape[0], dtype=torch.bool, device=device)
                 in_range = orig < length
                 is_video[in_range] = video[orig[in_range]]
