@@ -10,6 +10,7 @@ that the committed file equals :func:`render`'s output.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from hieravid.specs import load_spec
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "docs" / "policies.md"
 MODELS = ("llava-onevision-7b", "llava-video-7b", "qwen2-vl-7b")
+MEASURED = ROOT / "benchmarks" / "results" / "peers-h200.json"
+"""The committed ``hieravid bench`` run of the peers next to hieravid-30, tabulated after the plans."""
 GROUPS = (("HieraVid", "policies"), ("Peer methods", "policies/peers"), ("Ablations", "policies/ablations"))
 
 INTRO = """# Shipped policies and their plans
@@ -63,7 +66,43 @@ def render() -> str:
         for title, files in groups.items():
             plans = [compile_plan(path, model) for path in files]
             parts.append(f"### {title}\n\n{format_comparison(plans, markdown=True)}\n")
+    parts.append(measured_section(json.loads(MEASURED.read_text(encoding="utf-8"))))
     return "\n".join(parts)
+
+
+def _cells(row: dict) -> object:
+    """Formats one measured value of ``row``, or a dash where the run had none (the unpruned rows)."""
+
+    def cell(key: str, spec: str) -> str:
+        value = row.get(key)
+        return "–" if value is None else format(value, spec)
+
+    return cell
+
+
+def measured_section(report: dict) -> str:
+    """The peers and hieravid-30 as measured in one ``hieravid bench`` run (one GPU, unpruned baseline included)."""
+    env, settings = report["environment"], report["settings"]
+    lines = []
+    for model in report["models"]:
+        lines += [
+            f"## Measured: {model['model']}, {model['frames']} frames ({model['prompt_tokens']} prompt tokens)\n",
+            f"One {env['gpu']}, torch {env['torch']}, transformers {env['transformers']}, {settings['dtype']}, "
+            f"batch {settings['batch']}, median of {settings['runs']} runs after {settings['warmup']} warm-ups, "
+            f"every row in one run ({env['date'][:10]}; `benchmarks/results/{MEASURED.name}`). *Floor*: the model's "
+            "own layers at the policy's realised per-layer counts, no pruning work, in one CUDA graph.\n",
+            "| policy | retention | LLM prefill ms | floor ms | × floor | × FLOPs ideal | TTFT ms | TTFT × stock |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for row in model["results"]:
+            cell = _cells(row)
+            lines.append(
+                f"| {row['policy']} | {row['retention']:.3f} | {row['llm_prefill_ms']:.1f} | "
+                f"{cell('floor_llm_prefill_ms', '.1f')} | {cell('prefill_vs_floor', '.2f')} | "
+                f"{cell('prefill_vs_ideal', '.2f')} | {row['ttft_ms']:.1f} | {cell('ttft_speedup', '.2f')} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
