@@ -36,7 +36,6 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "adapters"))  # the conformance suite's reference helpers
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(1, str(ROOT))
 
@@ -150,11 +149,10 @@ def peak_memory(fn: Any, device: torch.device) -> tuple[Any, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hv_reference import capture_layer_outputs, capture_lm_inputs, reference_run, stage_of_output
-
     from hieravid.plan import compile_plan
     from hieravid.policy import load_policy, policy_from_dict
     from hieravid.runtime import apply, find_handle
+    from hieravid.testing.reference import capture_layer_outputs, capture_lm_inputs, reference_run, stage_of_output
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON results file")
@@ -258,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 for removable in removables:
                     removable.remove()
             stats = handle.last_request
-        reference = reference_run(model, adapter, plan, stats, lm_inputs, 0, qwen=False)
+        reference = reference_run(model, adapter, plan, stats, lm_inputs, 0)
         layer_errors = []
         for index, output in enumerate(outputs):
             positions = stats.stage_positions[stage_of_output(plan, index)][0]

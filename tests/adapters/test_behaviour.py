@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hv_reference import capture_lm_inputs, continuation_positions, reference_run
 
 from hieravid.compat import cache_argument, cache_from_kwargs, cache_from_output
 from hieravid.errors import AdapterError, PlanError, PolicyError
 from hieravid.plan import compile_plan
 from hieravid.policy import policy_from_dict
 from hieravid.runtime import apply, find_handle
+from hieravid.testing.reference import capture_lm_inputs, continuation_positions, reference_run
 
 ROOT = Path(__file__).resolve().parents[2]
 HIERAVID_30 = ROOT / "policies" / "hieravid-30.yaml"
@@ -268,9 +268,8 @@ def test_multi_turn_continues_the_pruned_cache_without_pruning_again(tiny_sdpa, 
         stats,
         lm_inputs,
         0,
-        qwen=case.is_qwen,
         extra_ids=continuation,
-        extra_positions=continuation_positions(positions, 0, case.is_qwen),
+        extra_positions=continuation_positions(positions, 0, adapter.position_rows),
     )
     steps = torch.stack([step[0] for step in second.logits])
     torch.testing.assert_close(steps, reference.logits[-3:], atol=1e-4, rtol=1e-4)
