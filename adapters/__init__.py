@@ -16,5 +16,6 @@ Writing an adapter for another architecture (see :class:`~hieravid.adapters.base
    derives decode positions from the cache length;
 4. register it: ``hieravid.runtime.register_adapter(MyAdapter)``, or from another package through the
    ``hieravid.adapters`` entry-point group (name = model type, value = ``"package.module:MyAdapter"``);
-5. run the conformance suite (``tests/adapters``) with a tiny random-weight model of the architecture.
+5. run the conformance kit (:mod:`hieravid.testing`: subclass ``AdapterConformance`` with an ``AdapterCase``)
+   on a tiny random-weight model of the architecture.
 """

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,6 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "adapters"))  # the conformance suite's reference helpers
 
 
 def build_model(scale: str, vision_layers: int, device: torch.device, dtype: torch.dtype) -> Any:
@@ -152,9 +150,8 @@ def check_pruned_vs_reference(model: Any, inputs: dict, plan: Any, rtol: float) 
 
     Works on a model split over devices: rows are compared on the host.
     """
-    from hv_reference import capture_layer_outputs, capture_lm_inputs, reference_run, stage_of_output
-
     from hieravid.runtime import apply
+    from hieravid.testing.reference import capture_layer_outputs, capture_lm_inputs, reference_run, stage_of_output
 
     handle = apply(model, plan)
     adapter = handle.adapter
@@ -168,7 +165,7 @@ def check_pruned_vs_reference(model: Any, inputs: dict, plan: Any, rtol: float) 
             for removable in removables:
                 removable.remove()
         stats = handle.last_request
-    reference = reference_run(model, adapter, plan, stats, lm_inputs, 0, qwen=False)
+    reference = reference_run(model, adapter, plan, stats, lm_inputs, 0)
     layer_errors = []
     for index, output in enumerate(outputs):
         positions = stats.stage_positions[stage_of_output(plan, index)][0].cpu()

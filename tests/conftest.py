@@ -406,42 +406,9 @@ def tiny_llava() -> Any:
         yield case
 
 
-def check_realised_counts(plan: Any, stats: Any, input_ids: torch.Tensor, *, input_exact: bool = True) -> None:
-    """Assert that a batch-1 pruned prefill (``stats = handle.last_request``) realised ``plan``'s token counts.
-
-    Input level: exactly the plan's layer-0 count (``input_exact=False``: at most the plan's removals, for
-    operators that document an upper bound, e.g. FrameFusion). Frame-level stages: per-segment floors (and the
-    one-token floor per segment) move the realised count by at most G per stage from ⌊n·(1-ρ)⌋; dynamic
-    budgets move it by at most R·Σ_g n_g·|MV_g| more. Every layer's sequence is text + its video tokens.
-    """
-    layout = stats.layouts[0]
-    text = input_ids.shape[1] - layout.video_tokens
-    newlines = int(layout.newline_index.numel())
-    for index in range(plan.spec.num_layers):
-        assert stats.layer_sequence_lengths[index] == text + stats.layer_video_tokens[index][0]
-    realised_input = stats.layer_video_tokens[0][0] - newlines
-    planned_input = plan.layer_video_tokens[0] - plan.spec.newline_tokens
-    if input_exact:
-        assert realised_input == planned_input, (realised_input, planned_input)
-    else:
-        content = layout.frames * layout.tokens_per_frame
-        assert planned_input <= realised_input <= content, (realised_input, planned_input)
-    for stage_plan, stage in zip(plan.stages, stats.stages, strict=True):
-        before = stage.video_tokens_before[0]
-        after = stage.video_tokens_after[0]
-        kept_newlines = newlines if plan.keep_newlines else 0
-        content_before = before - (newlines if stage is stats.stages[0] or plan.keep_newlines else 0)
-        content_after = after - kept_newlines
-        assert content_after == sum(stage.budgets[0]) or not stage.budgets[0]
-        slack = max(1, len(stage.budgets[0]))
-        if stage_plan.budget is not None:
-            slack += stage_plan.budget.scale * float(stats.marginal_values[0].abs().max()) * content_before
-        target = content_before * (1.0 - stage_plan.prune_ratio)
-        assert abs(content_after - target) <= slack + 1, (stage_plan.layer, content_before, content_after, slack)
-        assert len(stage.kept_positions[0]) == after
-
-
 @pytest.fixture
 def realised_counts() -> Any:
-    """:func:`check_realised_counts`, for tests in any folder (``import conftest`` is ambiguous)."""
+    """:func:`hieravid.testing.checks.check_realised_counts`, for tests in any folder."""
+    from hieravid.testing.checks import check_realised_counts
+
     return check_realised_counts

@@ -1,8 +1,8 @@
 """The package structure: the library never imports the apps, and no two of its packages import each other.
 
-Nodes are hieravid's subpackages (``ops``, ``adapters``, ``runtime``, ``apps``, ``integrations``) and each module
-at the top of ``hieravid/``; an edge is any import of one node by another (inside functions too), except imports
-only made for type checking and the lazy re-exports of ``hieravid/__init__.py``.
+Nodes are hieravid's subpackages (``ops``, ``adapters``, ``runtime``, ``apps``, ``integrations``, ``testing``) and
+each module at the top of ``hieravid/``; an edge is any import of one node by another (inside functions too), except
+imports only made for type checking and the lazy re-exports of ``hieravid/__init__.py``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("ops", "adapters", "runtime", "apps", "integrations")
+PACKAGES = ("ops", "adapters", "runtime", "apps", "integrations", "testing")
 APPS = ("hieravid.apps", "hieravid.integrations")
+#: The conformance kit: used from tests only, so nothing else may import it.
+KIT = "hieravid.testing"
 
 
 def _files() -> dict[str, Path]:
@@ -88,6 +90,12 @@ def test_the_library_never_imports_the_apps() -> None:
         if target in APPS and source not in APPS
     }
     assert offenders == set()
+
+
+def test_nothing_imports_the_conformance_kit() -> None:
+    graph = _graph()
+    assert {source for source, targets in graph.items() if KIT in targets} == set()
+    assert "hieravid.runtime" in graph[KIT]  # the kit itself is seen
 
 
 def test_no_two_packages_import_each_other() -> None:

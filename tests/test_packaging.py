@@ -51,6 +51,7 @@ def test_the_wheel_ships_every_policy_and_names_work_outside_the_repository(tmp_
     shipped = {f"hieravid/{path.relative_to(REPO).as_posix()}" for path in (REPO / "policies").rglob("*.yaml")}
     assert shipped and shipped <= names, sorted(shipped - names)
     assert "hieravid/adapters/registry.py" in names and "hieravid/data/demo/llava_onevision_tiny.json" in names
+    assert "hieravid/testing/conformance.py" in names and "hieravid/testing/reference.py" in names
 
     target = tmp_path / "installed"
     installed = subprocess.run(

@@ -1,4 +1,5 @@
-"""Runtime behaviour on tiny models: errors, warnings, layouts, multi-turn, batches, handle lifecycle."""
+"""Runtime behaviour on tiny models: errors, warnings, layouts, multi-turn, handle lifecycle (batches against single
+samples: the conformance kit, ``tests/adapters/test_conformance.py``)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hv_reference import capture_lm_inputs, continuation_positions, reference_run
 
 from hieravid.compat import cache_argument, cache_from_kwargs, cache_from_output
 from hieravid.errors import AdapterError, PlanError, PolicyError
 from hieravid.plan import compile_plan
 from hieravid.policy import policy_from_dict
 from hieravid.runtime import apply, find_handle
+from hieravid.testing.reference import capture_lm_inputs, continuation_positions, reference_run
 
 ROOT = Path(__file__).resolve().parents[2]
 HIERAVID_30 = ROOT / "policies" / "hieravid-30.yaml"
@@ -158,41 +159,6 @@ def test_video_layout_is_derived_from_inputs(tiny_sdpa):
             assert int((ids == 251).sum()) == end - start
 
 
-# ------------------------------------------------------------------------------------------ batches
-def test_each_sample_is_pruned_on_its_own_content(tiny_sdpa):
-    case = tiny_sdpa
-    frames = (8, 6) if case.is_qwen else None
-    batch = case.inputs(batch=2, pads=(4, 0), frames=frames, seed=21)
-    plan = compile_plan(HIERAVID_30, case.spec())
-    with apply(case.model, plan) as handle:
-        with torch.no_grad():
-            batched = case.model(**batch).logits
-        batched_stats = handle.last_request
-        for sample in range(2):
-            single = case.inputs(batch=1, frames=frames[sample : sample + 1] if frames else None, seed=21)
-            # Rebuild sample `sample` alone: same ids and pixels, without padding.
-            mask = batch["attention_mask"][sample].bool()
-            single["input_ids"] = batch["input_ids"][sample][mask][None]
-            single["attention_mask"] = torch.ones_like(single["input_ids"])
-            if case.is_qwen:
-                single["mm_token_type_ids"] = batch["mm_token_type_ids"][sample][mask][None]
-                rows = [int(f) * 8 * 8 for f in batch["video_grid_thw"][:, 0]]
-                start = sum(rows[:sample])
-                single["pixel_values_videos"] = batch["pixel_values_videos"][start : start + rows[sample]]
-                single["video_grid_thw"] = batch["video_grid_thw"][sample : sample + 1]
-            else:
-                single["pixel_values_videos"] = batch["pixel_values_videos"][sample : sample + 1]
-            with torch.no_grad():
-                alone = case.model(**single).logits
-            stats = handle.last_request
-            offset = int((~mask).sum())
-            for got, want in zip(batched_stats.stages, stats.stages):
-                assert torch.equal(got.kept_positions[sample] - offset, want.kept_positions[0])
-            rows_b = batched_stats.output_positions[sample]
-            real = (rows_b >= 0) & mask[rows_b.clamp_min(0)]
-            torch.testing.assert_close(batched[sample][real][-1], alone[0][-1], atol=1e-4, rtol=1e-4)
-
-
 # ------------------------------------------------------------------------------------------ multi-turn
 @pytest.mark.parametrize("second_turn_video", [False, True], ids=["text-turn", "video-turn"])
 def test_multi_turn_continues_the_pruned_cache_without_pruning_again(tiny_sdpa, second_turn_video):
@@ -268,9 +234,8 @@ def test_multi_turn_continues_the_pruned_cache_without_pruning_again(tiny_sdpa, 
         stats,
         lm_inputs,
         0,
-        qwen=case.is_qwen,
         extra_ids=continuation,
-        extra_positions=continuation_positions(positions, 0, case.is_qwen),
+        extra_positions=continuation_positions(positions, 0, adapter.position_rows),
     )
     steps = torch.stack([step[0] for step in second.logits])
     torch.testing.assert_close(steps, reference.logits[-3:], atol=1e-4, rtol=1e-4)

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hv_reference import capture_lm_inputs
 
 from hieravid.adapters.base import MultimodalCall
 from hieravid.compat import cache_argument, cache_from_kwargs, cache_from_output, video_encoder_output
 from hieravid.errors import AdapterError
 from hieravid.plan import compile_plan
 from hieravid.runtime import apply, get_adapter
+from hieravid.testing.reference import capture_lm_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
 HIERAVID_30 = ROOT / "policies" / "hieravid-30.yaml"

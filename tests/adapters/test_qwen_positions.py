@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hv_reference import capture_lm_inputs, reference_run
 
 from hieravid.adapters.base import MultimodalCall
 from hieravid.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
@@ -22,6 +21,7 @@ from hieravid.errors import AdapterError
 from hieravid.plan import compile_plan
 from hieravid.policy import load_policy
 from hieravid.runtime import apply
+from hieravid.testing.reference import capture_lm_inputs, reference_run
 
 ROOT = Path(__file__).resolve().parents[2]
 HIERAVID_30 = load_policy(ROOT / "policies" / "hieravid-30.yaml")
@@ -108,7 +108,7 @@ def test_qwen2_5_generate_with_the_class_default_tokens_per_second(qwen2_5, seco
     length = inputs["input_ids"].shape[1]
     for sample in range(2):
         generated = result.sequences[sample, length:]
-        reference = reference_run(model, adapter, plan, stats, lm_inputs, sample, qwen=True, extra_ids=generated[:-1])
+        reference = reference_run(model, adapter, plan, stats, lm_inputs, sample, extra_ids=generated[:-1])
         step_logits = torch.stack([step[sample] for step in result.logits])
         torch.testing.assert_close(step_logits, reference.logits[-new_tokens:], atol=1e-4, rtol=1e-4)
 

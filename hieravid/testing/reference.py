@@ -1,4 +1,4 @@
-"""Reference computations for the conformance suite: the *unpatched* model run on the pruned sequence.
+"""The conformance kit's reference: the *unpatched* model run, layer by layer, on a pruned sequence.
 
 For one sample, the reference takes the original language-model inputs (captured from an unpatched
 run), keeps the rows a pruned request kept (from ``handle.last_request``), and runs the model's own
@@ -6,6 +6,17 @@ decoder layers one by one on a plain contiguous sequence — no padding, no cach
 RoPE computed by the model's rotary embedding from the gathered *original* position ids — gathering the
 kept rows after each stage layer (the MLP is token-wise, so cutting after it equals cutting before it).
 The merged segment-level features are recomputed from the original embeddings with the operator.
+
+Use it to check a pruned request of any adapter against the model it prunes::
+
+    lm_inputs = capture_lm_inputs(adapter, model, inputs)          # no handle installed
+    with hieravid.apply(model, plan) as handle:
+        logits = model(**inputs).logits
+        stats = handle.last_request
+    reference = reference_run(model, adapter, plan, stats, lm_inputs, sample=0)
+    # reference.logits are the logits of the rows stats.output_positions[0] names (padding aside)
+
+It needs torch only (no pytest), so benchmarks can use it on a GPU.
 """
 
 from __future__ import annotations
@@ -15,6 +26,17 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+__all__ = [
+    "LMInputs",
+    "ReferenceResult",
+    "capture_layer_outputs",
+    "capture_lm_inputs",
+    "continuation_positions",
+    "reference_run",
+    "sample_positions",
+    "stage_of_output",
+]
 
 
 @dataclass
@@ -26,9 +48,13 @@ class LMInputs:
     attention_mask: Tensor | None
 
 
-def capture_lm_inputs(handle_adapter: Any, model: torch.nn.Module, inputs: dict, *, generate: bool = False) -> LMInputs:
-    """Run the (unpatched) model once and record the first language-model call's inputs."""
-    language_model = handle_adapter.language_model()
+def capture_lm_inputs(adapter: Any, model: torch.nn.Module, inputs: dict, *, generate: bool = False) -> LMInputs:
+    """Run the model once (no hieravid handle installed) and record the first language-model call's inputs.
+
+    ``adapter`` is an adapter instance bound to ``model`` (``handle.adapter``); ``generate=True`` records the
+    prefill of a one-token ``generate`` instead of a plain forward (the two can differ, e.g. in position ids).
+    """
+    language_model = adapter.language_model()
     captured: list[dict] = []
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -53,22 +79,26 @@ def capture_lm_inputs(handle_adapter: Any, model: torch.nn.Module, inputs: dict,
     )
 
 
-def sample_positions(lm_inputs: LMInputs, sample: int, qwen: bool) -> Tensor:
-    """Original position ids of one sample: ``[S]`` (1-D RoPE) or ``[3, S]`` (M-RoPE)."""
+def sample_positions(lm_inputs: LMInputs, sample: int, position_rows: int) -> Tensor:
+    """Original position ids of one sample: ``[S]`` (1-D RoPE, ``position_rows == 0``) or ``[position_rows, S]``
+    (M-RoPE; the adapter's ``position_rows``)."""
     length = lm_inputs.inputs_embeds.shape[1]
     pos = lm_inputs.position_ids
     if pos is None:
         base = torch.arange(length, device=lm_inputs.inputs_embeds.device)
-        return base.expand(3, -1).clone() if qwen else base
+        return base.expand(position_rows, -1).clone() if position_rows else base
     if pos.dim() == 2:
         row = pos[0] if pos.shape[0] == 1 else pos[sample]
-        return row.expand(3, -1).clone() if qwen else row
-    rows = pos[1:] if pos.shape[0] == 4 else pos
+        return row.expand(position_rows, -1).clone() if position_rows else row
+    # generate's M-RoPE layout prepends the text row: [1 + position_rows, B, S]
+    rows = pos[1:] if pos.shape[0] == position_rows + 1 else pos
     return rows[:, 0 if rows.shape[1] == 1 else sample]
 
 
 @dataclass
 class ReferenceResult:
+    """What the unpatched model computes on one sample's pruned sequence."""
+
     layer_outputs: list[Tensor]
     """Per decoder layer, ``[K_i, D]`` output rows (after the stage cut for stage layers)."""
     layer_positions: list[Tensor]
@@ -76,7 +106,9 @@ class ReferenceResult:
     logits: Tensor
     """``[K_last, V]``."""
     input_embeds: Tensor
+    """``[K_0, D]`` layer-0 input (merged segment-level features on the kept video rows)."""
     input_positions: Tensor
+    """Original positions of the layer-0 input rows."""
 
 
 def reference_run(
@@ -87,14 +119,15 @@ def reference_run(
     lm_inputs: LMInputs,
     sample: int,
     *,
-    qwen: bool,
     extra_ids: Tensor | None = None,
     extra_positions: Tensor | None = None,
 ) -> ReferenceResult:
     """The unpatched model on sample ``sample``'s pruned sequence (plus ``extra_ids`` appended tokens).
 
-    Appended tokens get ``extra_positions`` (``[n]`` or ``[3, n]``) or, by default, positions continuing
-    from the prompt's last one (+1 per token on every M-RoPE row, as ``generate`` extends them).
+    ``adapter`` is bound to ``model``, ``plan`` is the plan the pruned request ran and ``stats`` its
+    ``handle.last_request``; ``lm_inputs`` come from :func:`capture_lm_inputs` on the same inputs. Appended tokens
+    get ``extra_positions`` (``[n]`` or ``[position_rows, n]``) or, by default, positions continuing from the
+    prompt's last one (+1 per token on every M-RoPE row, as ``generate`` extends them).
     """
     from hieravid.compat import causal_mask
     from hieravid.ops.peers import input_level
@@ -109,7 +142,8 @@ def reference_run(
         if lm_inputs.attention_mask is None
         else (lm_inputs.attention_mask[sample].bool())
     )
-    positions = sample_positions(lm_inputs, sample, qwen).to(device)
+    mrope = adapter.position_rows > 0
+    positions = sample_positions(lm_inputs, sample, adapter.position_rows).to(device)
     layout = stats.layouts[sample]
 
     real = torch.nonzero(mask).flatten()
@@ -138,7 +172,7 @@ def reference_run(
         if extra_positions is None:
             step = torch.arange(1, count + 1, device=device)
             last = positions[..., -1:]
-            extra_positions = last + step if not qwen else last + step.unsqueeze(0)
+            extra_positions = last + step if not mrope else last + step.unsqueeze(0)
         pos = torch.cat([pos, extra_positions.to(pos.dtype)], dim=-1)
         orig = torch.cat([orig, length + torch.arange(count, device=device)])
     input_embeds, input_positions = hidden.clone(), orig.clone()
@@ -149,7 +183,7 @@ def reference_run(
     with torch.no_grad():
         for index, layer in enumerate(layers):
             batch_hidden = hidden.unsqueeze(0)
-            rope_pos = pos.unsqueeze(0) if not qwen else pos.unsqueeze(1)
+            rope_pos = pos.unsqueeze(0) if not mrope else pos.unsqueeze(1)
             cos, sin = language_model.rotary_emb(batch_hidden, rope_pos)
             causal = causal_mask(language_model.config, batch_hidden, None, None)
             out = layer(
@@ -189,16 +223,18 @@ def stage_of_output(plan: Any, layer: int) -> int:
     return sum(1 for stage in plan.stages if stage.layer <= layer)
 
 
-def continuation_positions(calls: list[Tensor | None], sample: int, qwen: bool) -> Tensor:
-    """Concatenate the position ids the language model received in continuation calls (per sample)."""
+def continuation_positions(calls: list[Tensor | None], sample: int, position_rows: int) -> Tensor:
+    """Concatenate the position ids the language model received in continuation calls (one sample's), for
+    :func:`reference_run`'s ``extra_positions``; ``position_rows`` is the adapter's."""
     pieces = []
     for pos in calls:
-        assert pos is not None, "continuation calls in these tests always carry position ids"
-        if not qwen:
+        if pos is None:
+            raise ValueError("a continuation call carried no position_ids: record calls that do")
+        if not position_rows:
             pieces.append(pos[0 if pos.shape[0] == 1 else sample])
             continue
         if pos.dim() == 2:
             pos = pos.unsqueeze(0)
-        rows = pos[1:] if pos.shape[0] == 4 else pos.expand(3, -1, -1)
+        rows = pos[1:] if pos.shape[0] == position_rows + 1 else pos.expand(position_rows, -1, -1)
         pieces.append(rows[:, 0 if rows.shape[1] == 1 else sample])
     return torch.cat(pieces, dim=-1)
