@@ -68,6 +68,8 @@ class ModelSpec:
     text_tokens: int = 64
     """Prompt tokens that are not video (system prompt, question, template)."""
     default_query_rows: int = 1
+    first_stage_layer: int = 0
+    """Earliest decoder layer a frame-level stage may prune at (Qwen3-VL: after its deepstack injections)."""
 
     def __post_init__(self) -> None:
         for field, limit in SPEC_LIMITS.items():
@@ -79,6 +81,12 @@ class ModelSpec:
                 raise SpecError(
                     f"model spec {self.name!r}: {field} must be {what} up to {limit}{extra}, got {_shown(value)}"
                 )
+        layer = self.first_stage_layer
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.num_layers:
+            raise SpecError(
+                f"model spec {self.name!r}: first_stage_layer must be an integer in 0..{self.num_layers - 1} (a "
+                f"decoder layer), got {_shown(layer)}"
+            )
         if self.frame_tokens > MAX_VIDEO_TOKENS:
             raise SpecError(
                 f"model spec {self.name!r}: {self.frames} frames × {self.rows}×{self.cols} tokens exceed "
@@ -251,6 +259,7 @@ def spec_from_config(
         cols=geometry.cols,
         newline_layout=geometry.newline_layout,  # type: ignore[arg-type]
         default_query_rows=geometry.query_rows,
+        first_stage_layer=geometry.first_stage_layer,
     )
 
 

@@ -7,6 +7,7 @@ inputs). The no-pruning checks are bit-exact (``torch.equal``).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from hv_reference import capture_layer_outputs, capture_lm_inputs, reference_run, stage_of_output
 
 from hieravid.compat import cache_argument, cache_from_output
+from hieravid.errors import PlanError
 from hieravid.plan import compile_plan
 from hieravid.policy import load_policy, policy_from_dict
 from hieravid.runtime import apply, find_handle
@@ -80,7 +82,19 @@ GENERATE = ["hieravid-30", "no-segment", "after-mlp-uniform-drop-newlines", "ran
 
 
 def _plan(case: object, name: str) -> object:
-    return compile_plan(POLICIES[name], case.spec())
+    """The policy compiled for the tiny model, or None when the model refuses its stages: then both the planner
+    and ``apply`` (for a plan compiled without the model's constraint) must refuse it, naming the layer."""
+    spec = case.spec()
+    unconstrained = compile_plan(POLICIES[name], dataclasses.replace(spec, first_stage_layer=0))
+    early = [stage.layer for stage in unconstrained.stages if stage.layer < spec.first_stage_layer]
+    if not early:
+        return compile_plan(POLICIES[name], spec)
+    with pytest.raises(PlanError, match=f"stage at layer {early[0]}"):
+        compile_plan(POLICIES[name], spec)
+    with pytest.raises(PlanError, match=f"stage at layer {early[0]}.*deepstack"):
+        apply(case.model, unconstrained)
+    assert find_handle(case.model) is None
+    return None
 
 
 def _hook_snapshot(model: torch.nn.Module) -> dict:
@@ -153,6 +167,8 @@ def test_pruned_forward_equals_reference_at_every_layer(tiny, policy, batch):
     frames = (8, 6) if tiny.is_qwen and batch == 2 else None
     inputs = tiny.inputs(batch=batch, pads=(0, 7)[:batch], frames=frames, seed=11)
     plan = _plan(tiny, policy)
+    if plan is None:  # refused (asserted in _plan)
+        return
     handle = apply(model, plan)
     adapter = handle.adapter
     handle.remove()
@@ -236,6 +252,8 @@ def test_generate_with_cache_equals_cache_free_recomputation(tiny, policy):
     frames = (8, 6) if tiny.is_qwen else None
     inputs = tiny.inputs(batch=2, pads=(3, 0), frames=frames, seed=5)
     plan = _plan(tiny, policy)
+    if plan is None:  # refused (asserted in _plan)
+        return
     new_tokens = 5
     with apply(model, plan) as handle:
         adapter = handle.adapter
@@ -267,6 +285,8 @@ def test_cache_lengths_equal_realised_counts_which_match_the_plan(tiny, policy, 
     model = tiny.model
     inputs = tiny.inputs(batch=1, seed=3)
     plan = _plan(tiny, policy)
+    if plan is None:  # refused (asserted in _plan)
+        return
     with apply(model, plan) as handle:
         with torch.no_grad():
             out = model(**inputs, use_cache=True)
