@@ -144,12 +144,24 @@ _QWEN2_15B = dict(
 _VICUNA_7B = dict(
     num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32
 )
+# Qwen3-VL-8B-Instruct's language model (Qwen3-8B shape; head_dim 128 = 4096 / 32).
+_QWEN3_8B = dict(
+    num_hidden_layers=36, hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8
+)
 # SigLIP-so400m at 384 px, 14 px patches (27×27, pooled to 14×14 by the OneVision adapter's geometry).
 _SIGLIP = {"image_size": 384, "patch_size": 14}
 # CLIP ViT-L/14 at 336 px (24×24 patches, average-pooled with stride 2 to 12×12 by LLaVA-NeXT-Video).
 _CLIP_L336 = {"image_size": 336, "patch_size": 14}
 # Qwen2-VL's vision tower: 14 px patches, 2×2 merge, temporal patches of 2 frames.
 _QWEN2VL_VISION = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+# Qwen3-VL's vision tower: 16 px patches, 2×2 merge, temporal patches of 2 frames, and the blocks whose features
+# the text model adds after decoder layers 0, 1 and 2 (deepstack; frame-level stages must come after them).
+_QWEN3VL_VISION = {
+    "patch_size": 16,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "deepstack_visual_indexes": [8, 16, 24],
+}
 
 
 def _config(model_type: str, text: dict[str, int], vocab: int, vision: dict[str, int]) -> dict[str, Any]:
@@ -180,6 +192,7 @@ CATALOGUE_CONFIGS: dict[str, tuple[dict[str, Any], int]] = {
     "qwen2-vl-7b": (_config("qwen2_vl", _QWEN2_7B, 152064, _QWEN2VL_VISION), 32),
     "qwen2-vl-2b": (_config("qwen2_vl", _QWEN2_15B, 151936, _QWEN2VL_VISION), 32),
     "qwen2-vl-72b": (_config("qwen2_vl", _QWEN2_72B, 152064, _QWEN2VL_VISION), 32),
+    "qwen3-vl-8b": (_config("qwen3_vl", _QWEN3_8B, 151936, _QWEN3VL_VISION), 32),
 }
 
 
