@@ -22,12 +22,16 @@ from typing import Any
 import pytest
 import torch
 
-ARCHITECTURES = ("llava_onevision", "llava_video_per_row", "llava_next_video", "qwen2_vl", "qwen2_5_vl")
+ARCHITECTURES = ("llava_onevision", "llava_video_per_row", "llava_next_video", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 #: Where the tiny models run: CPU in CI; ``HIERAVID_TEST_DEVICE=cuda`` runs the same suite on a GPU.
 DEVICE = torch.device(os.environ.get("HIERAVID_TEST_DEVICE", "cpu"))
 ATTENTION = ("sdpa", "eager")
 
 VIDEO_TOKEN, IMAGE_TOKEN, VISION_START, VISION_END = 251, 250, 252, 253
+#: Qwen3-VL: the tiny tower's blocks whose features the text model adds after decoder layers 0 and 1 (deepstack).
+QWEN3_DEEPSTACK_INDEXES = [0, 1]
+#: Qwen3-VL: stand-ins for the tokens of ``<t seconds>``, written before each temporal patch's vision start.
+QWEN3_TIMESTAMP_TOKENS = 3
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = 0, 1, 2
 #: Qwen2.5-VL: ``vision_config.tokens_per_second`` of the released checkpoints, and the processor's
 #: ``second_per_grid_ts`` (temporal_patch_size / fps: 2 frames per temporal patch sampled at 2 fps).
@@ -151,6 +155,43 @@ def _qwen2_5_vl_config() -> Any:
     )
 
 
+def _qwen3_vl_config(moe: bool = False) -> Any:
+    """Qwen3-VL: per-head q/k norms, interleaved M-RoPE, a two-block tower whose blocks both feed deepstack."""
+    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    text = dict(model_type="qwen3_vl_moe_text" if moe else "qwen3_vl_text", rope_parameters=rope, head_dim=16)
+    text.update(TEXT_CONFIG)
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    vision = dict(
+        model_type="qwen3_vl_moe" if moe else "qwen3_vl_vision",
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=2,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+        num_position_embeddings=16,
+        deepstack_visual_indexes=QWEN3_DEEPSTACK_INDEXES,
+    )
+    if moe:
+        vision.pop("model_type")
+    config_class = Qwen3VLMoeConfig if moe else Qwen3VLConfig
+    return config_class(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+        tie_word_embeddings=False,
+    )
+
+
 def _per_row_classes() -> tuple[type, type]:
     """A LLaVA-OneVision model that lays video out as original LLaVA-NeXT/LLaVA-Video inference does:
     a newline after every row of every frame (transformers then appends its own trailing newline)."""
@@ -198,6 +239,8 @@ def model_class(architecture: str) -> type:
         "llava_next_video": transformers.LlavaNextVideoForConditionalGeneration,
         "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
         "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+        "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+        "qwen3_vl_moe": transformers.Qwen3VLMoeForConditionalGeneration,
     }[architecture]
 
 
@@ -208,6 +251,8 @@ def model_config(architecture: str) -> Any:
         "llava_next_video": _llava_next_video_config,
         "qwen2_vl": _qwen2_vl_config,
         "qwen2_5_vl": _qwen2_5_vl_config,
+        "qwen3_vl": _qwen3_vl_config,
+        "qwen3_vl_moe": lambda: _qwen3_vl_config(moe=True),
     }[architecture]()
 
 
@@ -271,6 +316,7 @@ class TinyCase:
             newline_layout=layout,
             text_tokens=text_tokens,
             default_query_rows=4 if self.is_qwen else 1,
+            first_stage_layer=len(QWEN3_DEEPSTACK_INDEXES) if self.architecture.startswith("qwen3") else 0,
         )
 
     def _pixels(self, generator: torch.Generator, frames: int, scenes: int = 3) -> torch.Tensor:
@@ -305,6 +351,15 @@ class TinyCase:
             if not video:
                 ids = torch.cat([head, tail])
                 kind = torch.zeros_like(ids)
+            elif self.architecture.startswith("qwen3"):  # per temporal patch: <t seconds> <start> tokens <end>
+                per_frame = self.rows * self.cols
+                pieces = [head]
+                for _ in range(frames[sample]):
+                    pieces.append(torch.randint(3, 200, (QWEN3_TIMESTAMP_TOKENS,), generator=generator))
+                    pieces.append(torch.tensor([VISION_START, *[VIDEO_TOKEN] * per_frame, VISION_END]))
+                ids = torch.cat([*pieces, tail])
+                kind = (ids == VIDEO_TOKEN).long() * 2
+                pixels.append(self._pixels(generator, frames[sample]).reshape(-1, 3 * 2 * 2 * 2))
             elif self.is_qwen:
                 count = self.video_tokens(frames[sample])
                 ids = torch.cat(

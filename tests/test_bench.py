@@ -112,7 +112,7 @@ def test_help_documents_the_options(capsys: pytest.CaptureFixture[str]) -> None:
         assert option in text, option
 
 
-@pytest.mark.parametrize("name", ["qwen2-vl-7b", "qwen2.5-vl-7b"])
+@pytest.mark.parametrize("name", ["qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b"])
 def test_qwen_decode_steps(name: str, tmp_path: Path) -> None:
     """Hand-driven decode steps need explicit positions on M-RoPE models (regression: the H100 run failed);
     Qwen2.5-VL's tiny case has windowed and full-attention vision blocks, timed with and without speedups."""

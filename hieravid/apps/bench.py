@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BENCH_MODELS = ("llava-onevision-7b", "llava-video-7b", "qwen2-vl-7b", "qwen2.5-vl-7b")
+BENCH_MODELS = ("llava-onevision-7b", "llava-video-7b", "qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b")
 #: Small models (host-bound regime), benchmarked on request (``--model llava-onevision-0.5b``).
 SMALL_MODELS = ("llava-onevision-0.5b", "qwen2-vl-2b")
 DEFAULT_FRAMES = {
@@ -48,6 +48,7 @@ DEFAULT_FRAMES = {
     "llava-video-7b": 64,
     "qwen2-vl-7b": 32,
     "qwen2.5-vl-7b": 32,
+    "qwen3-vl-8b": 32,
     "llava-onevision-0.5b": 32,
     "qwen2-vl-2b": 32,
 }
@@ -81,6 +82,32 @@ QWEN2_5_VL_7B_VISION = dict(
     **QWEN_PATCHING,
 )
 """Qwen2.5-VL-7B's vision transformer (112-pixel windows, four full-attention blocks)."""
+QWEN3_VL_8B_VISION = dict(
+    depth=27,
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_heads=16,
+    out_hidden_size=4096,
+    num_position_embeddings=2304,
+    deepstack_visual_indexes=[8, 16, 24],
+    patch_size=16,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    in_channels=3,
+)
+"""Qwen3-VL-8B's vision transformer (16-pixel patches; blocks 8/16/24 feed the deepstack)."""
+_QWEN3_8B_TEXT = dict(
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151936,
+    max_position_embeddings=262144,
+)
+#: Tokens of one ``<t seconds>`` timestamp that Qwen3-VL's processor writes before each temporal patch.
+_QWEN3_TIMESTAMP_TOKENS = 6
 _QWEN2_7B_TEXT = dict(
     hidden_size=3584,
     intermediate_size=18944,
@@ -242,6 +269,51 @@ def _qwen2_5_vl_config(size: str) -> Any:
     return _qwen_family_config(Qwen2_5_VLConfig, "qwen2_5_vl_text", vision, text, full=size == "full")
 
 
+def _qwen3_vl_config(size: str) -> Any:
+    """Qwen3-VL-8B (interleaved M-RoPE [24, 20, 20], deepstack after layers 0-2), or a tiny one (deepstack after
+    layers 0-1, so hieravid-30's stages at 2/4/6 of 8 layers are allowed)."""
+    from transformers import Qwen3VLConfig
+
+    if size == "full":
+        vision, text, section = dict(QWEN3_VL_8B_VISION), dict(_QWEN3_8B_TEXT), [24, 20, 20]
+    else:
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0, 1],
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        )
+        text, section = dict(_TINY_TEXT, head_dim=16), [2, 3, 3]
+    rope = {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": section, "mrope_interleaved": True}
+    return Qwen3VLConfig(
+        text_config=dict(model_type="qwen3_vl_text", rope_parameters=rope, **text),
+        vision_config=vision,
+        image_token_id=_IMAGE_TOKEN,
+        video_token_id=_VIDEO_TOKEN,
+        vision_start_token_id=_VISION_START,
+        vision_end_token_id=_VISION_END,
+        tie_word_embeddings=False,
+    )
+
+
+def _qwen3_vl_ids(head: Any, tail: Any, temporal: int, tokens: int, generator: Any) -> Any:
+    """Qwen3-VL's prompt: per temporal patch a ``<t seconds>`` timestamp, vision start, its tokens, vision end."""
+    import torch
+
+    pieces = [head]
+    for _ in range(temporal):
+        pieces.append(torch.randint(1000, 100000, (_QWEN3_TIMESTAMP_TOKENS,), generator=generator))
+        pieces.append(torch.tensor([_VISION_START, *[_VIDEO_TOKEN] * tokens, _VISION_END]))
+    return torch.cat([*pieces, tail])
+
+
 def build_case(
     name: str,
     *,
@@ -266,6 +338,8 @@ def build_case(
     qwen = name.startswith("qwen")
     if name == "qwen2.5-vl-7b":
         config, model_class = _qwen2_5_vl_config(size), transformers.Qwen2_5_VLForConditionalGeneration
+    elif name == "qwen3-vl-8b":
+        config, model_class = _qwen3_vl_config(size), transformers.Qwen3VLForConditionalGeneration
     elif qwen:
         config = _qwen2_vl_config(size, _SMALL_TEXT.get(name))
         model_class = transformers.Qwen2VLForConditionalGeneration
@@ -280,13 +354,23 @@ def build_case(
     if qwen:
         if frames % 2:
             raise ValueError(f"Qwen2-VL packs frames in pairs; pass an even frame count, got {frames}")
-        side = 32 if size == "full" else 8  # 448×448 pixels / 14-pixel patches (full)
+        patch = int(config.vision_config.patch_size)
+        side = 448 // patch if size == "full" else 8  # 448×448 pixels (full)
         grid = torch.tensor([[frames // 2, side, side]])
         count = frames // 2 * side * side // 4
-        ids = torch.cat(
-            [head, torch.tensor([_VISION_START]), torch.full((count,), _VIDEO_TOKEN), torch.tensor([_VISION_END]), tail]
-        )
-        patches = torch.randn(frames // 2 * side * side, 3 * 2 * 14 * 14, generator=generator)
+        if name == "qwen3-vl-8b":
+            ids = _qwen3_vl_ids(head, tail, frames // 2, side * side // 4, generator)
+        else:
+            ids = torch.cat(
+                [
+                    head,
+                    torch.tensor([_VISION_START]),
+                    torch.full((count,), _VIDEO_TOKEN),
+                    torch.tensor([_VISION_END]),
+                    tail,
+                ]
+            )
+        patches = torch.randn(frames // 2 * side * side, 3 * 2 * patch * patch, generator=generator)
         inputs = {
             "pixel_values_videos": patches.to(device, torch_dtype),
             "video_grid_thw": grid.to(device),

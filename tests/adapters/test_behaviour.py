@@ -17,6 +17,8 @@ from hieravid.policy import policy_from_dict
 from hieravid.runtime import apply, find_handle
 from hieravid.testing.reference import capture_lm_inputs, continuation_positions, reference_run
 
+#: tests/conftest.py's QWEN3_TIMESTAMP_TOKENS (``import conftest`` is ambiguous across test folders).
+TIMESTAMP_TOKENS = 3
 ROOT = Path(__file__).resolve().parents[2]
 HIERAVID_30 = ROOT / "policies" / "hieravid-30.yaml"
 
@@ -156,7 +158,12 @@ def test_video_layout_is_derived_from_inputs(tiny_sdpa):
             ids = inputs["input_ids"][0]
             assert bool((ids[layout.frame_index] == 251).all())
             start, end = layout.span
-            assert int((ids == 251).sum()) == end - start
+            between = 0
+            if case.architecture.startswith("qwen3"):  # <t seconds> <end> <start> between temporal patches
+                between = (frames[0] - 1) * (TIMESTAMP_TOKENS + 2)
+                gaps = layout.frame_index[1:, 0] - layout.frame_index[:-1, -1] - 1
+                assert gaps.tolist() == [TIMESTAMP_TOKENS + 2] * (frames[0] - 1)
+            assert int((ids == 251).sum()) + between == end - start
 
 
 # ------------------------------------------------------------------------------------------ multi-turn
