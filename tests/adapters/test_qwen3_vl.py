@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hv_reference import capture_lm_inputs, reference_run
 
 from hieravid.errors import PlanError
 from hieravid.plan import compile_plan
 from hieravid.policy import policy_from_dict
 from hieravid.runtime import apply, find_handle
+from hieravid.testing.reference import capture_lm_inputs, reference_run
 
 ROOT = Path(__file__).resolve().parents[2]
 HIERAVID_30 = ROOT / "policies" / "hieravid-30.yaml"
@@ -164,7 +164,7 @@ def test_moe_variant_equals_the_reference(tiny_builders):
         stats = handle.last_request
     assert stats.pruned and len(stats.stages) == 3
     for sample in range(2):
-        reference = reference_run(model, adapter, plan, stats, lm_inputs, sample, qwen=True)
+        reference = reference_run(model, adapter, plan, stats, lm_inputs, sample)
         rows = stats.output_positions[sample] >= 0
         rows &= inputs["attention_mask"][sample].bool()[stats.output_positions[sample].clamp_min(0)]
         torch.testing.assert_close(logits[sample][rows], reference.logits, atol=1e-4, rtol=1e-4)
