@@ -153,9 +153,13 @@ def test_video_layout_is_derived_from_inputs(tiny_sdpa):
             assert video["newline_layout"] == case.newline_layout
             assert video["video_tokens"] == case.video_tokens(frames[0])
             ids = inputs["input_ids"][0]
-            assert bool((ids[layout.frame_index] == 251).all())
+            token = case.placeholder_token
+            assert bool((ids[layout.frame_index] == token).all())
             start, end = layout.span
-            assert int((ids == 251).sum()) == end - start
+            # Every placeholder lies in the span; InternVL's span also holds the text between frames.
+            assert int((ids[start:end] == token).sum()) == int((ids == token).sum()) == layout.video_tokens
+            if not case.is_internvl:
+                assert end - start == layout.video_tokens
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -180,6 +184,8 @@ def test_each_sample_is_pruned_on_its_own_content(tiny_sdpa):
                 start = sum(rows[:sample])
                 single["pixel_values_videos"] = batch["pixel_values_videos"][start : start + rows[sample]]
                 single["video_grid_thw"] = batch["video_grid_thw"][sample : sample + 1]
+            elif case.is_internvl:  # every sample's frames, one tile each, in one pixel_values
+                single["pixel_values"] = batch["pixel_values"][sample * case.frames : (sample + 1) * case.frames]
             else:
                 single["pixel_values_videos"] = batch["pixel_values_videos"][sample : sample + 1]
             with torch.no_grad():
