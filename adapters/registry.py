@@ -47,6 +47,7 @@ BUILTIN_ADAPTERS: dict[str, str] = {
     "qwen2_5_vl": "hieravid.adapters.qwen2_vl:Qwen2_5_VLAdapter",
     "qwen3_vl": "hieravid.adapters.qwen3_vl:Qwen3VLAdapter",
     "qwen3_vl_moe": "hieravid.adapters.qwen3_vl:Qwen3VLAdapter",
+    "internvl": "hieravid.adapters.internvl:InternVLAdapter",
 }
 
 

@@ -144,7 +144,7 @@ _QWEN2_15B = dict(
 _VICUNA_7B = dict(
     num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32
 )
-# Qwen3-VL-8B-Instruct's language model (Qwen3-8B shape; head_dim 128 = 4096 / 32).
+# Qwen3-8B's shape, the language model of Qwen3-VL-8B-Instruct and InternVL3.5-8B (head_dim 128 = 4096 / 32).
 _QWEN3_8B = dict(
     num_hidden_layers=36, hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8
 )
@@ -161,6 +161,19 @@ _QWEN3VL_VISION = {
     "spatial_merge_size": 2,
     "temporal_patch_size": 2,
     "deepstack_visual_indexes": [8, 16, 24],
+}
+# InternVL3.5-8B (OpenGVLab/InternVL3_5-8B-HF): Qwen3-8B text (head dim 128, `_QWEN3_8B`) and InternViT-300M at
+# 448 px, 14 px patches (32×32), pixel-shuffled by downsample_ratio 0.5 to 16×16 = 256 tokens per frame. The
+# vocabulary (Qwen3's 151,936) and the image token id are as read from the HF conversion's config; the planner uses
+# neither.
+_INTERNVIT_300M = {
+    "model_type": "internvl_vision",
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "intermediate_size": 4096,
+    "image_size": [448, 448],
+    "patch_size": [14, 14],
 }
 
 
@@ -193,6 +206,17 @@ CATALOGUE_CONFIGS: dict[str, tuple[dict[str, Any], int]] = {
     "qwen2-vl-2b": (_config("qwen2_vl", _QWEN2_15B, 151936, _QWEN2VL_VISION), 32),
     "qwen2-vl-72b": (_config("qwen2_vl", _QWEN2_72B, 152064, _QWEN2VL_VISION), 32),
     "qwen3-vl-8b": (_config("qwen3_vl", _QWEN3_8B, 151936, _QWEN3VL_VISION), 32),
+    "internvl3.5-8b": (
+        {
+            "model_type": "internvl",
+            "image_token_id": 151671,
+            "image_seq_length": 256,
+            "downsample_ratio": 0.5,
+            "text_config": {"model_type": "qwen3", **_QWEN3_8B, "head_dim": 128, "vocab_size": 151936},
+            "vision_config": _INTERNVIT_300M,
+        },
+        32,
+    ),
 }
 
 

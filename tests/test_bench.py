@@ -166,3 +166,23 @@ def test_profile_decode_reports_steps_and_syncs() -> None:
         assert row["step_ms_median"] > 0 and row["top_cpu_ops"] and row["gpu_ms_per_step"] is None
     # A pruned decode step reads the device no more often than the unpruned model's own step.
     assert rows[1]["host_syncs_per_step"] <= rows[0]["host_syncs_per_step"]
+
+
+def test_internvl_bench_runs_the_tiny_model(tmp_path: Path) -> None:
+    """InternVL3.5's tiny case (Qwen3 text, frames as one-tile images with labels between them) runs end to end: the
+    video is found and pruned, and the vision time is that of get_image_features (frames are images)."""
+    import contextlib
+    import io
+
+    out = tmp_path / "internvl.json"
+    argv = ["bench", "--size", "tiny", "--device", "cpu", "--dtype", "float32", "--runs", "1", "--warmup", "0"]
+    argv += ["--decode-tokens", "2", "--frames", "8", "--model", "internvl3.5-8b"]
+    argv += ["--policy", str(ROOT / "policies" / "hieravid-30.yaml"), "--out", str(out)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(argv) == 0
+    model = json.loads(out.read_text())["models"][0]
+    results = {result["policy"]: result for result in model["results"]}
+    assert set(results) >= {"unpruned", "hieravid-30"}
+    pruned, unpruned = results["hieravid-30"], results["unpruned"]
+    assert pruned["vision_ms"] > 0 and unpruned["vision_ms"] > 0 and pruned["decode_step_ms"] > 0
+    assert pruned["kv_cache_bytes"] < unpruned["kv_cache_bytes"] and 0.2 < pruned["retention"] < 0.4

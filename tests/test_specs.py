@@ -62,6 +62,22 @@ def test_qwen3_vl_8b_catalogue_equals_the_spec_of_a_real_config() -> None:
     assert (spec.num_layers, spec.first_stage_layer, spec.default_query_rows) == (36, 3, 4)
 
 
+def test_internvl_catalogue_spec_is_the_spec_of_a_real_config() -> None:
+    """InternVL3.5-8B: Qwen3-8B text, InternViT-300M at 448 px pixel-shuffled to 16×16 tokens per one-tile frame."""
+    from transformers import InternVLConfig
+
+    from hieravid.specs import CATALOGUE_CONFIGS
+
+    catalogue = CATALOGUE["internvl3.5-8b"]
+    mapping, sampled = CATALOGUE_CONFIGS["internvl3.5-8b"]
+    config = InternVLConfig(**{key: value for key, value in mapping.items() if key != "model_type"})
+    assert config.text_config.model_type == "qwen3" and config.vision_config.image_size == [448, 448]
+    assert spec_from_config(config, name="internvl3.5-8b", sampled_frames=sampled) == catalogue
+    assert (catalogue.num_layers, catalogue.hidden_size, catalogue.num_key_value_heads) == (36, 4096, 8)
+    assert (catalogue.rows, catalogue.cols, catalogue.newline_tokens) == (16, 16, 0)
+    assert catalogue.video_tokens == 32 * 256
+
+
 def test_with_frames_and_newline_layouts() -> None:
     spec = CATALOGUE["llava-onevision-7b"].with_frames(8)
     assert spec.video_tokens == 8 * 196 + 1

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BENCH_MODELS = ("llava-onevision-7b", "llava-video-7b", "qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b")
+BENCH_MODELS = ("llava-onevision-7b", "llava-video-7b", "qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "internvl3.5-8b")
 #: Small models (host-bound regime), benchmarked on request (``--model llava-onevision-0.5b``).
 SMALL_MODELS = ("llava-onevision-0.5b", "qwen2-vl-2b")
 DEFAULT_FRAMES = {
@@ -51,6 +51,7 @@ DEFAULT_FRAMES = {
     "qwen3-vl-8b": 32,
     "llava-onevision-0.5b": 32,
     "qwen2-vl-2b": 32,
+    "internvl3.5-8b": 32,
 }
 """Frames sampled from the video (Qwen2-VL packs two sampled frames into one temporal patch)."""
 
@@ -160,6 +161,8 @@ class SyntheticCase:
     inputs: dict[str, Any]
     sampled_frames: int
     llm_frames: int
+    vision_method: str = "get_video_features"
+    """The multimodal model's method that encodes the video (InternVL: ``get_image_features``, frames are images)."""
 
     def spec(self) -> Any:
         """The ModelSpec matching this model and prompt exactly (for ``compile_plan``)."""
@@ -314,6 +317,66 @@ def _qwen3_vl_ids(head: Any, tail: Any, temporal: int, tokens: int, generator: A
     return torch.cat([*pieces, tail])
 
 
+def _internvl_case(
+    name: str, frames: int, size: str, device: str, torch_dtype: Any, attention: str, generator: Any
+) -> SyntheticCase:
+    """InternVL3.5-8B (catalogue shapes: Qwen3-8B, InternViT-300M at 448 px) or a tiny InternVL (56 px frames, 7×7
+    tokens), prompted as ``InternVLProcessor(videos=...)`` does: ``FrameN: <img>`` + one tile's context tokens +
+    ``</img>`` per frame, joined by newlines. The label ids stand in for the tokenizer's text."""
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    from hieravid.specs import CATALOGUE_CONFIGS
+
+    mapping = dict(CATALOGUE_CONFIGS["internvl3.5-8b"][0])
+    mapping.pop("model_type")
+    if size != "full":
+        vision = dict(
+            model_type="internvl_vision",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=4,
+        )
+        mapping.update(
+            text_config=dict(model_type="qwen3", **_TINY_TEXT, head_dim=16), vision_config=vision, image_seq_length=49
+        )
+    config = InternVLConfig(**mapping, tie_word_embeddings=False)
+    with torch.device(device):
+        model = InternVLForConditionalGeneration._from_config(config, attn_implementation=attention, dtype=torch_dtype)
+    model.eval()
+    image_token, per_frame = config.image_token_id, config.image_seq_length
+    image_start, image_end, newline, colon, digit_zero, frame_word = image_token - 2, image_token - 1, 198, 25, 15, 4369
+    ids: list[int] = torch.randint(1000, 100000, (_PROMPT_HEAD,), generator=generator).tolist()
+    for frame in range(frames):
+        label = [frame_word, *(digit_zero + int(digit) for digit in str(frame + 1)), colon]
+        ids += ([newline] if frame else []) + label + [image_start, *[image_token] * per_frame, image_end]
+    ids += torch.randint(1000, 100000, (_PROMPT_TAIL,), generator=generator).tolist()
+    side = config.vision_config.image_size[0]
+    scenes = torch.randn(4, 3, side, side, generator=generator)
+    pixels = scenes[torch.arange(frames) * 4 // frames] + 0.1 * torch.randn(frames, 3, side, side, generator=generator)
+    input_ids = torch.tensor([ids], device=device)
+    inputs = {
+        "pixel_values": pixels.to(device, torch_dtype),
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+    }
+    return SyntheticCase(
+        name=name,
+        model=model,
+        inputs=inputs,
+        sampled_frames=frames,
+        llm_frames=frames,
+        vision_method="get_image_features",
+    )
+
+
+#: Benchmark models built by a function of their own: ``(name, frames, size, device, dtype, attention, generator)``.
+_CASE_BUILDERS: dict[str, Callable[..., SyntheticCase]] = {"internvl3.5-8b": _internvl_case}
+
+
 def build_case(
     name: str,
     *,
@@ -335,6 +398,8 @@ def build_case(
     torch_dtype = getattr(torch, dtype)
     torch.manual_seed(seed)
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    if name in _CASE_BUILDERS:
+        return _CASE_BUILDERS[name](name, frames, size, device, torch_dtype, attention, generator)
     qwen = name.startswith("qwen")
     if name == "qwen2.5-vl-7b":
         config, model_class = _qwen2_5_vl_config(size), transformers.Qwen2_5_VLForConditionalGeneration
@@ -467,10 +532,10 @@ def _vision_timer(case: SyntheticCase, timer: _Timer, sink: list[float]) -> Iter
     model instance for the block. Times are read when the block ends (CUDA events need a sync)."""
     import functools
 
-    module = case.model.model
-    if "get_video_features" in vars(module):
-        raise RuntimeError("get_video_features is already overridden on this model instance")
-    original = module.get_video_features
+    module, method = case.model.model, case.vision_method
+    if method in vars(module):
+        raise RuntimeError(f"{method} is already overridden on this model instance")
+    original = getattr(module, method)
     marks: list[tuple[Any, Any]] = []
 
     @functools.wraps(original)
@@ -480,11 +545,11 @@ def _vision_timer(case: SyntheticCase, timer: _Timer, sink: list[float]) -> Iter
         marks.append((start, timer.mark()))
         return output
 
-    module.get_video_features = timed
+    setattr(module, method, timed)
     try:
         yield
     finally:
-        del module.get_video_features
+        delattr(module, method)
         timer.sync()
         sink.extend(timer.elapsed_ms(start, end) for start, end in marks)
 

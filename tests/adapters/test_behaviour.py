@@ -156,14 +156,19 @@ def test_video_layout_is_derived_from_inputs(tiny_sdpa):
             assert video["newline_layout"] == case.newline_layout
             assert video["video_tokens"] == case.video_tokens(frames[0])
             ids = inputs["input_ids"][0]
-            assert bool((ids[layout.frame_index] == 251).all())
+            token = case.placeholder_token
+            assert bool((ids[layout.frame_index] == token).all())
             start, end = layout.span
             between = 0
             if case.architecture.startswith("qwen3"):  # <t seconds> <end> <start> between temporal patches
                 between = (frames[0] - 1) * (TIMESTAMP_TOKENS + 2)
                 gaps = layout.frame_index[1:, 0] - layout.frame_index[:-1, -1] - 1
                 assert gaps.tolist() == [TIMESTAMP_TOKENS + 2] * (frames[0] - 1)
-            assert int((ids == 251).sum()) + between == end - start
+            # Every placeholder lies in the span; between frames, Qwen3-VL's span holds timestamps and InternVL's
+            # the frame labels.
+            assert int((ids[start:end] == token).sum()) == int((ids == token).sum()) == layout.video_tokens
+            if not case.is_internvl:
+                assert layout.video_tokens + between == end - start
 
 
 # ------------------------------------------------------------------------------------------ multi-turn
