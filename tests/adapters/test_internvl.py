@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hv_reference import capture_lm_inputs, reference_run
-from test_conformance import POLICIES, PRUNING
 
 from hieravid.adapters.base import MultimodalCall
 from hieravid.adapters.internvl import InternVLAdapter, video_frame_spans
 from hieravid.errors import AdapterError
 from hieravid.plan import compile_plan
 from hieravid.runtime import apply
+from hieravid.testing.conformance import CONFORMANCE_POLICIES as POLICIES
+from hieravid.testing.conformance import PRUNING_POLICIES as PRUNING
+from hieravid.testing.reference import capture_lm_inputs, reference_run
 
 ATOL = RTOL = 1e-4
 
@@ -74,7 +75,7 @@ def test_text_between_frames_and_still_images_survive_every_policy(internvl) -> 
             rows = positions[0].cpu()
             assert bool(torch.isin(keep, rows).all()), name
         assert stats.stage_positions[-1].shape[1] < length, name  # frames were pruned
-        reference = reference_run(model, adapter, plan, stats, lm_inputs, 0, qwen=False)
+        reference = reference_run(model, adapter, plan, stats, lm_inputs, 0)
         torch.testing.assert_close(logits[-1], reference.logits[-1], atol=ATOL, rtol=RTOL)
 
 
@@ -150,5 +151,5 @@ def test_qwen2_text_model_is_exact_unpruned_and_matches_the_reference(tiny_build
             logits = model(**inputs).logits[0]
     stats = handle.last_request
     assert stats.pruned and stats.layer_video_tokens[-1][0] < case.video_tokens()
-    reference = reference_run(model, adapter, plan, stats, lm_inputs, 0, qwen=False)
+    reference = reference_run(model, adapter, plan, stats, lm_inputs, 0)
     torch.testing.assert_close(logits[-1], reference.logits[-1], atol=ATOL, rtol=RTOL)
