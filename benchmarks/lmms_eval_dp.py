@@ -42,7 +42,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
 TASK = "hieravid_dp_synthetic"
 TASK_YAML = """\
 dataset_path: json
@@ -194,8 +193,9 @@ def run_lmms_eval(
         env.update(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")  # one thread per process: no oversubscription
     events.unlink(missing_ok=True)
     start = time.time()
-    # From the repository root: `-m lmms_eval` then imports this checkout's hieravid (as the tests do).
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    # Not from the repository root: its `hieravid/` folder would shadow the installed package (which maps
+    # `hieravid.adapters` to the checkout's `adapters/`).
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=task_dir)
     wall = time.time() - start
     found = list(out.rglob(f"*_samples_{TASK}.jsonl"))
     if result.returncode != 0 or len(found) != 1:  # lmms-eval logs an evaluation's error and exits 0
