@@ -5,7 +5,9 @@
   with a ``FutureWarning`` until 5.40, outputs still answer ``.past_key_values`` with a deprecation log).
   A forward pre-hook sees the name the *caller* used, so both names are read, the new one first.
 * **Static caches.** Each layer of a static cache fills its own slots and counts them in a device tensor
-  (``cumulative_length``); ``generate`` then passes prepared 4-D masks (a mapping by attention type).
+  (``cumulative_length``); ``generate`` then passes prepared 4-D masks (a mapping by attention type). A plain
+  full-attention layer (``StaticLayer`` itself) keeps its slots in ``keys``/``values`` and sizes its masks by
+  ``max_cache_len`` (``get_mask_sizes``), in both 5.17 and 5.24: what :func:`resize_static_layer` changes.
 * **Pre-encoded multimodal inputs.** From 5.24 ``generate()`` runs the vision encoder once before the first
   forward (``get_video_features``) and passes ``mm_encoder_outputs={"video": <BaseModelOutputWithPooling>}``
   instead of ``pixel_values_videos``; the keys the encoder consumed (``pixel_values_videos``, and for
@@ -27,6 +29,8 @@ __all__ = [
     "cache_from_kwargs",
     "cache_from_output",
     "causal_mask",
+    "is_resizable_static_layer",
+    "resize_static_layer",
     "static_fill_counter",
     "video_encoder_output",
 ]
@@ -92,3 +96,33 @@ def static_fill_counter(layer: Any) -> Any:
     if counter is None:
         raise TypeError(f"{type(layer).__name__} keeps no fill counter (cumulative_length); not a static cache layer")
     return counter
+
+
+def is_resizable_static_layer(layer: Any) -> bool:
+    """Whether ``layer`` is an initialised plain full-attention static layer (transformers' ``StaticLayer`` itself),
+    the only kind :func:`resize_static_layer` handles: sliding-window, indexed and linear-attention layers derive
+    from it but keep further bookkeeping of their slots."""
+    from transformers.cache_utils import StaticLayer
+
+    return type(layer) is StaticLayer and bool(getattr(layer, "is_initialized", False))
+
+
+def resize_static_layer(layer: Any, capacity: int, filled: int) -> None:
+    """Give a static layer ``capacity`` slots, keeping its first ``filled`` slots (its fill counter is untouched).
+
+    The new ``keys``/``values`` replace the old ones (which are freed) and ``max_cache_len`` becomes ``capacity``,
+    so the layer's attention, ``get_mask_sizes`` and later writes (``index_copy_`` at the fill counter) all see the
+    new size. The new tensors are marked as static addresses, as the layer's own allocation does (CUDA graphs).
+    """
+    import torch
+
+    if not 0 <= filled <= capacity:
+        raise ValueError(f"a static layer of {capacity} slots cannot keep {filled} filled slots")
+    resized = []
+    for old in (layer.keys, layer.values):
+        new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+        new[:, :, :filled] = old[:, :, :filled]
+        torch._dynamo.mark_static_address(new)
+        resized.append(new)
+    layer.keys, layer.values = resized
+    layer.max_cache_len = capacity

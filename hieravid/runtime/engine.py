@@ -41,7 +41,15 @@ from hieravid.compat import cache_from_kwargs, cache_from_output, causal_mask
 from hieravid.errors import AdapterError
 from hieravid.runtime import hooks
 from hieravid.runtime.calls import KeywordBinder
-from hieravid.runtime.masks import input_mask_2d, is_static_cache, static_mask, static_slots, with_mask
+from hieravid.runtime.masks import (
+    input_mask_2d,
+    is_static_cache,
+    regrow_static_cache,
+    shrink_static_cache,
+    static_mask,
+    static_slots,
+    with_mask,
+)
 from hieravid.runtime.packing import gather_rows
 from hieravid.runtime.prefill import prune_inputs
 from hieravid.runtime.state import Request, RequestStats, StageInputs
@@ -98,6 +106,9 @@ class Pruner:
         self.prefills_in_flight = 0
         self.last_stats: RequestStats | None = None
         self.warned_no_video = False
+        #: Slots of each right-sized static cache system, by (system, batch, prompt length, full capacity); only
+        #: grows, so that requests of one shape settle on one compiled decode step.
+        self.static_capacities: dict[tuple[int, ...], int] = {}
 
     # ================================================================== installation
     def sites(self) -> list[HookSite]:
@@ -168,6 +179,13 @@ class Pruner:
         request = self.request_of_cache(cache_from_kwargs(kwargs))
         return request if request is not None else self.active_request()
 
+    def emptied_static_cache(self, request: Request, cache: Any, new_length: int) -> bool:
+        """Whether ``cache``, a static cache ``request`` filled, was emptied since (``cache.reset()``) and now takes a
+        new prompt. Checked for eager calls of several tokens only (one host read): a decode step is neither."""
+        if request.static is None or new_length < 2 or torch.compiler.is_compiling():
+            return False
+        return int(cache.get_seq_length()) == 0
+
     def take_call(self) -> MultimodalCall | None:
         call = getattr(self.local, "call", None)
         if call is not None:
@@ -184,6 +202,9 @@ class Pruner:
         self.local.request = request
         self.prefills_in_flight += 1
         if cache is not None:
+            previous = getattr(cache, REQUEST_ATTRIBUTE, None)
+            if previous is not None and previous.static is not None and previous.static.full_capacity is not None:
+                regrow_static_cache(cache, previous.static.full_capacity)  # a reused cache a pruned prefill resized
             setattr(cache, REQUEST_ATTRIBUTE, request)
         inputs_embeds = kwargs.get("inputs_embeds")
         layouts = [None] * batch
@@ -237,11 +258,13 @@ class Pruner:
                 )
 
     def finish_prefill(self, request: Request, cache: Any) -> None:
-        """After a pruned prefill: statistics, and the slot records a static cache's decode steps need."""
+        """After a pruned prefill: statistics, and for a static cache its right-sized layers and the slot records its
+        decode steps need."""
         if cache is not None and getattr(cache, REQUEST_ATTRIBUTE, None) is not request:
             setattr(cache, REQUEST_ATTRIBUTE, request)  # a cache the language model created itself
         if cache is not None and is_static_cache(cache):
-            request.static = static_slots(request, cache, self.first_layers[: len(request.coords)])
+            full = shrink_static_cache(request, cache, self.stage_of, self.static_capacities)
+            request.static = static_slots(request, cache, self.first_layers[: len(request.coords)], full_capacity=full)
         self.last_stats = _request_stats(request, len(self.layers), self.stage_of)
 
     # ================================================================== continuation

@@ -106,6 +106,8 @@ class LanguageModelPreHook(_Hook):
             return ((), kwargs) if changed else None
         cache = cache_from_kwargs(kwargs)
         request = pruner.request_of_cache(cache)
+        if request is not None and pruner.emptied_static_cache(request, cache, int(reference.shape[1])):
+            request = None  # a reused static cache: this call is a new prompt's prefill
         if request is not None:
             if request.pruned:
                 pruner.start_continuation(request, kwargs, reference, cache)

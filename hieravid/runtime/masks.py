@@ -9,16 +9,32 @@ per-system record of which prompt slots are real — tensors only, so a compiled
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from hieravid.compat import static_fill_counter
+from hieravid.compat import is_resizable_static_layer, resize_static_layer, static_fill_counter
 from hieravid.runtime.state import Request, StaticSlots
 
-__all__ = ["input_mask_2d", "is_static_cache", "static_mask", "static_slots", "with_mask"]
+__all__ = [
+    "CAPACITY_BUCKETS",
+    "input_mask_2d",
+    "is_static_cache",
+    "regrow_static_cache",
+    "shrink_static_cache",
+    "static_capacity",
+    "static_mask",
+    "static_slots",
+    "with_mask",
+]
+
+#: A right-sized static layer keeps its kept prompt rows rounded up to a multiple of 1/CAPACITY_BUCKETS of the
+#: prompt length (itself a multiple of 16 rows): kept counts depend on the content (dynamic budgets), and each new
+#: capacity is a new shape for the compiled decode step.
+CAPACITY_BUCKETS = 16
 
 
 def _mask_tensor(mask: Any) -> Tensor | None:
@@ -55,9 +71,65 @@ def is_static_cache(cache: Any) -> bool:
     return bool(getattr(cache, "is_compileable", False))
 
 
-def static_slots(request: Request, cache: Any, first_layers: list[int]) -> StaticSlots:
+def static_capacity(kept_rows: int, prompt_length: int, new_slots: int) -> int:
+    """Slots a right-sized static layer gets: ``kept_rows`` rounded up to the prompt's bucket (never past the
+    prompt length), plus ``new_slots`` for the tokens the decode steps write."""
+    granule = 16 * math.ceil(math.ceil(prompt_length / CAPACITY_BUCKETS) / 16)
+    return min(prompt_length, granule * math.ceil(kept_rows / granule)) + new_slots
+
+
+def shrink_static_cache(
+    request: Request, cache: Any, stage_of: list[int], remembered: MutableMapping[tuple[int, ...], int]
+) -> int | None:
+    """Right-size every layer of a static cache that a pruned prefill filled; returns the layers' full capacity
+    (what :func:`regrow_static_cache` restores), or None when the cache is left as it is.
+
+    Layer ``l`` holds the rows of system ``stage_of[l]`` (known on the host: no device read) and gets
+    :func:`static_capacity` of them plus ``max_cache_len - prompt length`` decode slots; its fill counter and the
+    rows' original positions are unchanged. ``remembered`` (the handle's, keyed by system, batch, prompt length and
+    full capacity) only grows, so that a request shape settles on one set of capacities. Caches of other kinds
+    (offloaded, sliding-window or hybrid layers, a layer count other than the model's, layers of unequal capacity)
+    are left as they are: their decode steps attend over every slot, as without the resize.
+    """
+    layers = list(getattr(cache, "layers", ()))
+    if getattr(cache, "offloading", False) or len(layers) != len(stage_of) or not request.coords:
+        return None
+    if not all(is_resizable_static_layer(layer) for layer in layers):
+        return None
+    capacities = {int(layer.max_cache_len) for layer in layers}
+    if len(capacities) != 1:
+        return None
+    full = capacities.pop()
+    new_slots = full - request.original_length
+    if new_slots < 0:
+        return None
+    sizes: list[int] = []
+    for system, coords in enumerate(request.coords):
+        key = (system, request.batch, request.original_length, full)
+        size = max(static_capacity(coords.length, request.original_length, new_slots), remembered.get(key, 0))
+        remembered[key] = size
+        sizes.append(size)
+    for index, layer in enumerate(layers):
+        system = min(stage_of[index], len(request.coords) - 1)
+        if sizes[system] < full:
+            resize_static_layer(layer, sizes[system], request.coords[system].length)
+    return full
+
+
+def regrow_static_cache(cache: Any, capacity: int) -> None:
+    """Give every layer of a right-sized static cache ``capacity`` slots again, empty (a reused cache: reset, then
+    a new prompt)."""
+    for layer in getattr(cache, "layers", ()):
+        if is_resizable_static_layer(layer) and int(layer.max_cache_len) < capacity:
+            resize_static_layer(layer, capacity, 0)
+
+
+def static_slots(
+    request: Request, cache: Any, first_layers: list[int], *, full_capacity: int | None = None
+) -> StaticSlots:
     """Which slots of each coordinate system's static cache layers hold real prompt rows (and every slot past the
-    prompt, where decode tokens go), from the prefill's coordinates and 2-D mask."""
+    prompt, where decode tokens go), from the prefill's coordinates and 2-D mask; ``full_capacity``: the layers'
+    capacity before :func:`shrink_static_cache` (None when it left them as they were)."""
     assert request.mask2d is not None
     valid: list[Tensor] = []
     for system, coords in enumerate(request.coords):
@@ -66,7 +138,7 @@ def static_slots(request: Request, cache: Any, first_layers: list[int]) -> Stati
         slots = torch.ones(prompt.shape[0], capacity, dtype=torch.bool, device=prompt.device)
         slots[:, : prompt.shape[1]] = prompt
         valid.append(slots)
-    return StaticSlots(slot_valid=valid, first_layers=list(first_layers))
+    return StaticSlots(slot_valid=valid, first_layers=list(first_layers), full_capacity=full_capacity)
 
 
 def static_mask(slots: StaticSlots, system: int, cache: Any, query_length: int, like: Any) -> Tensor:

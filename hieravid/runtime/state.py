@@ -218,9 +218,12 @@ class StaticSlots:
     steps build each system's mask from the cache's own fill counter, without any host value."""
 
     slot_valid: list[Tensor]
-    """Per system, ``[B, max_cache_len]`` bool: real prompt rows, and every slot past the prompt (decode tokens)."""
+    """Per system, ``[B, max_cache_len]`` bool (its layers' ``max_cache_len``): real prompt rows, and every slot past
+    the prompt (decode tokens)."""
     first_layers: list[int]
     """Per system, its first decoder layer (whose cache counter says how many slots are filled)."""
+    full_capacity: int | None = None
+    """Slots every layer had before the cache was right-sized (None: not resized)."""
 
 
 @dataclass
