@@ -179,12 +179,19 @@ class Pruner:
         request = self.request_of_cache(cache_from_kwargs(kwargs))
         return request if request is not None else self.active_request()
 
-    def emptied_static_cache(self, request: Request, cache: Any, new_length: int) -> bool:
+    def release_emptied_static_cache(self, request: Request, cache: Any, new_length: int) -> bool:
         """Whether ``cache``, a static cache ``request`` filled, was emptied since (``cache.reset()``) and now takes a
-        new prompt. Checked for eager calls of several tokens only (one host read): a decode step is neither."""
+        new prompt; if so its layers get their full size back and ``request`` lets go of it (the call is a new
+        prefill, not a continuation). Checked in eager calls of several tokens only (one host read): a decode step
+        is neither."""
         if request.static is None or new_length < 2 or torch.compiler.is_compiling():
             return False
-        return int(cache.get_seq_length()) == 0
+        if int(cache.get_seq_length()) != 0:
+            return False
+        if request.static.full_capacity is not None:
+            regrow_static_cache(cache, request.static.full_capacity)
+        delattr(cache, REQUEST_ATTRIBUTE)
+        return True
 
     def take_call(self) -> MultimodalCall | None:
         call = getattr(self.local, "call", None)

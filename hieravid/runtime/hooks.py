@@ -62,8 +62,11 @@ class MultimodalPreHook(_Hook):
         input_ids, inputs_embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         cache = cache_from_kwargs(kwargs)
         request = pruner.request_of_cache(cache)
+        reference = inputs_embeds if inputs_embeds is not None else input_ids
+        if request is not None and reference is not None:
+            if pruner.release_emptied_static_cache(request, cache, int(reference.shape[1])):
+                request = None  # a reused static cache: this call is a new prompt
         if request is not None and request.pruned:
-            reference = inputs_embeds if inputs_embeds is not None else input_ids
             if reference is not None and kwargs.get("position_ids") is None:
                 before = kwargs.get("attention_mask"), kwargs.get("position_ids")
                 pruner.adapter.prepare_continuation_call(
@@ -106,7 +109,7 @@ class LanguageModelPreHook(_Hook):
             return ((), kwargs) if changed else None
         cache = cache_from_kwargs(kwargs)
         request = pruner.request_of_cache(cache)
-        if request is not None and pruner.emptied_static_cache(request, cache, int(reference.shape[1])):
+        if request is not None and pruner.release_emptied_static_cache(request, cache, int(reference.shape[1])):
             request = None  # a reused static cache: this call is a new prompt's prefill
         if request is not None:
             if request.pruned:

@@ -3,6 +3,8 @@
 Each layer's static cache holds its kept rows (per-layer fill counters), decode steps write at each layer's own next
 slot and keep the original positions, and a continuation step reads no host value that changes from step to step:
 after a warm-up request, a second request of the same shape runs with ``torch._dynamo.config.error_on_recompile``.
+After a pruned prefill every layer of the static cache is right-sized (its kept rows, bucketed, plus the decode
+slots), so that compiled decode steps attend over what each layer kept only.
 On a CPU the ``aot_eager`` backend traces exactly what a GPU backend would compile.
 """
 
@@ -13,8 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from hieravid.compat import cache_argument, cache_from_output
 from hieravid.plan import compile_plan
 from hieravid.runtime import apply
+from hieravid.runtime.engine import REQUEST_ATTRIBUTE
+from hieravid.runtime.masks import static_capacity
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 NEW_TOKENS = 5
@@ -54,6 +59,21 @@ def _generate(model, inputs, **options):
         )
 
 
+def _assert_right_sized(output, stats, prompt_length: int) -> None:
+    """Every layer of a pruned request's static cache holds its kept rows (bucketed) plus the decode slots, and its
+    fill counter says the kept rows and the decode tokens were written there."""
+    cache = cache_from_output(output)
+    full = getattr(cache, REQUEST_ATTRIBUTE).static.full_capacity
+    assert full is not None and full >= prompt_length + NEW_TOKENS - 1
+    new_slots = full - prompt_length
+    for layer, kept in zip(cache.layers, stats.layer_sequence_lengths, strict=True):
+        capacity = static_capacity(kept, prompt_length, new_slots)
+        assert kept + new_slots <= capacity < full
+        assert layer.keys.shape[-2] == layer.values.shape[-2] == layer.max_cache_len == capacity
+        assert layer.get_mask_sizes(1) == (capacity, 0)
+        assert int(layer.cumulative_length) == kept + NEW_TOKENS - 1
+
+
 @pytest.fixture
 def fresh_dynamo():
     torch._dynamo.reset()
@@ -82,6 +102,9 @@ def test_compiled_static_generation_equals_eager_and_never_recompiles(
         if plan.prunes:
             stats = handle.last_request
             assert stats.pruned and len(stats.stages) == len(plan.stages)
+            _assert_right_sized(eager, stats, inputs["input_ids"].shape[1])
+        else:  # nothing pruned: transformers' cache as it made it
+            assert len({layer.keys.shape[-2] for layer in cache_from_output(eager).layers}) == 1
         compiled = _generate(model, inputs, compile_config=_compile_config())  # warm-up: compiles
         torch._dynamo.config.error_on_recompile = True
         again = _generate(model, other, compile_config=_compile_config())
@@ -133,3 +156,70 @@ def test_a_compiled_forward_decodes_a_pruned_static_cache_with_fullgraph(fresh_d
         torch._dynamo.config.error_on_recompile = True
         second = decode(compiled_forward)
     assert first == eager and second == eager
+
+
+def _decode_by_hand(model, inputs, cache) -> list[int]:
+    """Greedy tokens of a prefill into ``cache`` and ``NEW_TOKENS - 1`` eager decode steps (LLaVA positions)."""
+    length = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        out = model(**inputs, **cache_argument(model, cache), use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        tokens = [int(token)]
+        for step in range(NEW_TOKENS - 1):
+            position = torch.full((1, 1), length + step, dtype=torch.long)
+            out = model(input_ids=token, position_ids=position, **cache_argument(model, cache), use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            tokens.append(int(token))
+    return tokens
+
+
+@pytest.mark.slow
+def test_consecutive_requests_of_other_lengths_and_a_reused_static_cache(fresh_dynamo, tiny_builders):
+    """Each compiled request right-sizes its own static cache (prompts of other lengths, one after the other), and a
+    static cache the caller empties (``reset()``) and reuses for a longer prompt is sized for it again."""
+    from transformers import StaticCache
+
+    case = tiny_builders.tiny_case("llava_onevision")
+    model = case.model
+    plan = compile_plan(POLICIES / "hieravid-30.yaml", case.spec(frames=64))
+    short, long = case.inputs(seed=6, frames=(5,)), case.inputs(seed=7)
+    assert short["input_ids"].shape[1] < long["input_ids"].shape[1]
+    with apply(model, plan) as handle:
+        for inputs in (short, long):
+            eager = _generate(model, inputs, disable_compile=True)
+            _assert_right_sized(eager, handle.last_request, inputs["input_ids"].shape[1])
+            compiled = _generate(model, inputs, compile_config=_compile_config())
+            assert torch.equal(compiled.sequences, eager.sequences)
+            for a, b in zip(compiled.logits, eager.logits):
+                torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+        capacity = long["input_ids"].shape[1] + NEW_TOKENS
+        reused = StaticCache(config=model.config, max_cache_len=capacity)
+        _decode_by_hand(model, short, reused)
+        assert max(layer.max_cache_len for layer in reused.layers) < capacity  # right-sized for the short prompt
+        reused.reset()
+        again = _decode_by_hand(model, long, reused)
+        stats = handle.last_request  # a new pruned prefill, not a turn
+        assert stats.pruned and stats.prompt_length == long["input_ids"].shape[1]
+        fresh = _decode_by_hand(model, long, StaticCache(config=model.config, max_cache_len=capacity))
+    assert again == fresh
+
+
+def test_a_static_cache_that_cannot_be_right_sized_keeps_every_slot(tiny_builders):
+    """A cache of a kind the resize does not know (here one sliding-window layer wider than the cache, which
+    attends like a full one) keeps transformers' sizes, and decodes as a right-sized cache does."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticSlidingWindowLayer
+
+    case = tiny_builders.tiny_case("llava_onevision")
+    model = case.model
+    inputs = case.inputs(seed=8)
+    capacity = inputs["input_ids"].shape[1] + NEW_TOKENS
+    plan = compile_plan(POLICIES / "hieravid-30.yaml", case.spec(frames=64))
+    mixed = StaticCache(config=model.config, max_cache_len=capacity)
+    mixed.layers[1] = StaticSlidingWindowLayer(max_cache_len=capacity, sliding_window=capacity + 1)
+    with apply(model, plan) as handle:
+        expected = _decode_by_hand(model, inputs, StaticCache(config=model.config, max_cache_len=capacity))
+        tokens = _decode_by_hand(model, inputs, mixed)
+        assert handle.last_request.pruned
+    assert tokens == expected
+    assert [layer.keys.shape[-2] for layer in mixed.layers] == [capacity] * len(mixed.layers)
