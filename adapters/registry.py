@@ -45,6 +45,7 @@ BUILTIN_ADAPTERS: dict[str, str] = {
     "llava_next_video": "hieravid.adapters.llava_next_video:LlavaNextVideoAdapter",
     "qwen2_vl": "hieravid.adapters.qwen2_vl:Qwen2VLAdapter",
     "qwen2_5_vl": "hieravid.adapters.qwen2_vl:Qwen2_5_VLAdapter",
+    "qwen3_5": "hieravid.adapters.qwen3_5:Qwen3_5Adapter",
 }
 
 

@@ -155,7 +155,9 @@ def test_video_layout_is_derived_from_inputs(tiny_sdpa):
             ids = inputs["input_ids"][0]
             assert bool((ids[layout.frame_index] == 251).all())
             start, end = layout.span
-            assert int((ids == 251).sum()) == end - start
+            assert int((ids[start:end] == 251).sum()) == int((ids == 251).sum())
+            if case.architecture != "qwen3_5":  # Qwen3.5 writes a timestamp block between frames
+                assert int((ids == 251).sum()) == end - start
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -215,7 +217,8 @@ def test_multi_turn_continues_the_pruned_cache_without_pruning_again(tiny_sdpa, 
             first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
         stats = handle.last_request
         cache = cache_from_output(first)
-        lengths = [layer.keys.shape[-2] for layer in cache.layers]
+        # Linear-attention layers (Qwen3.5) keep a fixed-size state, no rows.
+        lengths = [layer.keys.shape[-2] for layer in cache.layers if hasattr(layer, "keys")]
         seen = inputs["input_ids"].shape[1] + 2  # the last generated token is not in the cache yet
         if second_turn_video:
             turn = case.inputs(seed=32)
@@ -240,7 +243,7 @@ def test_multi_turn_continues_the_pruned_cache_without_pruning_again(tiny_sdpa, 
                 **extra,
             )
         assert handle.last_request is stats  # no new prefill statistics: nothing was pruned again
-        grown = [layer.keys.shape[-2] for layer in cache_from_output(second).layers]
+        grown = [layer.keys.shape[-2] for layer in cache_from_output(second).layers if hasattr(layer, "keys")]
         assert grown == [n + new_ids.shape[1] + 2 for n in lengths]
         # Misuse (full history as input_ids, sliced by generate with the pruned cache length) is refused clearly.
         history = torch.cat(
