@@ -418,6 +418,16 @@ class Adapter:
     def mlp(self, layer: nn.Module) -> nn.Module:
         return layer.mlp
 
+    def recurrent_layers(self) -> frozenset[int]:
+        """Decoder layers whose token mixer is a recurrence (linear attention) rather than attention (default: none).
+
+        Such a layer takes a 2-D ``[B, S]`` padding mask (or None) instead of a causal mask and zeroes masked rows,
+        which is neutral only before a sample's first real row: the runtime then puts padding slots first and gives
+        these layers the 2-D mask of their coordinate system. They have no attention to score relevance with, so an
+        adapter must refuse stages placed on them (in :meth:`query_key_projections`).
+        """
+        return frozenset()
+
     def vision_tower(self) -> nn.Module | None:
         """The vision encoder (SigLIP, Qwen2-VL's ViT), or None when the architecture has none or it cannot be found."""
         return None

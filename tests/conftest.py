@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 
-ARCHITECTURES = ("llava_onevision", "llava_video_per_row", "llava_next_video", "qwen2_vl", "qwen2_5_vl")
+ARCHITECTURES = ("llava_onevision", "llava_video_per_row", "llava_next_video", "qwen2_vl", "qwen2_5_vl", "qwen3_5")
 #: Where the tiny models run: CPU in CI; ``HIERAVID_TEST_DEVICE=cuda`` runs the same suite on a GPU.
 DEVICE = torch.device(os.environ.get("HIERAVID_TEST_DEVICE", "cpu"))
 ATTENTION = ("sdpa", "eager")
@@ -151,6 +151,58 @@ def _qwen2_5_vl_config() -> Any:
     )
 
 
+#: Qwen3.5's decoder: layer 1 is linear attention (Gated DeltaNet), the others full attention, so that every stage
+#: layer of the conformance policies (0, 2-7) has attention to score relevance with. Stages before linear-attention
+#: layers are tested in tests/adapters/test_qwen3_5.py with another pattern.
+QWEN3_5_LAYER_TYPES = ["full_attention", "linear_attention", *["full_attention"] * 6]
+
+
+def qwen3_5_config(layer_types: list[str] | None = None) -> Any:
+    """A tiny Qwen3.5: gated attention with q/k norms and partial (1/4) interleaved M-RoPE, Gated DeltaNet layers
+    with more value than key heads, and a one-block vision tower."""
+    from transformers import Qwen3_5Config
+
+    text = dict(TEXT_CONFIG)
+    text.update(
+        model_type="qwen3_5_text",
+        head_dim=32,
+        layer_types=list(layer_types or QWEN3_5_LAYER_TYPES),
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [2, 1, 1],
+            "mrope_interleaved": True,
+            "partial_rotary_factor": 0.25,
+        },
+    )
+    vision = dict(
+        depth=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=2,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+        num_position_embeddings=64,
+    )
+    return Qwen3_5Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+        tie_word_embeddings=False,
+    )
+
+
 def _per_row_classes() -> tuple[type, type]:
     """A LLaVA-OneVision model that lays video out as original LLaVA-NeXT/LLaVA-Video inference does:
     a newline after every row of every frame (transformers then appends its own trailing newline)."""
@@ -198,6 +250,7 @@ def model_class(architecture: str) -> type:
         "llava_next_video": transformers.LlavaNextVideoForConditionalGeneration,
         "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
         "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+        "qwen3_5": transformers.Qwen3_5ForConditionalGeneration,
     }[architecture]
 
 
@@ -208,6 +261,7 @@ def model_config(architecture: str) -> Any:
         "llava_next_video": _llava_next_video_config,
         "qwen2_vl": _qwen2_vl_config,
         "qwen2_5_vl": _qwen2_5_vl_config,
+        "qwen3_5": qwen3_5_config,
     }[architecture]()
 
 
@@ -305,6 +359,13 @@ class TinyCase:
             if not video:
                 ids = torch.cat([head, tail])
                 kind = torch.zeros_like(ids)
+            elif self.architecture == "qwen3_5":
+                # As Qwen3VLProcessor writes it: a timestamp (here one text token) and a vision block per frame.
+                stamps = torch.randint(3, 200, (frames[sample],), generator=generator)
+                block = torch.tensor([VISION_START, *[VIDEO_TOKEN] * (self.rows * self.cols), VISION_END])
+                ids = torch.cat([head, *(torch.cat([stamp.view(1), block]) for stamp in stamps), tail])
+                kind = (ids == VIDEO_TOKEN).long() * 2
+                pixels.append(self._pixels(generator, frames[sample]).reshape(-1, 3 * 2 * 2 * 2))
             elif self.is_qwen:
                 count = self.video_tokens(frames[sample])
                 ids = torch.cat(

@@ -150,12 +150,18 @@ class LayerInputHook(_Hook):
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         request.follow(hidden.device)
+        recurrent = self.index in pruner.recurrent_layers
         if request.phase == "continuation":  # never pruned: only the mask of this layer's system
             if self.system == 0:
                 return None
-            kwargs["attention_mask"] = pruner.stage_mask(request, self.system, hidden, kwargs)
+            if recurrent:
+                kwargs["attention_mask"] = pruner.recurrent_mask(request, self.system, hidden)
+            else:
+                kwargs["attention_mask"] = pruner.stage_mask(request, self.system, hidden, kwargs)
             return args, kwargs
-        if self.system > 0:
+        if self.system > 0 and recurrent:  # no RoPE, and its mask is not the one attention layers share
+            kwargs["attention_mask"] = pruner.recurrent_mask(request, self.system, hidden)
+        elif self.system > 0:
             inputs = pruner.stage_inputs(request, self.system, hidden, kwargs)
             kwargs["attention_mask"] = inputs.mask
             kwargs["position_embeddings"] = inputs.position_embeddings

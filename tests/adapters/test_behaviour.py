@@ -155,8 +155,12 @@ def test_video_layout_is_derived_from_inputs(tiny_sdpa):
             assert video["video_tokens"] == case.video_tokens(frames[0])
             ids = inputs["input_ids"][0]
             assert bool((ids[layout.frame_index] == 251).all())
-            start, end = layout.span
-            assert int((ids == 251).sum()) == end - start
+            # Every video token is a frame or newline token of the layout, and the span runs from the first video
+            # token to the last (one run for most models; Qwen3.5 writes a timestamp block between frames).
+            video_positions = torch.nonzero(ids == 251).flatten()
+            located = torch.cat([layout.frame_index.flatten(), layout.newline_index]).sort().values
+            assert torch.equal(located.cpu(), video_positions.cpu())
+            assert layout.span == (int(video_positions[0]), int(video_positions[-1]) + 1)
 
 
 # ------------------------------------------------------------------------------------------ multi-turn
@@ -181,7 +185,8 @@ def test_multi_turn_continues_the_pruned_cache_without_pruning_again(tiny_sdpa, 
             first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
         stats = handle.last_request
         cache = cache_from_output(first)
-        lengths = [layer.keys.shape[-2] for layer in cache.layers]
+        # Linear-attention layers (Qwen3.5) keep a fixed-size state, no rows.
+        lengths = [layer.keys.shape[-2] for layer in cache.layers if hasattr(layer, "keys")]
         seen = inputs["input_ids"].shape[1] + 2  # the last generated token is not in the cache yet
         if second_turn_video:
             turn = case.inputs(seed=32)
@@ -206,7 +211,7 @@ def test_multi_turn_continues_the_pruned_cache_without_pruning_again(tiny_sdpa, 
                 **extra,
             )
         assert handle.last_request is stats  # no new prefill statistics: nothing was pruned again
-        grown = [layer.keys.shape[-2] for layer in cache_from_output(second).layers]
+        grown = [layer.keys.shape[-2] for layer in cache_from_output(second).layers if hasattr(layer, "keys")]
         assert grown == [n + new_ids.shape[1] + 2 for n in lengths]
         # Misuse (full history as input_ids, sliced by generate with the pruned cache length) is refused clearly.
         history = torch.cat(
