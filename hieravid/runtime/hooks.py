@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from hieravid.compat import cache_from_kwargs
 from hieravid.errors import AdapterError
 from hieravid.ops.relevance import last_query_attention
+from hieravid.runtime.masks import row_lengths
 from hieravid.runtime.packing import gather_rows
 from hieravid.runtime.stages import select_stage
 from hieravid.runtime.state import PendingCut, Request, StageCapture
@@ -116,8 +117,7 @@ class LanguageModelPreHook(_Hook):
             pruner.start_prefill(kwargs, reference, cache)
             return ((), kwargs)
         # A cache this handle did not fill: run unpruned, but refuse caches pruned by another request.
-        lengths = {int(layer.get_seq_length()) for layer in getattr(cache, "layers", [])}
-        if len(lengths) > 1:
+        if len(set(row_lengths(cache).values())) > 1:
             raise AdapterError(
                 "the cache holds layers of different lengths (a pruned prompt) that this handle did not produce; "
                 "continue a pruned request with the cache object its prefill returned"

@@ -18,7 +18,7 @@ from torch import Tensor
 from hieravid.compat import static_fill_counter
 from hieravid.runtime.state import Request, StaticSlots
 
-__all__ = ["input_mask_2d", "is_static_cache", "static_mask", "static_slots", "with_mask"]
+__all__ = ["input_mask_2d", "is_static_cache", "row_lengths", "static_mask", "static_slots", "with_mask"]
 
 
 def _mask_tensor(mask: Any) -> Tensor | None:
@@ -53,6 +53,17 @@ def with_mask(original: Any, mask: Tensor | None) -> Any:
 def is_static_cache(cache: Any) -> bool:
     """Whether ``cache`` pre-allocates its slots (transformers' static caches: ``is_compileable``)."""
     return bool(getattr(cache, "is_compileable", False))
+
+
+def row_lengths(cache: Any) -> dict[int, int]:
+    """The rows each layer of ``cache`` holds, by layer index, for the layers that hold rows. Recurrent (linear-
+    attention) layers keep a fixed-size state instead (transformers' ``LinearAttentionLayer`` has no
+    ``get_seq_length``), and so do placeholder layers: they are left out."""
+    return {
+        index: int(layer.get_seq_length())
+        for index, layer in enumerate(getattr(cache, "layers", ()))
+        if callable(getattr(layer, "get_seq_length", None))
+    }
 
 
 def static_slots(request: Request, cache: Any, first_layers: list[int]) -> StaticSlots:
