@@ -73,6 +73,10 @@ class VideoGeometry:
         newline_layout: ``"none"``, ``"per_row"``, ``"per_frame"`` or ``"per_video"``.
         query_rows: last prompt rows whose attention measures relevance by default (Qwen2-VL: 4).
         frames_per_step: video frames sampled per language-model frame (Qwen2-VL's temporal patch: 2).
+        first_stage_layer: earliest decoder layer a frame-level stage may prune at (Qwen3-VL: the first layer
+            after its deepstack injections; 0 for architectures that allow a stage anywhere).
+        recurrent_layers: decoder layers whose token mixer is a recurrence (Qwen3.5's linear attention), where a
+            stage has no attention to score relevance with (see :meth:`Adapter.recurrent_layers`).
     """
 
     frames: int
@@ -81,6 +85,8 @@ class VideoGeometry:
     newline_layout: str = "none"
     query_rows: int = 1
     frames_per_step: int = 1
+    first_stage_layer: int = 0
+    recurrent_layers: tuple[int, ...] = ()
 
 
 @dataclass
@@ -543,6 +549,26 @@ class Adapter:
         if self.position_rows and position_ids.dim() == 3 and position_ids.shape[0] == self.position_rows + 1:
             return position_ids[0]
         return None
+
+    def gather_extra_inputs(self, kwargs: dict[str, Any], index: Tensor, valid: Tensor) -> None:
+        """Prune the language model's per-token inputs besides embeddings, positions and mask, in place.
+
+        Called by the input level after it gathered ``inputs_embeds`` and ``position_ids`` (never when the input
+        level is off: then the language model's inputs stay untouched). The default does nothing: Llama/Qwen2
+        language models take no other per-token input. Qwen3-VL's deepstack features override this.
+
+        Args:
+            kwargs: the language model's call, already holding the gathered ``inputs_embeds``.
+            index: ``[B, S0]`` int64 original sequence position of each stage-0 row.
+            valid: ``[B, S0]`` bool, False at padding slots (copies of a real row, masked).
+        """
+
+    def check_plan(self, plan: Any) -> None:
+        """Raise :class:`~hieravid.errors.PlanError` if ``plan`` cannot run on this model (default: any plan can).
+
+        Called by ``apply`` before any hook is installed, also for plans compiled from hand-made specs that do
+        not know this model's constraints.
+        """
 
     def prepare_continuation_call(
         self, kwargs: dict[str, Any], *, total_length: int, new_length: int, batch: int, device: torch.device

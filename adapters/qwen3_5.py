@@ -27,6 +27,7 @@ pruning exact on the recurrent layers:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,7 +36,15 @@ from torch import Tensor, nn
 
 from hieravid.errors import AdapterError
 
-from .base import MultimodalCall, Speedup, VideoInputs, VideoLayout, compile_speedup
+from .base import (
+    MultimodalCall,
+    Speedup,
+    VideoGeometry,
+    VideoInputs,
+    VideoLayout,
+    compile_speedup,
+    config_value,
+)
 from .qwen2_vl import Qwen2VLAdapter
 
 __all__ = ["Qwen3_5Adapter"]
@@ -49,6 +58,25 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
     model_types = ("qwen3_5",)
 
     # ------------------------------------------------------------------ geometry
+    @classmethod
+    def video_geometry(
+        cls, config: Any, *, sampled_frames: int | None = None, processor_config: Mapping[str, Any] | None = None
+    ) -> VideoGeometry:
+        geometry = super().video_geometry(config, sampled_frames=sampled_frames, processor_config=processor_config)
+        return dataclasses.replace(geometry, recurrent_layers=cls.linear_attention_layers(config))
+
+    @classmethod
+    def inputs_geometry(cls, config: Any, inputs: Mapping[str, Any]) -> VideoGeometry:
+        geometry = super().inputs_geometry(config, inputs)
+        return dataclasses.replace(geometry, recurrent_layers=cls.linear_attention_layers(config))
+
+    @staticmethod
+    def linear_attention_layers(config: Any) -> tuple[int, ...]:
+        """The linear-attention layers named by the language model's ``layer_types`` (a config object or mapping)."""
+        text = config_value(config, "text_config") or config
+        types = config_value(text, "layer_types") or ()
+        return tuple(index for index, kind in enumerate(types) if kind == LINEAR_ATTENTION)
+
     @classmethod
     def preprocess_video(cls, frames: Any, processor_config: Mapping[str, Any], config: Any) -> VideoInputs:
         """Not offered: the prompt needs a timestamp and vision start/end tokens around every frame's tokens,

@@ -45,6 +45,9 @@ BUILTIN_ADAPTERS: dict[str, str] = {
     "llava_next_video": "hieravid.adapters.llava_next_video:LlavaNextVideoAdapter",
     "qwen2_vl": "hieravid.adapters.qwen2_vl:Qwen2VLAdapter",
     "qwen2_5_vl": "hieravid.adapters.qwen2_vl:Qwen2_5_VLAdapter",
+    "qwen3_vl": "hieravid.adapters.qwen3_vl:Qwen3VLAdapter",
+    "qwen3_vl_moe": "hieravid.adapters.qwen3_vl:Qwen3VLAdapter",
+    "internvl": "hieravid.adapters.internvl:InternVLAdapter",
     "qwen3_5": "hieravid.adapters.qwen3_5:Qwen3_5Adapter",
 }
 

@@ -222,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", choices=("full", "small"), default="full")
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--vision-layers", type=int, default=2)
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a `hieravid bench` model (e.g. qwen3-vl-8b) built by its builder at full size (tiny with --scale small) "
+        "instead of the LLaVA-OneVision-7B shape with a shallow vision tower; --frames then defaults to the bench's",
+    )
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
@@ -232,8 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.perf_counter()
-    model = build_model(args.scale, args.vision_layers, device, dtype)
-    inputs = build_inputs(model, args.frames, device, dtype)
+    if args.model is None:
+        model = build_model(args.scale, args.vision_layers, device, dtype)
+        inputs = build_inputs(model, args.frames, device, dtype)
+    else:
+        from hieravid.apps.bench import build_case
+
+        size = "full" if args.scale == "full" else "tiny"
+        case = build_case(args.model, size=size, device=str(device), dtype=str(dtype).removeprefix("torch."))
+        model, inputs, args.frames = case.model, case.inputs, case.llm_frames
+    target = model if args.model is None else case.spec()  # what the plan is compiled for
     import transformers
 
     results: dict[str, Any] = {
@@ -243,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(dtype),
         "attention": "sdpa",
         "scale": args.scale,
+        "model": args.model or "llava-onevision-7b (shallow vision tower)",
         "frames": args.frames,
         "prompt_tokens": int(inputs["input_ids"].shape[1]),
         "vision_layers": args.vision_layers,
@@ -301,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         del hidden, after
 
         # ------------------------------------------------------------------ pruned vs reference
-        plan = compile_plan(ROOT / "policies" / "hieravid-30.yaml", model, frames=args.frames)
+        plan = compile_plan(ROOT / "policies" / "hieravid-30.yaml", target, frames=args.frames)
         results["plan"] = {
             "summary": plan.summary(),
             "layer_video_tokens": list(plan.layer_video_tokens),

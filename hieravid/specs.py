@@ -68,6 +68,10 @@ class ModelSpec:
     text_tokens: int = 64
     """Prompt tokens that are not video (system prompt, question, template)."""
     default_query_rows: int = 1
+    first_stage_layer: int = 0
+    """Earliest decoder layer a frame-level stage may prune at (Qwen3-VL: after its deepstack injections)."""
+    recurrent_layers: tuple[int, ...] = ()
+    """Decoder layers that mix tokens by a recurrence (Qwen3.5's linear attention): no stage scores relevance there."""
 
     def __post_init__(self) -> None:
         for field, limit in SPEC_LIMITS.items():
@@ -79,6 +83,21 @@ class ModelSpec:
                 raise SpecError(
                     f"model spec {self.name!r}: {field} must be {what} up to {limit}{extra}, got {_shown(value)}"
                 )
+        layer = self.first_stage_layer
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.num_layers:
+            raise SpecError(
+                f"model spec {self.name!r}: first_stage_layer must be an integer in 0..{self.num_layers - 1} (a "
+                f"decoder layer), got {_shown(layer)}"
+            )
+        recurrent = self.recurrent_layers
+        if not isinstance(recurrent, tuple) or not all(
+            isinstance(index, int) and not isinstance(index, bool) and 0 <= index < self.num_layers
+            for index in recurrent
+        ):
+            raise SpecError(
+                f"model spec {self.name!r}: recurrent_layers must be a tuple of decoder layers in "
+                f"0..{self.num_layers - 1}, got {_shown(recurrent)}"
+            )
         if self.frame_tokens > MAX_VIDEO_TOKENS:
             raise SpecError(
                 f"model spec {self.name!r}: {self.frames} frames × {self.rows}×{self.cols} tokens exceed "
@@ -136,12 +155,37 @@ _QWEN2_15B = dict(
 _VICUNA_7B = dict(
     num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32
 )
+# Qwen3-8B's shape, the language model of Qwen3-VL-8B-Instruct and InternVL3.5-8B (head_dim 128 = 4096 / 32).
+_QWEN3_8B = dict(
+    num_hidden_layers=36, hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8
+)
 # SigLIP-so400m at 384 px, 14 px patches (27×27, pooled to 14×14 by the OneVision adapter's geometry).
 _SIGLIP = {"image_size": 384, "patch_size": 14}
 # CLIP ViT-L/14 at 336 px (24×24 patches, average-pooled with stride 2 to 12×12 by LLaVA-NeXT-Video).
 _CLIP_L336 = {"image_size": 336, "patch_size": 14}
 # Qwen2-VL's vision tower: 14 px patches, 2×2 merge, temporal patches of 2 frames.
 _QWEN2VL_VISION = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+# Qwen3-VL's vision tower: 16 px patches, 2×2 merge, temporal patches of 2 frames, and the blocks whose features
+# the text model adds after decoder layers 0, 1 and 2 (deepstack; frame-level stages must come after them).
+_QWEN3VL_VISION = {
+    "patch_size": 16,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "deepstack_visual_indexes": [8, 16, 24],
+}
+# InternVL3.5-8B (OpenGVLab/InternVL3_5-8B-HF): Qwen3-8B text (head dim 128, `_QWEN3_8B`) and InternViT-300M at
+# 448 px, 14 px patches (32×32), pixel-shuffled by downsample_ratio 0.5 to 16×16 = 256 tokens per frame. The
+# vocabulary (Qwen3's 151,936) and the image token id are as read from the HF conversion's config; the planner uses
+# neither.
+_INTERNVIT_300M = {
+    "model_type": "internvl_vision",
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "intermediate_size": 4096,
+    "image_size": [448, 448],
+    "patch_size": [14, 14],
+}
 
 
 def _config(model_type: str, text: dict[str, int], vocab: int, vision: dict[str, int]) -> dict[str, Any]:
@@ -172,6 +216,18 @@ CATALOGUE_CONFIGS: dict[str, tuple[dict[str, Any], int]] = {
     "qwen2-vl-7b": (_config("qwen2_vl", _QWEN2_7B, 152064, _QWEN2VL_VISION), 32),
     "qwen2-vl-2b": (_config("qwen2_vl", _QWEN2_15B, 151936, _QWEN2VL_VISION), 32),
     "qwen2-vl-72b": (_config("qwen2_vl", _QWEN2_72B, 152064, _QWEN2VL_VISION), 32),
+    "qwen3-vl-8b": (_config("qwen3_vl", _QWEN3_8B, 151936, _QWEN3VL_VISION), 32),
+    "internvl3.5-8b": (
+        {
+            "model_type": "internvl",
+            "image_token_id": 151671,
+            "image_seq_length": 256,
+            "downsample_ratio": 0.5,
+            "text_config": {"model_type": "qwen3", **_QWEN3_8B, "head_dim": 128, "vocab_size": 151936},
+            "vision_config": _INTERNVIT_300M,
+        },
+        32,
+    ),
 }
 
 
@@ -251,6 +307,8 @@ def spec_from_config(
         cols=geometry.cols,
         newline_layout=geometry.newline_layout,  # type: ignore[arg-type]
         default_query_rows=geometry.query_rows,
+        first_stage_layer=geometry.first_stage_layer,
+        recurrent_layers=tuple(geometry.recurrent_layers),
     )
 
 

@@ -22,13 +22,29 @@ from typing import Any
 import pytest
 import torch
 
-ARCHITECTURES = ("llava_onevision", "llava_video_per_row", "llava_next_video", "qwen2_vl", "qwen2_5_vl", "qwen3_5")
+ARCHITECTURES = (
+    "llava_onevision",
+    "llava_video_per_row",
+    "llava_next_video",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "internvl",
+    "qwen3_5",
+)
 #: Where the tiny models run: CPU in CI; ``HIERAVID_TEST_DEVICE=cuda`` runs the same suite on a GPU.
 DEVICE = torch.device(os.environ.get("HIERAVID_TEST_DEVICE", "cpu"))
 ATTENTION = ("sdpa", "eager")
 
 VIDEO_TOKEN, IMAGE_TOKEN, VISION_START, VISION_END = 251, 250, 252, 253
+#: Qwen3-VL: the tiny tower's blocks whose features the text model adds after decoder layers 0 and 1 (deepstack).
+QWEN3_DEEPSTACK_INDEXES = [0, 1]
+#: Qwen3-VL: stand-ins for the tokens of ``<t seconds>``, written before each temporal patch's vision start.
+QWEN3_TIMESTAMP_TOKENS = 3
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = 0, 1, 2
+#: InternVL's prompt around each frame: ``FrameN: <img>`` + context tokens + ``</img>``, frames joined by a newline
+#: (the text ids stand for what its processor writes; the context token is the config's ``image_token_id``).
+IMG_START, IMG_END, FRAME_WORD, COLON, NEWLINE_TEXT, DIGIT_ZERO = 248, 249, 201, 212, 213, 202
 #: Qwen2.5-VL: ``vision_config.tokens_per_second`` of the released checkpoints, and the processor's
 #: ``second_per_grid_ts`` (temporal_patch_size / fps: 2 frames per temporal patch sampled at 2 fps).
 QWEN2_5_TOKENS_PER_SECOND, QWEN2_5_SECONDS_PER_GRID = 2, 1.0
@@ -151,6 +167,62 @@ def _qwen2_5_vl_config() -> Any:
     )
 
 
+def _qwen3_vl_config(moe: bool = False) -> Any:
+    """Qwen3-VL: per-head q/k norms, interleaved M-RoPE, a two-block tower whose blocks both feed deepstack."""
+    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    text = dict(model_type="qwen3_vl_moe_text" if moe else "qwen3_vl_text", rope_parameters=rope, head_dim=16)
+    text.update(TEXT_CONFIG)
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    vision = dict(
+        model_type="qwen3_vl_moe" if moe else "qwen3_vl_vision",
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=2,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+        num_position_embeddings=16,
+        deepstack_visual_indexes=QWEN3_DEEPSTACK_INDEXES,
+    )
+    if moe:
+        vision.pop("model_type")
+    config_class = Qwen3VLMoeConfig if moe else Qwen3VLConfig
+    return config_class(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+        tie_word_embeddings=False,
+    )
+
+
+def _internvl_config(text_model_type: str = "qwen3") -> Any:
+    """InternVL3.5 (Qwen3 language model, per-head q/k norms) or InternVL3 (``text_model_type="qwen2"``): a one-layer
+    InternViT on 32×32 frames of 4×4 patches (8×8 plus CLS), pixel-shuffled by 0.5 to 4×4 tokens per frame."""
+    from transformers import InternVLConfig
+
+    text = dict(model_type=text_model_type, **TEXT_CONFIG)
+    if text_model_type == "qwen3":
+        text["head_dim"] = TEXT_CONFIG["hidden_size"] // TEXT_CONFIG["num_attention_heads"]  # Qwen3's default is 128
+    vision = _tiny_vision("internvl_vision")
+    return InternVLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN,
+        image_seq_length=16,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+
+
 #: Qwen3.5's decoder: layer 1 is linear attention (Gated DeltaNet), the others full attention, so that every stage
 #: layer of the conformance policies (0, 2-7) has attention to score relevance with. Stages before linear-attention
 #: layers are tested in tests/adapters/test_qwen3_5.py with another pattern.
@@ -250,6 +322,10 @@ def model_class(architecture: str) -> type:
         "llava_next_video": transformers.LlavaNextVideoForConditionalGeneration,
         "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
         "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+        "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+        "qwen3_vl_moe": transformers.Qwen3VLMoeForConditionalGeneration,
+        "internvl": transformers.InternVLForConditionalGeneration,
+        "internvl_qwen2": transformers.InternVLForConditionalGeneration,
         "qwen3_5": transformers.Qwen3_5ForConditionalGeneration,
     }[architecture]
 
@@ -261,6 +337,10 @@ def model_config(architecture: str) -> Any:
         "llava_next_video": _llava_next_video_config,
         "qwen2_vl": _qwen2_vl_config,
         "qwen2_5_vl": _qwen2_5_vl_config,
+        "qwen3_vl": _qwen3_vl_config,
+        "qwen3_vl_moe": lambda: _qwen3_vl_config(moe=True),
+        "internvl": _internvl_config,
+        "internvl_qwen2": lambda: _internvl_config("qwen2"),
         "qwen3_5": qwen3_5_config,
     }[architecture]()
 
@@ -290,6 +370,16 @@ class TinyCase:
     @property
     def is_qwen(self) -> bool:
         return self.architecture.startswith("qwen")
+
+    @property
+    def is_internvl(self) -> bool:
+        """InternVL: each frame is a one-tile image span, with text between frames."""
+        return self.architecture.startswith("internvl")
+
+    @property
+    def placeholder_token(self) -> int:
+        """The id of the video's content tokens in ``input_ids`` (InternVL: the image context token)."""
+        return IMAGE_TOKEN if self.is_internvl else VIDEO_TOKEN
 
     @property
     def newline_layout(self) -> str:
@@ -325,6 +415,12 @@ class TinyCase:
             newline_layout=layout,
             text_tokens=text_tokens,
             default_query_rows=4 if self.is_qwen else 1,
+            first_stage_layer=len(QWEN3_DEEPSTACK_INDEXES) if self.architecture == "qwen3_vl" else 0,
+            recurrent_layers=tuple(
+                index
+                for index, kind in enumerate(getattr(self.model.config.get_text_config(), "layer_types", None) or ())
+                if kind == "linear_attention"
+            ),
         )
 
     def _pixels(self, generator: torch.Generator, frames: int, scenes: int = 3) -> torch.Tensor:
@@ -342,9 +438,13 @@ class TinyCase:
         pads: tuple[int, ...] | None = None,
         frames: tuple[int, ...] | None = None,
         video: bool = True,
+        still_images: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Left-padded model inputs: ``pads[b]`` padding tokens before sample ``b``; Qwen samples may have
-        different temporal lengths (``frames[b]``)."""
+        """Left-padded model inputs: ``pads[b]`` padding tokens before sample ``b``; Qwen and InternVL samples may
+        have different temporal lengths (``frames[b]``). InternVL with ``still_images``: a two-tile image before the
+        video and a one-tile image right after it (``</img>\\n<img>``), which are not frames."""
+        if self.is_internvl:
+            return self._internvl_inputs(batch, seed, pads, frames, video, still_images)
         generator = torch.Generator().manual_seed(seed)
         pads = pads or (0,) * batch
         frames = frames or (self.frames,) * batch
@@ -364,6 +464,15 @@ class TinyCase:
                 stamps = torch.randint(3, 200, (frames[sample],), generator=generator)
                 block = torch.tensor([VISION_START, *[VIDEO_TOKEN] * (self.rows * self.cols), VISION_END])
                 ids = torch.cat([head, *(torch.cat([stamp.view(1), block]) for stamp in stamps), tail])
+                kind = (ids == VIDEO_TOKEN).long() * 2
+                pixels.append(self._pixels(generator, frames[sample]).reshape(-1, 3 * 2 * 2 * 2))
+            elif self.architecture == "qwen3_vl":  # per temporal patch: <t seconds> <start> tokens <end>
+                per_frame = self.rows * self.cols
+                pieces = [head]
+                for _ in range(frames[sample]):
+                    pieces.append(torch.randint(3, 200, (QWEN3_TIMESTAMP_TOKENS,), generator=generator))
+                    pieces.append(torch.tensor([VISION_START, *[VIDEO_TOKEN] * per_frame, VISION_END]))
+                ids = torch.cat([*pieces, tail])
                 kind = (ids == VIDEO_TOKEN).long() * 2
                 pixels.append(self._pixels(generator, frames[sample]).reshape(-1, 3 * 2 * 2 * 2))
             elif self.is_qwen:
@@ -404,6 +513,54 @@ class TinyCase:
                     out["second_per_grid_ts"] = torch.full((batch,), QWEN2_5_SECONDS_PER_GRID)
         elif video:
             out["pixel_values_videos"] = torch.stack(pixels)
+        return {key: value.to(DEVICE) for key, value in out.items()}
+
+    def _internvl_inputs(
+        self,
+        batch: int,
+        seed: int,
+        pads: tuple[int, ...] | None,
+        frames: tuple[int, ...] | None,
+        video: bool,
+        still_images: bool,
+    ) -> dict[str, torch.Tensor]:
+        """InternVLProcessor's layout: ``FrameN: <img>`` + 16 context tokens + ``</img>`` per frame, joined by a
+        newline; ``pixel_values`` holds every tile of every sample in prompt order."""
+        generator = torch.Generator().manual_seed(seed)
+        pads = pads or (0,) * batch
+        frames = frames or (self.frames,) * batch
+        per_tile = self.rows * self.cols
+
+        def image(tiles: int) -> list[int]:
+            return [IMG_START, *[IMAGE_TOKEN] * (per_tile * tiles), IMG_END]
+
+        sequences: list[torch.Tensor] = []
+        tiles: list[torch.Tensor] = []
+        for sample in range(batch):
+            head = torch.randint(3, 200, (5,), generator=generator).tolist()
+            tail = torch.randint(3, 200, (6,), generator=generator).tolist()
+            ids = list(head)
+            if still_images:
+                ids += [*image(2), NEWLINE_TEXT]
+                tiles.append(torch.randn(2, 3, 32, 32, generator=generator))
+            if video:
+                for frame in range(frames[sample]):
+                    label = [FRAME_WORD, DIGIT_ZERO + (frame + 1) % 10, COLON]
+                    ids += ([NEWLINE_TEXT] if frame else []) + label + image(1)
+                tiles.append(self._pixels(generator, frames[sample]))
+            if still_images:
+                ids += [NEWLINE_TEXT, *image(1)]
+                tiles.append(torch.randn(1, 3, 32, 32, generator=generator))
+            sequences.append(torch.tensor(ids + tail))
+        length = max(len(s) + p for s, p in zip(sequences, pads))
+        input_ids = torch.full((batch, length), PAD_TOKEN, dtype=torch.long)
+        attention_mask = torch.zeros(batch, length, dtype=torch.long)
+        for sample, ids in enumerate(sequences):
+            input_ids[sample, length - len(ids) :] = ids
+            attention_mask[sample, length - len(ids) :] = 1
+        out = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if tiles:
+            out["pixel_values"] = torch.cat(tiles)
         return {key: value.to(DEVICE) for key, value in out.items()}
 
 

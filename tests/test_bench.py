@@ -112,7 +112,7 @@ def test_help_documents_the_options(capsys: pytest.CaptureFixture[str]) -> None:
         assert option in text, option
 
 
-@pytest.mark.parametrize("name", ["qwen2-vl-7b", "qwen2.5-vl-7b"])
+@pytest.mark.parametrize("name", ["qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b"])
 def test_qwen_decode_steps(name: str, tmp_path: Path) -> None:
     """Hand-driven decode steps need explicit positions on M-RoPE models (regression: the H100 run failed);
     Qwen2.5-VL's tiny case has windowed and full-attention vision blocks, timed with and without speedups."""
@@ -166,3 +166,81 @@ def test_profile_decode_reports_steps_and_syncs() -> None:
         assert row["step_ms_median"] > 0 and row["top_cpu_ops"] and row["gpu_ms_per_step"] is None
     # A pruned decode step reads the device no more often than the unpruned model's own step.
     assert rows[1]["host_syncs_per_step"] <= rows[0]["host_syncs_per_step"]
+
+
+def test_internvl_bench_runs_the_tiny_model(tmp_path: Path) -> None:
+    """InternVL3.5's tiny case (Qwen3 text, frames as one-tile images with labels between them) runs end to end: the
+    video is found and pruned, and the vision time is that of get_image_features (frames are images)."""
+    import contextlib
+    import io
+
+    out = tmp_path / "internvl.json"
+    argv = ["bench", "--size", "tiny", "--device", "cpu", "--dtype", "float32", "--runs", "1", "--warmup", "0"]
+    argv += ["--decode-tokens", "2", "--frames", "8", "--model", "internvl3.5-8b"]
+    argv += ["--policy", str(ROOT / "policies" / "hieravid-30.yaml"), "--out", str(out)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(argv) == 0
+    model = json.loads(out.read_text())["models"][0]
+    results = {result["policy"]: result for result in model["results"]}
+    assert set(results) >= {"unpruned", "hieravid-30"}
+    pruned, unpruned = results["hieravid-30"], results["unpruned"]
+    assert pruned["vision_ms"] > 0 and unpruned["vision_ms"] > 0 and pruned["decode_step_ms"] > 0
+    assert pruned["kv_cache_bytes"] < unpruned["kv_cache_bytes"] and 0.2 < pruned["retention"] < 0.4
+
+
+def test_batched_rows_match_each_sample_alone(tmp_path: Path) -> None:
+    """--batch 1 2 --ragged: videos/s and the first token of every sample, batched (left-padded when ragged) equal to
+    the sample run alone within the conformance tolerance (fp32), pruned and unpruned."""
+    import contextlib
+    import io
+
+    out = tmp_path / "batch.json"
+    printed = io.StringIO()
+    argv = ["bench", "--size", "tiny", "--device", "cpu", "--dtype", "float32", "--runs", "1", "--warmup", "0"]
+    argv += ["--model", "llava-onevision-7b", "--frames", "8", "--policy", str(ROOT / "policies" / "hieravid-30.yaml")]
+    with contextlib.redirect_stdout(printed):
+        assert main([*argv, "--batch", "1", "2", "--ragged", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["batch"] == [1, 2] and report["settings"]["ragged"] is True and not report["models"]
+    equal, ragged = report["batches"]
+    assert (equal["ragged"], ragged["ragged"]) == (False, True) and equal["frames"] == 8
+    for entry in (equal, ragged):
+        rows = entry["results"]
+        assert [(row["batch"], row["policy"]) for row in rows] == [
+            (1, "unpruned"),
+            (1, "hieravid-30"),
+            (2, "unpruned"),
+            (2, "hieravid-30"),
+        ]
+        for row in rows:
+            assert (
+                row["videos_per_s"] == pytest.approx(row["batch"] * 1000 / row["ttft_ms"]) and row["videos_per_s"] > 0
+            )
+            assert row["max_abs_logit_diff_vs_alone"] <= 1e-4, row
+            assert len(row["first_tokens"]) == len(row["prompt_lengths"]) == row["batch"]
+            assert row["peak_memory_bytes"] is None  # CPU: no CUDA allocator to read
+        pruned = [row for row in rows if row["policy"] == "hieravid-30"]
+        assert all(0.2 < row["retention"] < 0.4 and row["speedup_vs_unpruned"] > 0 for row in pruned)
+        assert pruned[1]["first_tokens"][0] == pruned[0]["first_tokens"][0]
+    lengths = ragged["results"][-1]["prompt_lengths"]
+    assert lengths[1] - lengths[0] == 8 and len(set(equal["results"][-1]["prompt_lengths"])) == 1
+    text = printed.getvalue()
+    assert "videos/s" in text and "ragged prompts" in text and "equal prompts" in text
+
+
+def test_batch_samples_are_distinct_videos_pruned_alone() -> None:
+    """The comparison above means something: the two samples have different videos and get different first-token
+    logits alone, so a batch that mixed them up would miss the 1e-4 tolerance by far."""
+    import torch
+
+    from hieravid.apps.bench import BatchSamples, bench_batch, build_case
+
+    case = build_case("llava-onevision-7b", frames=8, size="tiny", device="cpu", dtype="float32")
+    samples = BatchSamples(case, ragged=False)
+    row = bench_batch(samples, str(ROOT / "policies" / "hieravid-30.yaml"), 2, runs=1, warmup=0, device="cpu")
+    assert row.max_abs_logit_diff_vs_alone <= 1e-4
+    first, second = samples.sample(0), samples.sample(1)
+    assert first["input_ids"].shape == second["input_ids"].shape  # equal lengths: no padding in this batch
+    assert not torch.equal(first["pixel_values_videos"], second["pixel_values_videos"])
+    alone = samples.alone_logits
+    assert (alone["hieravid-30", 0] - alone["hieravid-30", 1]).abs().max() > 1e-2

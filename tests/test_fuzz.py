@@ -264,6 +264,7 @@ def cli_stubs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(demo, "run_demo", _stop)
     monkeypatch.setattr(demo, "save_demo_checkpoint", _stop)
     monkeypatch.setattr(bench, "run_benchmark", _stop)
+    monkeypatch.setattr(bench, "run_batch_benchmark", _stop)
 
 
 @pytest.fixture(scope="module")
@@ -313,9 +314,13 @@ COMMANDS: dict[str, tuple[tuple[int, int], list[str], list[str]]] = {
     "run": ((0, 0), ["--model", "--video", "--question", "--policy"], ["--frames", "--device", "--dtype", "--trace"]),
     "demo": ((0, 0), [], ["--out", "--frames", "--policy", "--seed", "--export", "--arch"]),
     "viz": ((1, 1), ["-o"], ["--request", "--max-frames"]),
-    "bench": ((0, 0), [], ["--model", "--policy", "--frames", "--size", "--device", "--runs", "--warmup", "--out"]),
+    "bench": (
+        (0, 0),
+        [],
+        ["--model", "--policy", "--frames", "--size", "--device", "--runs", "--warmup", "--out", "--batch", "--ragged"],
+    ),
 }
-FLAGS = {"--json", "--markdown"}
+FLAGS = {"--json", "--markdown", "--ragged"}
 
 
 @st.composite
@@ -361,12 +366,19 @@ def test_the_stubs_are_reached(files, cli_stubs, capsys) -> None:
         ["demo", "--out", files["folder"] + "/out"],
         ["demo", "--export", files["folder"] + "/new"],
         ["bench", "--size", "tiny", "--device", "cpu"],
+        ["bench", "--size", "tiny", "--device", "cpu", "--batch", "1", "4", "--ragged"],
     ):
         code, _, err = _main([*argv, "--policy", "hieravid-30"] if argv[0] != "bench" else argv)
         if argv[0] == "run":
             assert code == 2 and "video" in err  # a Python file is not a video: refused before the model
         else:
             assert code == 2 and "stub: the arguments were accepted" in err, (argv, err)
+
+
+def test_bench_batch_sizes_must_be_positive(cli_stubs) -> None:
+    for bad in (["--batch", "0"], ["--batch", "4", "-2"], ["--batch", "x"], ["--batch"], ["--ragged"]):
+        code, _, err = _main(["bench", "--size", "tiny", "--device", "cpu", *bad])
+        assert code == 2 and "Traceback" not in err and ("--batch" in err or "batch" in err), (bad, err)
 
 
 # ---------------------------------------------------------------------------------------------- processes

@@ -337,3 +337,25 @@ def test_lmms_eval_command_on_a_synthetic_video_task(checkpoints: dict[str, Path
     assert len(samples_file.read_text().splitlines()) == 3
     assert results["config"]["batch_size"] == "2"
     assert len(load_trace(trace)) == 3  # one entry per request: a batch of 2, then one of 1
+
+
+def test_data_parallel_command_on_two_cpu_processes(tmp_path: Path) -> None:
+    """benchmarks/lmms_eval_dp.py at tiny size: the synthetic task in one process, then in two (torchrun, gloo);
+    every sample evaluated exactly once (logged once, its video read by one of the two processes) and every
+    sample's output equal to the one-process output. The same script runs the full-size model on two GPUs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lmms_eval_dp", REPO / "benchmarks" / "lmms_eval_dp.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--size", "tiny", "--device", "cpu", "--samples", "5", "--frames", "8", "--new-tokens", "3"]
+    assert script.main([*argv, "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "lmms_eval_dp.json").read_text())
+    single, parallel = report["runs"]
+    assert (single["processes"], parallel["processes"]) == (1, 2)
+    check = report["checks"]["hieravid-30"]
+    assert check["logged_once"] and check["read_by_one_process"] and check["same_outputs"]
+    assert check["processes_that_read"] == 2  # really sharded: 3 samples on rank 0, 2 on rank 1
+    assert sorted(len(ids) for ids in parallel["ids_by_rank"].values()) == [2, 3]
+    assert parallel["outputs"] == single["outputs"] and sorted(map(int, single["outputs"])) == list(range(5))
+    assert all(run["samples_per_s"] > 0 and run["generation_s"] < run["command_s"] for run in report["runs"])

@@ -26,6 +26,58 @@ def test_catalogue_shapes() -> None:
     assert next_video.video_tokens == 32 * 144 and next_video.newline_tokens == 0
 
 
+def test_qwen3_vl_8b_catalogue_equals_the_spec_of_a_real_config() -> None:
+    """Qwen3-VL-8B-Instruct's published config.json (the values the planner reads, plus the rest of its shape)."""
+    from transformers import Qwen3VLConfig
+
+    rope = {"rope_type": "default", "rope_theta": 5000000, "mrope_section": [24, 20, 20], "mrope_interleaved": True}
+    text = dict(
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=262144,
+        rope_parameters=rope,
+    )
+    vision = dict(
+        depth=27,
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_heads=16,
+        out_hidden_size=4096,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        num_position_embeddings=2304,
+        deepstack_visual_indexes=[8, 16, 24],
+    )
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, video_token_id=151656, tie_word_embeddings=False)
+    spec = CATALOGUE["qwen3-vl-8b"]
+    assert spec_from_config(config, name="qwen3-vl-8b", sampled_frames=32) == spec
+    # 32 frames → 16 temporal patches of 448/32 = 14×14 tokens; stages only after the 3 deepstack layers.
+    assert (spec.frames, spec.rows, spec.cols, spec.video_tokens) == (16, 14, 14, 16 * 196)
+    assert (spec.num_layers, spec.first_stage_layer, spec.default_query_rows) == (36, 3, 4)
+
+
+def test_internvl_catalogue_spec_is_the_spec_of_a_real_config() -> None:
+    """InternVL3.5-8B: Qwen3-8B text, InternViT-300M at 448 px pixel-shuffled to 16×16 tokens per one-tile frame."""
+    from transformers import InternVLConfig
+
+    from hieravid.specs import CATALOGUE_CONFIGS
+
+    catalogue = CATALOGUE["internvl3.5-8b"]
+    mapping, sampled = CATALOGUE_CONFIGS["internvl3.5-8b"]
+    config = InternVLConfig(**{key: value for key, value in mapping.items() if key != "model_type"})
+    assert config.text_config.model_type == "qwen3" and config.vision_config.image_size == [448, 448]
+    assert spec_from_config(config, name="internvl3.5-8b", sampled_frames=sampled) == catalogue
+    assert (catalogue.num_layers, catalogue.hidden_size, catalogue.num_key_value_heads) == (36, 4096, 8)
+    assert (catalogue.rows, catalogue.cols, catalogue.newline_tokens) == (16, 16, 0)
+    assert catalogue.video_tokens == 32 * 256
+
+
 def test_with_frames_and_newline_layouts() -> None:
     spec = CATALOGUE["llava-onevision-7b"].with_frames(8)
     assert spec.video_tokens == 8 * 196 + 1

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BENCH_MODELS = ("llava-onevision-7b", "llava-video-7b", "qwen2-vl-7b", "qwen2.5-vl-7b")
+BENCH_MODELS = ("llava-onevision-7b", "llava-video-7b", "qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "internvl3.5-8b")
 #: Small models (host-bound regime), benchmarked on request (``--model llava-onevision-0.5b``).
 SMALL_MODELS = ("llava-onevision-0.5b", "qwen2-vl-2b")
 DEFAULT_FRAMES = {
@@ -48,8 +48,10 @@ DEFAULT_FRAMES = {
     "llava-video-7b": 64,
     "qwen2-vl-7b": 32,
     "qwen2.5-vl-7b": 32,
+    "qwen3-vl-8b": 32,
     "llava-onevision-0.5b": 32,
     "qwen2-vl-2b": 32,
+    "internvl3.5-8b": 32,
 }
 """Frames sampled from the video (Qwen2-VL packs two sampled frames into one temporal patch)."""
 
@@ -81,6 +83,32 @@ QWEN2_5_VL_7B_VISION = dict(
     **QWEN_PATCHING,
 )
 """Qwen2.5-VL-7B's vision transformer (112-pixel windows, four full-attention blocks)."""
+QWEN3_VL_8B_VISION = dict(
+    depth=27,
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_heads=16,
+    out_hidden_size=4096,
+    num_position_embeddings=2304,
+    deepstack_visual_indexes=[8, 16, 24],
+    patch_size=16,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    in_channels=3,
+)
+"""Qwen3-VL-8B's vision transformer (16-pixel patches; blocks 8/16/24 feed the deepstack)."""
+_QWEN3_8B_TEXT = dict(
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151936,
+    max_position_embeddings=262144,
+)
+#: Tokens of one ``<t seconds>`` timestamp that Qwen3-VL's processor writes before each temporal patch.
+_QWEN3_TIMESTAMP_TOKENS = 6
 _QWEN2_7B_TEXT = dict(
     hidden_size=3584,
     intermediate_size=18944,
@@ -133,6 +161,9 @@ class SyntheticCase:
     inputs: dict[str, Any]
     sampled_frames: int
     llm_frames: int
+    vision_method: str = "get_video_features"
+    """The multimodal model's method that encodes the video (InternVL: ``get_image_features``, frames are images)."""
+    size: str = "full"
 
     def spec(self) -> Any:
         """The ModelSpec matching this model and prompt exactly (for ``compile_plan``)."""
@@ -242,6 +273,113 @@ def _qwen2_5_vl_config(size: str) -> Any:
     return _qwen_family_config(Qwen2_5_VLConfig, "qwen2_5_vl_text", vision, text, full=size == "full")
 
 
+def _qwen3_vl_config(size: str) -> Any:
+    """Qwen3-VL-8B (interleaved M-RoPE [24, 20, 20], deepstack after layers 0-2), or a tiny one (deepstack after
+    layers 0-1, so hieravid-30's stages at 2/4/6 of 8 layers are allowed)."""
+    from transformers import Qwen3VLConfig
+
+    if size == "full":
+        vision, text, section = dict(QWEN3_VL_8B_VISION), dict(_QWEN3_8B_TEXT), [24, 20, 20]
+    else:
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0, 1],
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        )
+        text, section = dict(_TINY_TEXT, head_dim=16), [2, 3, 3]
+    rope = {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": section, "mrope_interleaved": True}
+    return Qwen3VLConfig(
+        text_config=dict(model_type="qwen3_vl_text", rope_parameters=rope, **text),
+        vision_config=vision,
+        image_token_id=_IMAGE_TOKEN,
+        video_token_id=_VIDEO_TOKEN,
+        vision_start_token_id=_VISION_START,
+        vision_end_token_id=_VISION_END,
+        tie_word_embeddings=False,
+    )
+
+
+def _qwen3_vl_ids(head: Any, tail: Any, temporal: int, tokens: int, generator: Any) -> Any:
+    """Qwen3-VL's prompt: per temporal patch a ``<t seconds>`` timestamp, vision start, its tokens, vision end."""
+    import torch
+
+    pieces = [head]
+    for _ in range(temporal):
+        pieces.append(torch.randint(1000, 100000, (_QWEN3_TIMESTAMP_TOKENS,), generator=generator))
+        pieces.append(torch.tensor([_VISION_START, *[_VIDEO_TOKEN] * tokens, _VISION_END]))
+    return torch.cat([*pieces, tail])
+
+
+def _internvl_case(
+    name: str, frames: int, size: str, device: str, torch_dtype: Any, attention: str, generator: Any
+) -> SyntheticCase:
+    """InternVL3.5-8B (catalogue shapes: Qwen3-8B, InternViT-300M at 448 px) or a tiny InternVL (56 px frames, 7×7
+    tokens), prompted as ``InternVLProcessor(videos=...)`` does: ``FrameN: <img>`` + one tile's context tokens +
+    ``</img>`` per frame, joined by newlines. The label ids stand in for the tokenizer's text."""
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    from hieravid.specs import CATALOGUE_CONFIGS
+
+    mapping = dict(CATALOGUE_CONFIGS["internvl3.5-8b"][0])
+    mapping.pop("model_type")
+    if size != "full":
+        vision = dict(
+            model_type="internvl_vision",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=4,
+        )
+        mapping.update(
+            text_config=dict(model_type="qwen3", **_TINY_TEXT, head_dim=16), vision_config=vision, image_seq_length=49
+        )
+    config = InternVLConfig(**mapping, tie_word_embeddings=False)
+    with torch.device(device):
+        model = InternVLForConditionalGeneration._from_config(config, attn_implementation=attention, dtype=torch_dtype)
+    model.eval()
+    image_token, per_frame = config.image_token_id, config.image_seq_length
+    image_start, image_end, newline, colon, digit_zero, frame_word = image_token - 2, image_token - 1, 198, 25, 15, 4369
+    ids: list[int] = torch.randint(1000, 100000, (_PROMPT_HEAD,), generator=generator).tolist()
+    for frame in range(frames):
+        label = [frame_word, *(digit_zero + int(digit) for digit in str(frame + 1)), colon]
+        ids += ([newline] if frame else []) + label + [image_start, *[image_token] * per_frame, image_end]
+    ids += torch.randint(1000, 100000, (_PROMPT_TAIL,), generator=generator).tolist()
+    side = config.vision_config.image_size[0]
+    scenes = torch.randn(4, 3, side, side, generator=generator)
+    pixels = scenes[torch.arange(frames) * 4 // frames] + 0.1 * torch.randn(frames, 3, side, side, generator=generator)
+    input_ids = torch.tensor([ids], device=device)
+    inputs = {
+        "pixel_values": pixels.to(device, torch_dtype),
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+    }
+    return SyntheticCase(
+        name=name,
+        model=model,
+        inputs=inputs,
+        sampled_frames=frames,
+        llm_frames=frames,
+        vision_method="get_image_features",
+    )
+
+
+#: Benchmark models built by a function of their own: ``(name, frames, size, device, dtype, attention, generator)``.
+_CASE_BUILDERS: dict[str, Callable[..., SyntheticCase]] = {"internvl3.5-8b": _internvl_case}
+#: Models whose batched runs (``--batch``) can draw more samples: those built by :func:`build_case` itself.
+BATCH_MODELS = tuple(name for name in BENCH_MODELS + SMALL_MODELS if name not in _CASE_BUILDERS)
+
+
 def build_case(
     name: str,
     *,
@@ -263,9 +401,13 @@ def build_case(
     torch_dtype = getattr(torch, dtype)
     torch.manual_seed(seed)
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    if name in _CASE_BUILDERS:
+        return _CASE_BUILDERS[name](name, frames, size, device, torch_dtype, attention, generator)
     qwen = name.startswith("qwen")
     if name == "qwen2.5-vl-7b":
         config, model_class = _qwen2_5_vl_config(size), transformers.Qwen2_5_VLForConditionalGeneration
+    elif name == "qwen3-vl-8b":
+        config, model_class = _qwen3_vl_config(size), transformers.Qwen3VLForConditionalGeneration
     elif qwen:
         config = _qwen2_vl_config(size, _SMALL_TEXT.get(name))
         model_class = transformers.Qwen2VLForConditionalGeneration
@@ -275,24 +417,53 @@ def build_case(
     with torch.device(device):
         model = model_class._from_config(config, attn_implementation=attention, dtype=torch_dtype)
     model.eval()
+    if qwen and frames % 2:
+        raise ValueError(f"Qwen2-VL packs frames in pairs; pass an even frame count, got {frames}")
+    inputs = _prompt_inputs(config, frames, size=size, generator=generator, qwen=qwen, device=device, dtype=torch_dtype)
+    llm_frames = frames // 2 if qwen else frames
+    return SyntheticCase(name=name, model=model, inputs=inputs, sampled_frames=frames, llm_frames=llm_frames, size=size)
+
+
+def _prompt_inputs(
+    config: Any,
+    frames: int,
+    *,
+    size: str,
+    generator: Any,
+    qwen: bool,
+    device: str,
+    dtype: Any,
+    extra_text_tokens: int = 0,
+) -> dict[str, Any]:
+    """One prompt's model inputs (batch of one): random text around a synthetic video drawn from ``generator``,
+    with ``extra_text_tokens`` more question tokens after the video."""
+    import torch
+
     head = torch.randint(1000, 100000, (_PROMPT_HEAD,), generator=generator)
-    tail = torch.randint(1000, 100000, (_PROMPT_TAIL,), generator=generator)
+    tail = torch.randint(1000, 100000, (_PROMPT_TAIL + extra_text_tokens,), generator=generator)
     if qwen:
-        if frames % 2:
-            raise ValueError(f"Qwen2-VL packs frames in pairs; pass an even frame count, got {frames}")
-        side = 32 if size == "full" else 8  # 448×448 pixels / 14-pixel patches (full)
+        patch = int(config.vision_config.patch_size)
+        side = 448 // patch if size == "full" else 8  # 448×448 pixels (full)
         grid = torch.tensor([[frames // 2, side, side]])
         count = frames // 2 * side * side // 4
-        ids = torch.cat(
-            [head, torch.tensor([_VISION_START]), torch.full((count,), _VIDEO_TOKEN), torch.tensor([_VISION_END]), tail]
-        )
-        patches = torch.randn(frames // 2 * side * side, 3 * 2 * 14 * 14, generator=generator)
+        if config.model_type == "qwen3_vl":
+            ids = _qwen3_vl_ids(head, tail, frames // 2, side * side // 4, generator)
+        else:
+            ids = torch.cat(
+                [
+                    head,
+                    torch.tensor([_VISION_START]),
+                    torch.full((count,), _VIDEO_TOKEN),
+                    torch.tensor([_VISION_END]),
+                    tail,
+                ]
+            )
+        patches = torch.randn(frames // 2 * side * side, 3 * 2 * patch * patch, generator=generator)
         inputs = {
-            "pixel_values_videos": patches.to(device, torch_dtype),
+            "pixel_values_videos": patches.to(device, dtype),
             "video_grid_thw": grid.to(device),
             "mm_token_type_ids": ((ids == _VIDEO_TOKEN).long() * 2)[None].to(device),
         }
-        llm_frames = frames // 2
     else:
         image = config.vision_config.image_size
         side = -(-(image // config.vision_config.patch_size) // 2)
@@ -302,11 +473,10 @@ def build_case(
         scenes = torch.randn(4, 3, image, image, generator=generator)
         which = torch.arange(frames) * 4 // frames
         pixels = scenes[which] + 0.1 * torch.randn(frames, 3, image, image, generator=generator)
-        inputs = {"pixel_values_videos": pixels[None].to(device, torch_dtype)}
-        llm_frames = frames
+        inputs = {"pixel_values_videos": pixels[None].to(device, dtype)}
     inputs["input_ids"] = ids[None].to(device)
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    return SyntheticCase(name=name, model=model, inputs=inputs, sampled_frames=frames, llm_frames=llm_frames)
+    return inputs
 
 
 class _Timer:
@@ -383,10 +553,10 @@ def _vision_timer(case: SyntheticCase, timer: _Timer, sink: list[float]) -> Iter
     model instance for the block. Times are read when the block ends (CUDA events need a sync)."""
     import functools
 
-    module = case.model.model
-    if "get_video_features" in vars(module):
-        raise RuntimeError("get_video_features is already overridden on this model instance")
-    original = module.get_video_features
+    module, method = case.model.model, case.vision_method
+    if method in vars(module):
+        raise RuntimeError(f"{method} is already overridden on this model instance")
+    original = getattr(module, method)
     marks: list[tuple[Any, Any]] = []
 
     @functools.wraps(original)
@@ -396,11 +566,11 @@ def _vision_timer(case: SyntheticCase, timer: _Timer, sink: list[float]) -> Iter
         marks.append((start, timer.mark()))
         return output
 
-    module.get_video_features = timed
+    setattr(module, method, timed)
     try:
         yield
     finally:
-        del module.get_video_features
+        delattr(module, method)
         timer.sync()
         sink.extend(timer.elapsed_ms(start, end) for start, end in marks)
 
@@ -822,6 +992,254 @@ def _bench_model(
         torch.cuda.empty_cache()
 
 
+# ------------------------------------------------------------------------------------------------ batches
+RAGGED_EXTRA_TOKENS = 8
+"""In a ragged batch sample ``i``'s question is ``8·i`` tokens longer than sample 0's (left padding up to 8·(N−1))."""
+
+
+@dataclass
+class BatchResult:
+    """One (batch size, policy) row of the batched benchmark: a prefill and one new token for the whole batch."""
+
+    policy: str
+    batch: int
+    ragged: bool
+    prompt_lengths: list[int]
+    ttft_ms: float
+    videos_per_s: float
+    peak_memory_bytes: int | None
+    retention: float
+    flops_ratio: float
+    first_tokens: list[int]
+    max_abs_logit_diff_vs_alone: float
+    speedup_vs_unpruned: float | None = None
+
+
+class BatchSamples:
+    """The prompts of a batched benchmark, drawn once per sample index so that every batch size shares them.
+
+    Sample 0 is the case's own prompt; sample ``i`` has its own random video (other pixels, same geometry) and, in
+    ragged batches, a question :data:`RAGGED_EXTRA_TOKENS`·``i`` tokens longer. Greedy first tokens of each sample run
+    alone are cached per policy, so each is computed once whatever the batch sizes."""
+
+    def __init__(self, case: SyntheticCase, *, ragged: bool, seed: int = 1000) -> None:
+        if case.name in _CASE_BUILDERS:
+            raise ValueError(f"batched runs cover {', '.join(BATCH_MODELS)}, not {case.name}")
+        self.case = case
+        self.ragged = ragged
+        self.seed = seed
+        self._samples: dict[int, dict[str, Any]] = {}
+        self.alone_logits: dict[tuple[str, int], Any] = {}
+
+    def sample(self, index: int) -> dict[str, Any]:
+        """Sample ``index`` alone (a batch of one, no padding)."""
+        import torch
+
+        if index not in self._samples:
+            if index == 0:
+                self._samples[0] = self.case.inputs
+            else:
+                case, pixels = self.case, self.case.inputs["pixel_values_videos"]
+                self._samples[index] = _prompt_inputs(
+                    case.model.config,
+                    case.sampled_frames,
+                    size=case.size,
+                    generator=torch.Generator(device="cpu").manual_seed(self.seed + index),
+                    qwen=case.name.startswith("qwen"),
+                    device=str(pixels.device),
+                    dtype=pixels.dtype,
+                    extra_text_tokens=RAGGED_EXTRA_TOKENS * index if self.ragged else 0,
+                )
+        return self._samples[index]
+
+    def batch(self, size: int) -> dict[str, Any]:
+        """Samples ``0 … size−1`` as one batch: token inputs left-padded to the longest prompt (attention mask and
+        ``mm_token_type_ids`` 0 on the padding), pixel inputs concatenated along their first dimension."""
+        import torch
+
+        samples = [self.sample(index) for index in range(size)]
+        length = max(sample["input_ids"].shape[1] for sample in samples)
+        pad = pad_token_id_of(self.case.model)
+        batch: dict[str, Any] = {}
+        for key in samples[0]:
+            if key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+                fill = pad if key == "input_ids" else 0
+                rows = [
+                    torch.cat([sample[key].new_full((1, length - sample[key].shape[1]), fill), sample[key]], dim=1)
+                    for sample in samples
+                ]
+            else:
+                rows = [sample[key] for sample in samples]
+            batch[key] = torch.cat(rows, dim=0)
+        return batch
+
+
+def pad_token_id_of(model: Any) -> int:
+    """The id a random-weight model's prompts are padded with: its text config's pad id, else 0 (masked out)."""
+    text = getattr(model.config, "text_config", model.config)
+    pad = getattr(text, "pad_token_id", None)
+    return 0 if pad is None else int(pad)
+
+
+def bench_batch(
+    samples: BatchSamples,
+    policy: str | None,
+    batch: int,
+    *,
+    runs: int = 5,
+    warmup: int = 2,
+    device: str = "cuda",
+    cuda_graphs: bool = False,
+    speedups: str = "exact",
+) -> BatchResult:
+    """Time ``generate(max_new_tokens=1)`` on a batch of ``batch`` samples (``policy=None``: the stock model) and
+    compare each sample's first-token logits with the same sample run alone under the same policy."""
+    import torch
+
+    from hieravid.plan import compile_plan
+    from hieravid.runtime import apply
+
+    case, timer = samples.case, _Timer(device)
+    plan = compile_plan(policy or _NONE_POLICY, case.spec())
+    model, inputs = case.model, samples.batch(batch)
+    handle = (
+        contextlib.nullcontext() if policy is None else apply(model, plan, cuda_graphs=cuda_graphs, speedups=speedups)
+    )
+    pad = pad_token_id_of(model)
+
+    def first_token(prompt: dict[str, Any]) -> Any:
+        return model.generate(
+            **prompt,
+            max_new_tokens=1,
+            min_new_tokens=1,
+            do_sample=False,
+            pad_token_id=pad,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+
+    with handle, torch.inference_mode():
+        for _ in range(warmup):
+            first_token(inputs)
+        times = [timer.time(lambda: first_token(inputs)) for _ in range(runs)]
+        peak = None
+        if timer.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        logits = first_token(inputs).logits[0].float()
+        if timer.cuda:
+            peak = int(torch.cuda.max_memory_allocated())
+        name = plan.policy.name
+        for index in range(batch):
+            if (name, index) not in samples.alone_logits:
+                samples.alone_logits[name, index] = first_token(samples.sample(index)).logits[0][0].float()
+        alone = torch.stack([samples.alone_logits[name, index] for index in range(batch)])
+    ttft = _median(times)
+    return BatchResult(
+        policy=name,
+        batch=batch,
+        ragged=samples.ragged,
+        prompt_lengths=[int(samples.sample(index)["input_ids"].shape[1]) for index in range(batch)],
+        ttft_ms=ttft,
+        videos_per_s=batch / (ttft / 1000.0),
+        peak_memory_bytes=peak,
+        retention=plan.retention,
+        flops_ratio=plan.flops_ratio,
+        first_tokens=[int(token) for token in logits.argmax(-1).tolist()],
+        max_abs_logit_diff_vs_alone=float((logits - alone).abs().max()),
+    )
+
+
+def run_batch_benchmark(
+    models: Sequence[str],
+    policies: Sequence[str],
+    batch_sizes: Sequence[int],
+    *,
+    ragged: bool = False,
+    frames: int | None = None,
+    size: str = "full",
+    device: str = "cuda",
+    dtype: str = "bfloat16",
+    runs: int = 5,
+    warmup: int = 2,
+    log: Callable[[str], None] = print,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    cudnn_sdp: bool = False,
+    cuda_graphs: bool = False,
+    speedups: str = "exact",
+) -> dict[str, Any]:
+    """Batched throughput: for each model and batch size, videos per second of a prefill plus one new token
+    (``batch / TTFT``) and peak memory, for the stock model and each policy, on batches of equal-length prompts and
+    (``ragged``) also on left-padded batches of different prompt lengths. Every sample has its own video, so each is
+    pruned on its own content; each row records how far its first-token logits are from the samples run alone."""
+    import gc
+
+    import torch
+
+    report: dict[str, Any] = {
+        "environment": environment_info(device),
+        "settings": {
+            "size": size,
+            "dtype": dtype,
+            "runs": runs,
+            "warmup": warmup,
+            "batch": list(batch_sizes),
+            "ragged": ragged,
+            "new_tokens": 1,
+            "attention": "sdpa",
+            "cudnn_sdp": cudnn_sdp,
+            "cuda_graphs": cuda_graphs,
+            "speedups": speedups,
+        },
+        "models": [],
+        "batches": [],
+    }
+    with sdpa_backends(cudnn_sdp):
+        for name in models:
+            case = build_case(name, frames=frames, size=size, device=device, dtype=dtype)
+            log(f"{name}: {case.sampled_frames} frames, batches {', '.join(map(str, batch_sizes))}")
+            for shape in (False, True) if ragged else (False,):
+                samples = BatchSamples(case, ragged=shape)
+                rows: list[BatchResult] = []
+                for batch in batch_sizes:
+                    unpruned = bench_batch(samples, None, batch, runs=runs, warmup=warmup, device=device)
+                    rows.append(unpruned)
+                    for policy in policies:
+                        result = bench_batch(
+                            samples,
+                            policy,
+                            batch,
+                            runs=runs,
+                            warmup=warmup,
+                            device=device,
+                            cuda_graphs=cuda_graphs,
+                            speedups=speedups,
+                        )
+                        result.speedup_vs_unpruned = unpruned.ttft_ms / result.ttft_ms
+                        rows.append(result)
+                    log(
+                        f"  batch {batch}{' ragged' if shape else ''}: "
+                        + ", ".join(
+                            f"{row.policy} {row.videos_per_s:.2f} videos/s" for row in rows[-1 - len(policies) :]
+                        )
+                    )
+                report["batches"].append(
+                    {
+                        "model": name,
+                        "frames": case.sampled_frames,
+                        "ragged": shape,
+                        "results": [dataclasses.asdict(row) for row in rows],
+                    }
+                )
+                if checkpoint is not None:
+                    checkpoint(report)
+            del case, samples
+            gc.collect()
+            if device.startswith("cuda") and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return report
+
+
 def run_frames_sweep(
     name: str,
     frames_list: Sequence[int],
@@ -956,7 +1374,38 @@ def format_report(report: dict[str, Any]) -> str:
             )
             if index == 0:
                 lines.append("  ".join("-" * width for width in widths))
+    lines += _format_batches(report.get("batches", []))
     return "\n".join(lines)
+
+
+def _format_batches(entries: Sequence[dict[str, Any]]) -> list[str]:
+    """Table lines of the batched rows (``--batch``)."""
+    lines: list[str] = []
+    header = ("batch", "policy", "retention", "TTFT ms", "videos/s", "× unpruned", "peak GiB", "Δ logits vs alone")
+    for entry in entries:
+        lines += ["", f"{entry['model']}: {entry['frames']} frames, {'ragged' if entry['ragged'] else 'equal'} prompts"]
+        rows = [header]
+        for result in entry["results"]:
+            peak = result["peak_memory_bytes"]
+            speedup = result["speedup_vs_unpruned"]
+            rows.append(
+                (
+                    str(result["batch"]),
+                    result["policy"],
+                    f"{result['retention']:.3f}",
+                    f"{result['ttft_ms']:.1f}",
+                    f"{result['videos_per_s']:.2f}",
+                    "-" if speedup is None else f"{speedup:.2f}",
+                    "-" if peak is None else f"{peak / 2**30:.2f}",
+                    f"{result['max_abs_logit_diff_vs_alone']:.1e}",
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        for index, row in enumerate(rows):
+            lines.append("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+            if index == 0:
+                lines.append("  ".join("-" * width for width in widths))
+    return lines
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:

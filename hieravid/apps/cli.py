@@ -121,23 +121,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from hieravid.apps.paths import check_output_file
 
         check_output_file(args.out, option="--out")
+    if args.ragged and not args.batch:
+        raise HieravidError("--ragged needs --batch N [N ...]: it adds left-padded batches to the batched rows")
+    if args.batch and set(models) - set(bench.BATCH_MODELS):
+        raise HieravidError(
+            f"--batch: {', '.join(sorted(set(models) - set(bench.BATCH_MODELS)))} builds its prompts with a builder of "
+            f"its own that draws no further samples; batched runs cover {', '.join(bench.BATCH_MODELS)}"
+        )
     log = (lambda message: print(message, file=sys.stderr)) if args.json else print
-    report = bench.run_benchmark(
-        models,
-        policies,
+    common = dict(
         frames=args.frames,
         size=args.size,
         device=args.device,
         dtype=args.dtype,
         runs=args.runs,
         warmup=args.warmup,
-        decode_tokens=args.decode_tokens,
         log=log,
         checkpoint=partial(bench.write_report, path=args.out) if args.out else None,
         cudnn_sdp=args.cudnn_sdp,
         cuda_graphs=args.cuda_graphs,
         speedups=args.speedups,
     )
+    if args.batch:
+        report = bench.run_batch_benchmark(models, policies, args.batch, ragged=args.ragged, **common)
+    else:
+        report = bench.run_benchmark(models, policies, decode_tokens=args.decode_tokens, **common)
     with bench.sdpa_backends(args.cudnn_sdp):
         _bench_extras(args, bench, models, policies, report)
     if args.out:
@@ -429,6 +437,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--sweep",
         type=_frame_list,
         help="also sweep frame counts for the first model and policy, e.g. 16,32,64,128,256",
+    )
+    bench.add_argument(
+        "--batch",
+        nargs="+",
+        type=_positive_int,
+        metavar="N",
+        help="measure batched throughput instead: for each batch size N, videos/s of a prefill plus one new token "
+        "(N / TTFT) and peak memory, unpruned and each policy, every sample with its own video (e.g. --batch 1 4 8 16)",
+    )
+    bench.add_argument(
+        "--ragged",
+        action="store_true",
+        help="with --batch: also left-padded batches whose prompts differ in length (sample i: 8·i more tokens)",
     )
     bench.add_argument("--profile", action="store_true", help="profile one pruned prefill of the first model/policy")
     bench.add_argument("--out", type=Path, help="write the JSON report here (and sweep plots next to it)")

@@ -176,21 +176,31 @@ def _save_qwen2_vl_processor(directory: Path) -> None:
     (directory / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE, encoding="utf-8")
 
 
-def save_demo_checkpoint(directory: str | Path, *, seed: int = 0, architecture: str = "llava_onevision") -> Path:
+def save_demo_checkpoint(
+    directory: str | Path, *, seed: int = 0, architecture: str = "llava_onevision", model: Any = None
+) -> Path:
     """Write a tiny random model as a regular checkpoint folder (config, safetensors weights, tokenizer,
     chat template and processor configs) that ``hieravid run --model DIR`` and lmms-eval load offline.
 
-    ``architecture`` is ``llava_onevision`` (the demo model) or ``qwen2_vl``.
+    ``architecture`` is ``llava_onevision`` (the demo model) or ``qwen2_vl``. ``model`` (LLaVA-OneVision only): a
+    model to save instead of the tiny one, e.g. a full-size random-weight one; its config must keep the demo's token
+    ids (``benchmarks/lmms_eval_dp.py``), and the processor files follow its vision tower's image size.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if architecture == "qwen2_vl":
+        if model is not None:
+            raise HieravidError("save_demo_checkpoint(model=...) saves LLaVA-OneVision models only")
         build_demo_model(seed, architecture).save_pretrained(directory)
         build_demo_tokenizer(architecture).save_pretrained(directory)
         _save_qwen2_vl_processor(directory)
         return directory
-    config = demo_config(architecture)
-    build_demo_model(seed).save_pretrained(directory)
+    if model is None:
+        config = demo_config(architecture)
+        build_demo_model(seed).save_pretrained(directory)
+    else:
+        config = model.config.to_dict()
+        model.save_pretrained(directory)
     tokenizer = build_demo_tokenizer()
     tokenizer.save_pretrained(directory)
     video = _video_processor_config(config)

@@ -211,6 +211,7 @@ def _resolve_plan(policy_or_plan: Any, model: nn.Module, adapter: Adapter, model
         raise PlanError(
             f"plan {plan.policy.name!r} was compiled for model_type {plan.spec.model_type!r}, not {model_type!r}"
         )
+    adapter.check_plan(plan)
     return plan
 
 

@@ -8,6 +8,7 @@ bit-exact (``torch.equal``).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from hieravid.compat import cache_argument, cache_from_output
-from hieravid.errors import HieravidError
+from hieravid.errors import AdapterError, HieravidError, PlanError
 from hieravid.plan import PruningPlan, compile_plan
 from hieravid.policy import Policy, load_policy, policy_from_dict
 from hieravid.runtime import apply, find_handle
@@ -183,9 +184,30 @@ class AdapterConformance:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
             torch.set_num_threads(threads)
 
-    def plan(self, model: nn.Module, policy: str) -> PruningPlan:
-        """``CONFORMANCE_POLICIES[policy]`` compiled for ``model`` seeing the case's single-sample prompts."""
-        return compile_plan(CONFORMANCE_POLICIES[policy], self.case.spec(model))
+    def plan(self, model: nn.Module, policy: str) -> PruningPlan | None:
+        """``CONFORMANCE_POLICIES[policy]`` compiled for ``model`` seeing the case's single-sample prompts.
+
+        ``None`` when the model refuses the policy's stages (stages before its ``first_stage_layer``, e.g. where
+        Qwen3-VL still adds deepstack features, or on its ``recurrent_layers``, e.g. Qwen3.5's linear attention):
+        then the planner and ``apply`` (given a plan compiled without that constraint) must both refuse it naming the
+        layer, and ``apply`` must leave no handle behind.
+        """
+        spec = self.case.spec(model)
+        chosen = CONFORMANCE_POLICIES[policy]
+        unconstrained = compile_plan(chosen, dataclasses.replace(spec, first_stage_layer=0, recurrent_layers=()))
+        refused = [
+            stage.layer
+            for stage in unconstrained.stages
+            if stage.layer < spec.first_stage_layer or stage.layer in spec.recurrent_layers
+        ]
+        if not refused:
+            return compile_plan(chosen, spec)
+        with pytest.raises(PlanError, match=f"stage at layer {refused[0]}"):
+            compile_plan(chosen, spec)
+        with pytest.raises((PlanError, AdapterError), match=f"stage at layer {refused[0]}"):
+            apply(model, unconstrained)
+        assert find_handle(model) is None
+        return None
 
     def _two_samples(self, seed: int, pads: tuple[int, int]) -> dict[str, torch.Tensor]:
         return self.case.inputs(seed=seed, batch=2, pads=pads, frames=self.case.two_sample_frames)
@@ -240,6 +262,8 @@ class AdapterConformance:
     def test_pruned_forward_equals_reference_at_every_layer(self, model: nn.Module, policy: str, batch: int) -> None:
         inputs = self._inputs(batch, seed=11, pads=(0, 7))
         plan = self.plan(model, policy)
+        if plan is None:  # refused, as plan() asserts
+            return
         handle = apply(model, plan)
         adapter = handle.adapter
         handle.remove()
@@ -287,6 +311,8 @@ class AdapterConformance:
         read as packed sequences."""
         inputs = self._inputs(batch, seed=11, pads=(0, 7))
         plan = self.plan(model, "hieravid-30")
+        if plan is None:  # refused, as plan() asserts
+            return
         handle = apply(model, plan)
         adapter = handle.adapter
         handle.remove()
@@ -310,6 +336,8 @@ class AdapterConformance:
     def test_generate_with_cache_equals_cache_free_recomputation(self, model: nn.Module, policy: str) -> None:
         inputs = self._two_samples(seed=5, pads=(3, 0))
         plan = self.plan(model, policy)
+        if plan is None:  # refused, as plan() asserts
+            return
         new_tokens = 5
         with apply(model, plan) as handle:
             adapter = handle.adapter
@@ -340,6 +368,8 @@ class AdapterConformance:
     def test_cache_lengths_equal_realised_counts_which_match_the_plan(self, model: nn.Module, policy: str) -> None:
         inputs = self.case.inputs(seed=3)
         plan = self.plan(model, policy)
+        if plan is None:  # refused, as plan() asserts
+            return
         device = inputs["input_ids"].device
         with apply(model, plan) as handle:
             recurrent = handle.adapter.recurrent_layers()
@@ -371,6 +401,8 @@ class AdapterConformance:
     ) -> None:
         inputs = self.case.inputs(seed=2)
         plan = self.plan(model, "hieravid-30")
+        if plan is None:  # refused, as plan() asserts
+            return
         with apply(model, plan):
             with torch.no_grad():
                 expected = model.generate(**inputs, max_new_tokens=4, do_sample=False)
@@ -397,6 +429,8 @@ class AdapterConformance:
         frames = self.case.two_sample_frames
         batch = self._two_samples(seed=21, pads=(4, 0))
         plan = self.plan(model, "hieravid-30")
+        if plan is None:  # refused, as plan() asserts
+            return
         with apply(model, plan) as handle:
             with torch.no_grad():
                 batched = model(**batch).logits

@@ -5,6 +5,8 @@ run), keeps the rows a pruned request kept (from ``handle.last_request``), and r
 decoder layers one by one on a plain contiguous sequence — no padding, no cache, a fresh causal mask,
 RoPE computed by the model's rotary embedding from the gathered *original* position ids — gathering the
 kept rows after each stage layer (the MLP is token-wise, so cutting after it equals cutting before it).
+Qwen3-VL's deepstack features are added after the first layers as its text model does, at the kept visual
+rows only, each kept row receiving its own original deepstack row.
 The merged segment-level features are recomputed from the original embeddings with the operator.
 
 Use it to check a pruned request of any adapter against the model it prunes::
@@ -46,6 +48,10 @@ class LMInputs:
     inputs_embeds: Tensor
     position_ids: Tensor | None
     attention_mask: Tensor | None
+    visual_pos_masks: Tensor | None = None
+    """Qwen3-VL: ``[B, S]`` positions that receive deepstack features."""
+    deepstack: tuple[Tensor, ...] = ()
+    """Qwen3-VL: per injected layer, ``[visual rows, D]`` features in the row-major order of ``visual_pos_masks``."""
 
 
 def capture_lm_inputs(adapter: Any, model: torch.nn.Module, inputs: dict, *, generate: bool = False) -> LMInputs:
@@ -72,10 +78,13 @@ def capture_lm_inputs(adapter: Any, model: torch.nn.Module, inputs: dict, *, gen
         removable.remove()
     kwargs = captured[0]
     mask = kwargs.get("attention_mask")
+    visual = kwargs.get("visual_pos_masks")
     return LMInputs(
         kwargs["inputs_embeds"].detach().clone(),
         None if kwargs.get("position_ids") is None else kwargs["position_ids"].clone(),
         None if mask is None else mask.clone(),
+        None if visual is None else visual.clone(),
+        tuple(feature.detach().clone() for feature in kwargs.get("deepstack_visual_embeds") or ()),
     )
 
 
@@ -177,6 +186,12 @@ def reference_run(
         orig = torch.cat([orig, length + torch.arange(count, device=device)])
     input_embeds, input_positions = hidden.clone(), orig.clone()
 
+    deepstack_row = None
+    if lm_inputs.visual_pos_masks is not None and lm_inputs.deepstack:
+        visual_mask = lm_inputs.visual_pos_masks.bool()
+        deepstack_row = (visual_mask.flatten().long().cumsum(0) - 1).view(visual_mask.shape)[sample]
+        deepstack_row = torch.where(visual_mask[sample], deepstack_row, -1)
+
     stage_at = {stage.layer: index for index, stage in enumerate(plan.stages)}
     recurrent = adapter.recurrent_layers()  # linear attention takes a 2-D padding mask: none here
     outputs: list[Tensor] = []
@@ -206,6 +221,14 @@ def reference_run(
                 hidden, pos, orig = hidden[take], pos[..., take], orig[take]
             outputs.append(hidden.clone())
             out_positions.append(orig.clone())
+            # The text model adds deepstack features to the layer's output (after its forward hooks ran).
+            if deepstack_row is not None and index < len(lm_inputs.deepstack):
+                rows = torch.full_like(orig, -1)
+                in_prompt = orig < length
+                rows[in_prompt] = deepstack_row[orig[in_prompt]]
+                receives = rows >= 0
+                hidden = hidden.clone()
+                hidden[receives] = hidden[receives] + lm_inputs.deepstack[index][rows[receives]].to(hidden.dtype)
         logits = model.lm_head(language_model.norm(hidden.unsqueeze(0)))[0]
     return ReferenceResult(outputs, out_positions, logits, input_embeds, input_positions)
 

@@ -17,6 +17,8 @@ from hieravid.policy import policy_from_dict
 from hieravid.runtime import apply, find_handle
 from hieravid.testing.reference import capture_lm_inputs, continuation_positions, reference_run
 
+#: tests/conftest.py's QWEN3_TIMESTAMP_TOKENS (``import conftest`` is ambiguous across test folders).
+TIMESTAMP_TOKENS = 3
 ROOT = Path(__file__).resolve().parents[2]
 HIERAVID_30 = ROOT / "policies" / "hieravid-30.yaml"
 
@@ -154,13 +156,17 @@ def test_video_layout_is_derived_from_inputs(tiny_sdpa):
             assert video["newline_layout"] == case.newline_layout
             assert video["video_tokens"] == case.video_tokens(frames[0])
             ids = inputs["input_ids"][0]
-            assert bool((ids[layout.frame_index] == 251).all())
+            token = case.placeholder_token
+            assert bool((ids[layout.frame_index] == token).all())
             # Every video token is a frame or newline token of the layout, and the span runs from the first video
-            # token to the last (one run for most models; Qwen3.5 writes a timestamp block between frames).
-            video_positions = torch.nonzero(ids == 251).flatten()
+            # token to the last (text between frames: Qwen3-VL's and Qwen3.5's timestamps, InternVL's frame labels).
+            video_positions = torch.nonzero(ids == token).flatten()
             located = torch.cat([layout.frame_index.flatten(), layout.newline_index]).sort().values
             assert torch.equal(located.cpu(), video_positions.cpu())
             assert layout.span == (int(video_positions[0]), int(video_positions[-1]) + 1)
+            if case.architecture == "qwen3_vl":  # <t seconds> <end> <start> between temporal patches
+                gaps = layout.frame_index[1:, 0] - layout.frame_index[:-1, -1] - 1
+                assert gaps.tolist() == [TIMESTAMP_TOKENS + 2] * (frames[0] - 1)
 
 
 # ------------------------------------------------------------------------------------------ multi-turn

@@ -62,6 +62,11 @@ def test_replayed_prefills_equal_the_eager_pruned_forward(tiny_sdpa, policy):
     case = tiny_sdpa
     if case.architecture == "llava_next_video":
         pytest.skip("a Llama language model: its prefills run eagerly (test_a_language_model_that_takes_no_mask_...)")
+    if case.architecture == "qwen3_vl":
+        pytest.skip(
+            "Qwen3-VL's text model takes one mask tensor and indexes its deepstack rows by a boolean mask (a host "
+            "sync): its prefills run eagerly (test_qwen3_vl_prefills_run_eagerly_with_cuda_graphs_on)"
+        )
     plan = compile_plan(POLICIES / f"{policy}.yaml", case.spec(frames=64))
     first, second = case.inputs(seed=1), case.inputs(seed=2)  # one shape (one schedule when the counts agree)
     with apply(case.model, plan) as handle, torch.no_grad():
@@ -149,3 +154,18 @@ def test_removal_restores_the_language_models_forward(tiny_llava):
         assert "forward" in vars(language_model)
         assert [speedup.name for speedup in handle.speedups][-1] == "prefill-cuda-graphs"
     assert "forward" not in vars(language_model)
+
+
+def test_qwen3_vl_prefills_run_eagerly_with_cuda_graphs_on(tiny_builders):
+    """Qwen3-VL's text model adds its deepstack rows through a boolean-mask index (a host sync) and takes one mask
+    tensor: with ``cuda_graphs=True`` its prefills are never captured and equal the eager pruned forward."""
+    case = tiny_builders.tiny_case("qwen3_vl", "sdpa")
+    plan = compile_plan(POLICIES / "hieravid-30.yaml", case.spec())
+    inputs = case.inputs(seed=1)
+    with apply(case.model, plan) as handle, torch.no_grad():
+        expected = case.model(**inputs).logits
+    with apply(case.model, plan, cuda_graphs=True) as handle, torch.no_grad():
+        graphs = _on_cpu(handle)
+        outputs = [case.model(**inputs).logits for _ in range(3)]
+        assert (graphs.captures, graphs.replays) == (0, 0) and handle.last_request.pruned
+    assert all(torch.equal(output, expected) for output in outputs)

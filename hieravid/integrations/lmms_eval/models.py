@@ -23,7 +23,8 @@ on the tiny models in the tests; see docs/evaluation.md). Answers keep the reque
 one entry per request.
 
 Data parallel evaluation: ``accelerate launch --num_processes N -m lmms_eval ...``; each process loads
-the model on its own GPU and lmms-eval shards the requests by rank.
+the model on its own GPU (on the CPU with ``accelerate launch --cpu``: gloo) and lmms-eval shards the requests by
+rank.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ class HieravidVideoLMM(lmms):
         accelerator = Accelerator()
         self.accelerator = accelerator
         if accelerator.num_processes > 1:
-            device = f"cuda:{accelerator.local_process_index}"
+            # accelerate's device for this process: cuda:<local rank>, or the CPU under `accelerate launch --cpu`.
+            device = str(accelerator.device)
         self._rank = accelerator.process_index
         self._world_size = accelerator.num_processes
         self.policy = None if policy in (None, "", "default") else policy
