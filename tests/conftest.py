@@ -415,7 +415,7 @@ class TinyCase:
             newline_layout=layout,
             text_tokens=text_tokens,
             default_query_rows=4 if self.is_qwen else 1,
-            first_stage_layer=len(QWEN3_DEEPSTACK_INDEXES) if self.architecture == "qwen3_vl" else 0,
+            first_stage_layer=len(QWEN3_DEEPSTACK_INDEXES) if self.architecture.startswith("qwen3_vl") else 0,
             recurrent_layers=tuple(
                 index
                 for index, kind in enumerate(getattr(self.model.config.get_text_config(), "layer_types", None) or ())
@@ -466,7 +466,7 @@ class TinyCase:
                 ids = torch.cat([head, *(torch.cat([stamp.view(1), block]) for stamp in stamps), tail])
                 kind = (ids == VIDEO_TOKEN).long() * 2
                 pixels.append(self._pixels(generator, frames[sample]).reshape(-1, 3 * 2 * 2 * 2))
-            elif self.architecture == "qwen3_vl":  # per temporal patch: <t seconds> <start> tokens <end>
+            elif self.architecture.startswith("qwen3_vl"):  # per temporal patch: <t seconds> <start> tokens <end>
                 per_frame = self.rows * self.cols
                 pieces = [head]
                 for _ in range(frames[sample]):

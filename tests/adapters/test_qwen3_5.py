@@ -9,6 +9,7 @@ left-padded batch whose samples keep different counts (padding slots must not en
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from hieravid.errors import AdapterError
+from hieravid.errors import AdapterError, PlanError
 from hieravid.plan import compile_plan
 from hieravid.policy import policy_from_dict
 from hieravid.runtime import apply
@@ -128,9 +129,26 @@ def test_cached_decoding_of_linear_attention_states_equals_a_cache_free_recomput
 
 
 def test_a_stage_on_a_linear_attention_layer_is_refused(hybrid):
+    """The planner refuses it from the model's layer types; ``apply`` refuses a plan compiled without them."""
+    spec = hybrid.spec()
+    assert spec.recurrent_layers == (1, 3, 4, 6, 7)
+    with pytest.raises(PlanError, match=r"stage at layer 3, .*linear attention.*valid stage layers: \[0, 2, 5\]"):
+        compile_plan(_policy(2, 3), spec)
+    unaware = compile_plan(_policy(2, 3), dataclasses.replace(spec, recurrent_layers=()))
     with pytest.raises(AdapterError, match=r"stage at layer 3 .*linear attention.*full-attention layers \[0, 2, 5\]"):
-        apply(hybrid.model, compile_plan(_policy(2, 3), hybrid.spec()))
+        apply(hybrid.model, unaware)
     assert not any(module._forward_hooks or module._forward_pre_hooks for module in hybrid.model.modules())
+
+
+def test_the_catalogue_geometry_names_the_linear_attention_layers():
+    """`hieravid plan` on a Qwen3.5 config knows where stages may go, without a model."""
+    from hieravid.specs import spec_from_config
+
+    config = _tiny_models().qwen3_5_config(["linear_attention", "full_attention"] * 4)
+    spec = spec_from_config(config, name="hybrid", frames=4)
+    assert spec.recurrent_layers == (0, 2, 4, 6)
+    with pytest.raises(PlanError, match=r"stage at layer 2, .*valid stage layers: \[1, 3, 5, 7\]"):
+        compile_plan("hieravid-30", spec)
 
 
 def test_a_masked_row_is_neutral_to_gated_deltanet_only_before_the_first_real_row(hybrid):
