@@ -1,8 +1,10 @@
 """Per-architecture adapters, importable as ``hieravid.adapters``.
 
 Built in: :mod:`~hieravid.adapters.llava_onevision` (LLaVA-OneVision and LLaVA-Video checkpoints,
-both newline layouts), :mod:`~hieravid.adapters.llava_next_video` (LLaVA-NeXT-Video) and
-:mod:`~hieravid.adapters.qwen2_vl` (Qwen2-VL, Qwen2.5-VL).
+both newline layouts), :mod:`~hieravid.adapters.llava_next_video` (LLaVA-NeXT-Video),
+:mod:`~hieravid.adapters.qwen2_vl` (Qwen2-VL, Qwen2.5-VL), :mod:`~hieravid.adapters.qwen3_vl` (Qwen3-VL and its MoE
+variant: deepstack), :mod:`~hieravid.adapters.internvl` (InternVL3/3.5: frames as image spans) and
+:mod:`~hieravid.adapters.qwen3_5` (Qwen3.5: linear-attention layers).
 
 Writing an adapter for another architecture (see :class:`~hieravid.adapters.base.Adapter`):
 

@@ -75,6 +75,8 @@ class VideoGeometry:
         frames_per_step: video frames sampled per language-model frame (Qwen2-VL's temporal patch: 2).
         first_stage_layer: earliest decoder layer a frame-level stage may prune at (Qwen3-VL: the first layer
             after its deepstack injections; 0 for architectures that allow a stage anywhere).
+        recurrent_layers: decoder layers whose token mixer is a recurrence (Qwen3.5's linear attention), where a
+            stage has no attention to score relevance with (see :meth:`Adapter.recurrent_layers`).
     """
 
     frames: int
@@ -84,6 +86,7 @@ class VideoGeometry:
     query_rows: int = 1
     frames_per_step: int = 1
     first_stage_layer: int = 0
+    recurrent_layers: tuple[int, ...] = ()
 
 
 @dataclass
@@ -420,6 +423,16 @@ class Adapter:
 
     def mlp(self, layer: nn.Module) -> nn.Module:
         return layer.mlp
+
+    def recurrent_layers(self) -> frozenset[int]:
+        """Decoder layers whose token mixer is a recurrence (linear attention) rather than attention (default: none).
+
+        Such a layer takes a 2-D ``[B, S]`` padding mask (or None) instead of a causal mask and zeroes masked rows,
+        which is neutral only before a sample's first real row: the runtime then puts padding slots first and gives
+        these layers the 2-D mask of their coordinate system. They have no attention to score relevance with, so an
+        adapter must refuse stages placed on them (in :meth:`query_key_projections`).
+        """
+        return frozenset()
 
     def vision_tower(self) -> nn.Module | None:
         """The vision encoder (SigLIP, Qwen2-VL's ViT), or None when the architecture has none or it cannot be found."""

@@ -48,6 +48,19 @@ BUILTIN_ADAPTERS: dict[str, str] = {
     "qwen3_vl": "hieravid.adapters.qwen3_vl:Qwen3VLAdapter",
     "qwen3_vl_moe": "hieravid.adapters.qwen3_vl:Qwen3VLAdapter",
     "internvl": "hieravid.adapters.internvl:InternVLAdapter",
+    "qwen3_5": "hieravid.adapters.qwen3_5:Qwen3_5Adapter",
+}
+
+#: Video architectures of transformers that hieravid's adapter model cannot serve, and why (CONTRIBUTING.md,
+#: "Architectures not supported and why"). Looking one up raises an AdapterError with the reason.
+UNSUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "video_llama_3": (
+        "VideoLLaMA3 (VideoLlama3ForConditionalGeneration) is not supported: its video processor compresses tokens "
+        "by default (use_token_compression=True drops each patch whose pixels differ from the previous frame's by "
+        "at most 0.1), so frames reach the language model with different token counts and without a common grid "
+        "(the model gathers features with video_compression_mask), and the prompt puts a 'Time t s:' text block "
+        "before each frame; hieravid needs a [frames, tokens per frame] grid per video, aligned across frames"
+    ),
 }
 
 
@@ -150,6 +163,8 @@ class AdapterRegistry:
             return adapter
         if model_type in self._builtins:
             return _check_adapter_class(_load_reference(self._builtins[model_type]), f"built-in {model_type!r}")
+        if model_type in UNSUPPORTED_ARCHITECTURES:
+            raise AdapterError(UNSUPPORTED_ARCHITECTURES[model_type])
         supported = ", ".join(self.supported_model_types())
         raise AdapterError(
             f"no hieravid adapter for model_type {model_type!r}. Supported model types: {supported}. "

@@ -20,7 +20,6 @@ import sys
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from hieravid.diagnostics import SyncSpy  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Generate ``docs/policies.md``: every shipped policy's plan on the three catalogue models.
+"""Generate ``docs/policies.md``: every shipped policy's plan on the catalogue models of :data:`MODELS`.
 
     python benchmarks/policy_table.py            # rewrite docs/policies.md
     python benchmarks/policy_table.py --check    # exit 1 if the committed table is stale (CI runs the test)
@@ -15,12 +15,13 @@ import sys
 from pathlib import Path
 
 from hieravid.apps.cli import format_comparison
+from hieravid.errors import PlanError
 from hieravid.plan import compile_plan
 from hieravid.specs import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "docs" / "policies.md"
-MODELS = ("llava-onevision-7b", "llava-video-7b", "qwen2-vl-7b")
+MODELS = ("llava-onevision-7b", "llava-video-7b", "qwen2-vl-7b", "llava-next-video-7b", "qwen3-vl-8b", "internvl3.5-8b")
 MEASURED = ROOT / "benchmarks" / "results" / "peers-h200.json"
 """The committed ``hieravid bench`` run of the peers next to hieravid-30, tabulated after the plans."""
 GROUPS = (("HieraVid", "policies"), ("Peer methods", "policies/peers"), ("Ablations", "policies/ablations"))
@@ -64,8 +65,14 @@ def render() -> str:
             f"{spec.num_layers} layers.\n"
         )
         for title, files in groups.items():
-            plans = [compile_plan(path, model) for path in files]
-            parts.append(f"### {title}\n\n{format_comparison(plans, markdown=True)}\n")
+            plans, refused = [], []
+            for path in files:
+                try:
+                    plans.append(compile_plan(path, model))
+                except PlanError as error:  # e.g. stages before Qwen3-VL's last deepstack layer
+                    refused.append(f"- `{path.stem}` is refused on this model: {error}")
+            table = format_comparison(plans, markdown=True) if plans else ""
+            parts.append("\n".join([f"### {title}\n", table, *refused, ""]))
     parts.append(measured_section(json.loads(MEASURED.read_text(encoding="utf-8"))))
     return "\n".join(parts)
 

@@ -15,12 +15,10 @@ import collections
 import gzip
 import json
 import os
-import sys
 import tempfile
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 _GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
 _SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"}

@@ -247,6 +247,13 @@ def _resolve_schedule(policy: Policy, spec: ModelSpec) -> list[tuple[int, float,
                 f"0..{spec.first_stage_layer - 1} (e.g. Qwen3-VL's deepstack), which a frame-level stage cannot follow "
                 f"(valid stage layers: {spec.first_stage_layer}..{spec.num_layers - 1})"
             )
+        if layer in spec.recurrent_layers:
+            valid = [i for i in range(spec.first_stage_layer, spec.num_layers) if i not in spec.recurrent_layers]
+            raise PlanError(
+                f"policy {policy.name!r}: layer.schedule has a stage at layer {layer}, but {spec.name} "
+                f"({spec.model_type}) mixes tokens there by linear attention (a recurrence), which has no attention "
+                f"to score relevance with; place stages on its attention layers (valid stage layers: {valid})"
+            )
     if not policy.layer.enabled and stages:
         kept = math.prod(1.0 - ratio for _, ratio, _ in stages)
         stages = [(stages[0][0], 1.0 - kept, stages[0][2])]

@@ -70,6 +70,8 @@ class ModelSpec:
     default_query_rows: int = 1
     first_stage_layer: int = 0
     """Earliest decoder layer a frame-level stage may prune at (Qwen3-VL: after its deepstack injections)."""
+    recurrent_layers: tuple[int, ...] = ()
+    """Decoder layers that mix tokens by a recurrence (Qwen3.5's linear attention): no stage scores relevance there."""
 
     def __post_init__(self) -> None:
         for field, limit in SPEC_LIMITS.items():
@@ -86,6 +88,15 @@ class ModelSpec:
             raise SpecError(
                 f"model spec {self.name!r}: first_stage_layer must be an integer in 0..{self.num_layers - 1} (a "
                 f"decoder layer), got {_shown(layer)}"
+            )
+        recurrent = self.recurrent_layers
+        if not isinstance(recurrent, tuple) or not all(
+            isinstance(index, int) and not isinstance(index, bool) and 0 <= index < self.num_layers
+            for index in recurrent
+        ):
+            raise SpecError(
+                f"model spec {self.name!r}: recurrent_layers must be a tuple of decoder layers in "
+                f"0..{self.num_layers - 1}, got {_shown(recurrent)}"
             )
         if self.frame_tokens > MAX_VIDEO_TOKENS:
             raise SpecError(
@@ -297,6 +308,7 @@ def spec_from_config(
         newline_layout=geometry.newline_layout,  # type: ignore[arg-type]
         default_query_rows=geometry.query_rows,
         first_stage_layer=geometry.first_stage_layer,
+        recurrent_layers=tuple(geometry.recurrent_layers),
     )
 
 

@@ -30,6 +30,7 @@ ARCHITECTURES = (
     "qwen2_5_vl",
     "qwen3_vl",
     "internvl",
+    "qwen3_5",
 )
 #: Where the tiny models run: CPU in CI; ``HIERAVID_TEST_DEVICE=cuda`` runs the same suite on a GPU.
 DEVICE = torch.device(os.environ.get("HIERAVID_TEST_DEVICE", "cpu"))
@@ -222,6 +223,58 @@ def _internvl_config(text_model_type: str = "qwen3") -> Any:
     )
 
 
+#: Qwen3.5's decoder: layer 1 is linear attention (Gated DeltaNet), the others full attention, so that every stage
+#: layer of the conformance policies (0, 2-7) has attention to score relevance with. Stages before linear-attention
+#: layers are tested in tests/adapters/test_qwen3_5.py with another pattern.
+QWEN3_5_LAYER_TYPES = ["full_attention", "linear_attention", *["full_attention"] * 6]
+
+
+def qwen3_5_config(layer_types: list[str] | None = None) -> Any:
+    """A tiny Qwen3.5: gated attention with q/k norms and partial (1/4) interleaved M-RoPE, Gated DeltaNet layers
+    with more value than key heads, and a one-block vision tower."""
+    from transformers import Qwen3_5Config
+
+    text = dict(TEXT_CONFIG)
+    text.update(
+        model_type="qwen3_5_text",
+        head_dim=32,
+        layer_types=list(layer_types or QWEN3_5_LAYER_TYPES),
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [2, 1, 1],
+            "mrope_interleaved": True,
+            "partial_rotary_factor": 0.25,
+        },
+    )
+    vision = dict(
+        depth=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=2,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+        num_position_embeddings=64,
+    )
+    return Qwen3_5Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+        tie_word_embeddings=False,
+    )
+
+
 def _per_row_classes() -> tuple[type, type]:
     """A LLaVA-OneVision model that lays video out as original LLaVA-NeXT/LLaVA-Video inference does:
     a newline after every row of every frame (transformers then appends its own trailing newline)."""
@@ -273,6 +326,7 @@ def model_class(architecture: str) -> type:
         "qwen3_vl_moe": transformers.Qwen3VLMoeForConditionalGeneration,
         "internvl": transformers.InternVLForConditionalGeneration,
         "internvl_qwen2": transformers.InternVLForConditionalGeneration,
+        "qwen3_5": transformers.Qwen3_5ForConditionalGeneration,
     }[architecture]
 
 
@@ -287,6 +341,7 @@ def model_config(architecture: str) -> Any:
         "qwen3_vl_moe": lambda: _qwen3_vl_config(moe=True),
         "internvl": _internvl_config,
         "internvl_qwen2": lambda: _internvl_config("qwen2"),
+        "qwen3_5": qwen3_5_config,
     }[architecture]()
 
 
@@ -360,7 +415,12 @@ class TinyCase:
             newline_layout=layout,
             text_tokens=text_tokens,
             default_query_rows=4 if self.is_qwen else 1,
-            first_stage_layer=len(QWEN3_DEEPSTACK_INDEXES) if self.architecture.startswith("qwen3") else 0,
+            first_stage_layer=len(QWEN3_DEEPSTACK_INDEXES) if self.architecture.startswith("qwen3_vl") else 0,
+            recurrent_layers=tuple(
+                index
+                for index, kind in enumerate(getattr(self.model.config.get_text_config(), "layer_types", None) or ())
+                if kind == "linear_attention"
+            ),
         )
 
     def _pixels(self, generator: torch.Generator, frames: int, scenes: int = 3) -> torch.Tensor:
@@ -399,7 +459,14 @@ class TinyCase:
             if not video:
                 ids = torch.cat([head, tail])
                 kind = torch.zeros_like(ids)
-            elif self.architecture.startswith("qwen3"):  # per temporal patch: <t seconds> <start> tokens <end>
+            elif self.architecture == "qwen3_5":
+                # As Qwen3VLProcessor writes it: a timestamp (here one text token) and a vision block per frame.
+                stamps = torch.randint(3, 200, (frames[sample],), generator=generator)
+                block = torch.tensor([VISION_START, *[VIDEO_TOKEN] * (self.rows * self.cols), VISION_END])
+                ids = torch.cat([head, *(torch.cat([stamp.view(1), block]) for stamp in stamps), tail])
+                kind = (ids == VIDEO_TOKEN).long() * 2
+                pixels.append(self._pixels(generator, frames[sample]).reshape(-1, 3 * 2 * 2 * 2))
+            elif self.architecture.startswith("qwen3_vl"):  # per temporal patch: <t seconds> <start> tokens <end>
                 per_frame = self.rows * self.cols
                 pieces = [head]
                 for _ in range(frames[sample]):

@@ -17,7 +17,7 @@ gives the request the stage records the graph computed. Replays are bit-identica
 
 Scope: CUDA, SDPA attention, a dynamic KV cache (``generate``'s default), no padding anywhere (batches of
 equal-length prompts, e.g. batch 1), no random selector (its draw is made on the host), no requested attentions or
-hidden states.
+hidden states, no recurrent (linear-attention) layers (Qwen3.5: only the input level's graphs apply).
 Anything else runs eagerly. At most ``size`` schedules are kept (least recently used dropped): each holds the
 prefill's activations and KV cache in its private memory pool, about the eager prefill's peak activation memory
 plus one KV cache, until the handle is removed.
@@ -36,6 +36,7 @@ from torch import Tensor
 
 from hieravid.compat import CACHE_KEYS, cache_argument, cache_from_kwargs
 from hieravid.policy import RandomSelector
+from hieravid.runtime.masks import row_lengths
 from hieravid.runtime.state import COORD_TENSORS, Coords, Request, StageStats
 
 if TYPE_CHECKING:
@@ -201,7 +202,11 @@ class PrefillGraphs:
             return None
         if cache is None or not hasattr(cache, "layers"):
             return None
-        if getattr(cache, "is_compileable", False) or any(layer.get_seq_length() for layer in cache.layers):
+        if self.pruner.recurrent_layers:
+            # A replay hands over the private cache's key/value rows only, not a recurrent layer's conv and
+            # recurrent states, and the recording's mask mapping has no entry for linear attention.
+            return None
+        if getattr(cache, "is_compileable", False) or any(row_lengths(cache).values()):
             return None  # static caches and caches that already hold rows run eagerly
         if kwargs.get("output_attentions") or kwargs.get("output_hidden_states") or kwargs.get("return_dict") is False:
             return None

@@ -10,7 +10,8 @@ position ids would look like packed sequences to flash attention). Each layer's 
 the rows that layer saw.
 
 Batches. Samples are pruned on their own content; a coordinate system has the length of its longest sample and
-shorter samples hold padding slots (copies of a real row, masked) inserted after their last video row.
+shorter samples hold padding slots (copies of a real row, masked) inserted after their last video row (before all
+their rows when the model has recurrent layers, where only leading masked rows are neutral).
 
 Stage layer (prefill only). Forward hooks on the query/key projections keep their outputs; a forward pre-hook on
 ``post_attention_layernorm`` (whose input is the post-attention residual stream) computes the last-query
@@ -99,6 +100,14 @@ class Pruner:
         self.stage_of = [sum(1 for layer in stage_layers if layer < i) for i in range(len(self.layers))]
         #: First decoder layer of each coordinate system.
         self.first_layers = [0] + [layer + 1 for layer in stage_layers]
+        #: Layers fed a 2-D padding mask instead of a causal one (linear attention), see Adapter.recurrent_layers.
+        self.recurrent_layers = adapter.recurrent_layers()
+        #: The layer each system's causal mask is sized for: its first attention layer (None: it has none).
+        ends = [*self.first_layers[1:], len(self.layers)]
+        self.mask_layers = [
+            next((i for i in range(first, end) if i not in self.recurrent_layers), None)
+            for first, end in zip(self.first_layers, ends)
+        ]
         self.multimodal_binder = KeywordBinder(self.multimodal.forward)
         self.language_binder = KeywordBinder(self.language_model.forward)
         self.local = threading.local()
@@ -204,7 +213,9 @@ class Pruner:
         """A prefill on an empty cache (or none): locate the video and prune the language model's inputs."""
         call = self.take_call()
         batch, length = int(reference.shape[0]), int(reference.shape[1])
-        request = Request(batch=batch, original_length=length, phase="prefill")
+        request = Request(
+            batch=batch, original_length=length, phase="prefill", padding_slots_first=bool(self.recurrent_layers)
+        )
         request.owner = self
         self.local.request = request
         self.prefills_in_flight += 1
@@ -270,6 +281,12 @@ class Pruner:
         if cache is not None and getattr(cache, REQUEST_ATTRIBUTE, None) is not request:
             setattr(cache, REQUEST_ATTRIBUTE, request)  # a cache the language model created itself
         if cache is not None and is_static_cache(cache):
+            if self.recurrent_layers:
+                raise AdapterError(
+                    f"static caches are not supported on models with recurrent (linear-attention) layers "
+                    f"{sorted(self.recurrent_layers)}: their decode masks are built per attention layer only; use a "
+                    "dynamic cache"
+                )
             full = shrink_static_cache(request, cache, self.stage_of, self.static_capacities)
             request.static = static_slots(request, cache, self.first_layers[: len(request.coords)], full_capacity=full)
         self.last_stats = _request_stats(request, len(self.layers), self.stage_of)
@@ -346,6 +363,8 @@ class Pruner:
         given = kwargs.get("attention_mask")
         if request.static is not None and request.phase == "continuation":
             mask = static_mask(request.static, stage, cache, hidden.shape[1], given)
+        elif self.mask_layers[stage] is None:
+            mask = None  # only recurrent layers run in this system: they take the 2-D mask (recurrent_mask)
         elif given is None and request.stage_all_valid[stage]:
             # The language model's own (stage-0) mask is None: SDPA/flash rely on is_causal because no key is
             # masked. This system differs only in which prompt rows it holds, all real and unmasked, so its mask
@@ -357,10 +376,19 @@ class Pruner:
                 hidden,
                 request.translate_mask(stage) if request.mask2d is not None else None,
                 cache,
-                layer_idx=self.first_layers[stage],
+                layer_idx=self.mask_layers[stage],
             )
         request.stage_inputs[stage] = StageInputs(mask)
         return mask
+
+    def recurrent_mask(self, request: Request, stage: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The 2-D mask a recurrent layer of system ``stage`` takes for this call's rows, as transformers'
+        ``create_recurrent_attention_mask`` gives it: None for one new token or when no row is masked, else the
+        system's 2-D mask cut to the call's rows (decided on the host: no sync)."""
+        length = int(hidden.shape[1])
+        if length == 1 or request.mask2d is None or request.stage_all_valid[stage]:
+            return None
+        return request.translate_mask(stage)[:, -length:]
 
     def stage_inputs(self, request: Request, stage: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> StageInputs:
         """Mask and gathered RoPE of coordinate system ``stage`` during its prefill (built once per call)."""

@@ -235,9 +235,10 @@ def apply(
             eager path: the input level (one graph per video geometry, ~200 kernel launches fewer) and, from the
             first decoder layer to the language model's output, whole prefills of a repeated schedule
             (:mod:`hieravid.runtime.capture`: no host launch time left, which matters most when pruning leaves few
-            rows per layer). Each graph keeps its buffers until the handle is removed (input level ~0.1–0.2 GiB at
-            32 frames; a prefill graph about the eager prefill's activations plus one KV cache), which is why this
-            is off by default: pruning then never needs more memory than the unpruned model.
+            rows per layer; models with recurrent layers run these prefills eagerly). Each graph keeps its buffers
+            until the handle is removed (input level ~0.1–0.2 GiB at 32 frames; a prefill graph about the eager
+            prefill's activations plus one KV cache), which is why this is off by default: pruning then never needs
+            more memory than the unpruned model.
         speedups: the adapter's vision-side speedups installed with the plan (even a plan that prunes
             nothing), removed with it: ``"exact"`` (default) installs those that keep outputs bit-identical
             (LLaVA-OneVision: pooling without a layout copy; Qwen2-VL / Qwen2.5-VL: one SDPA call per window

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from hieravid.compat import cache_from_kwargs
 from hieravid.errors import AdapterError
 from hieravid.ops.relevance import last_query_attention
+from hieravid.runtime.masks import row_lengths
 from hieravid.runtime.packing import gather_rows
 from hieravid.runtime.stages import select_stage
 from hieravid.runtime.state import PendingCut, Request, StageCapture
@@ -121,8 +122,7 @@ class LanguageModelPreHook(_Hook):
             pruner.start_prefill(kwargs, reference, cache)
             return ((), kwargs)
         # A cache this handle did not fill: run unpruned, but refuse caches pruned by another request.
-        lengths = {int(layer.get_seq_length()) for layer in getattr(cache, "layers", [])}
-        if len(lengths) > 1:
+        if len(set(row_lengths(cache).values())) > 1:
             raise AdapterError(
                 "the cache holds layers of different lengths (a pruned prompt) that this handle did not produce; "
                 "continue a pruned request with the cache object its prefill returned"
@@ -155,12 +155,18 @@ class LayerInputHook(_Hook):
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         request.follow(hidden.device)
+        recurrent = self.index in pruner.recurrent_layers
         if request.phase == "continuation":  # never pruned: only the mask of this layer's system
             if self.system == 0:
                 return None
-            kwargs["attention_mask"] = pruner.stage_mask(request, self.system, hidden, kwargs)
+            if recurrent:
+                kwargs["attention_mask"] = pruner.recurrent_mask(request, self.system, hidden)
+            else:
+                kwargs["attention_mask"] = pruner.stage_mask(request, self.system, hidden, kwargs)
             return args, kwargs
-        if self.system > 0:
+        if self.system > 0 and recurrent:  # no RoPE, and its mask is not the one attention layers share
+            kwargs["attention_mask"] = pruner.recurrent_mask(request, self.system, hidden)
+        elif self.system > 0:
             inputs = pruner.stage_inputs(request, self.system, hidden, kwargs)
             kwargs["attention_mask"] = inputs.mask
             kwargs["position_embeddings"] = inputs.position_embeddings

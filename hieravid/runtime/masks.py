@@ -24,6 +24,7 @@ __all__ = [
     "input_mask_2d",
     "is_static_cache",
     "regrow_static_cache",
+    "row_lengths",
     "shrink_static_cache",
     "static_capacity",
     "static_mask",
@@ -122,6 +123,17 @@ def regrow_static_cache(cache: Any, capacity: int) -> None:
     for layer in getattr(cache, "layers", ()):
         if is_resizable_static_layer(layer) and int(layer.max_cache_len) < capacity:
             resize_static_layer(layer, capacity, 0)
+
+
+def row_lengths(cache: Any) -> dict[int, int]:
+    """The rows each layer of ``cache`` holds, by layer index, for the layers that hold rows. Recurrent (linear-
+    attention) layers keep a fixed-size state instead (transformers' ``LinearAttentionLayer`` has no
+    ``get_seq_length``), and so do placeholder layers: they are left out."""
+    return {
+        index: int(layer.get_seq_length())
+        for index, layer in enumerate(getattr(cache, "layers", ()))
+        if callable(getattr(layer, "get_seq_length", None))
+    }
 
 
 def static_slots(

@@ -48,7 +48,9 @@ def compact(mask: Tensor, width: int) -> Tensor:
     return out[:, :width]
 
 
-def pack_rows(keep: Tensor, kind: Tensor, counts: list[int], query_rows: int) -> tuple[Tensor, Tensor]:
+def pack_rows(
+    keep: Tensor, kind: Tensor, counts: list[int], query_rows: int, *, slots_first: bool = False
+) -> tuple[Tensor, Tensor]:
     """Pack the kept rows of each sample into ``[B, K]`` ascending indices, ``K = max(counts)``, with padding slots.
 
     Args:
@@ -56,6 +58,10 @@ def pack_rows(keep: Tensor, kind: Tensor, counts: list[int], query_rows: int) ->
         kind: ``[B, S]`` row kinds (``TEXT`` rows are never video).
         counts: per sample, ``keep``'s row sum, known on the host.
         query_rows: trailing rows that must stay last (the relevance queries and the logits' row).
+        slots_first: put a shorter sample's padding slots before all of its rows (copies of its first kept row)
+            instead. A recurrent layer (linear attention) zeroes masked rows, which leaves its state untouched only
+            before the first real row: a masked slot between real rows would still decay the state and shift the
+            causal convolution's window.
 
     Returns:
         ``(index, valid)``: ``index`` ``[B, K]`` into ``S``; ``valid`` ``[B, K]`` False at padding slots. A shorter
@@ -75,6 +81,8 @@ def pack_rows(keep: Tensor, kind: Tensor, counts: list[int], query_rows: int) ->
     at = torch.minimum(last_video, count - query_rows).clamp_min(1)
     pad = length - count
     slot = torch.arange(length, device=device).unsqueeze(0)
+    if slots_first:
+        return rows.gather(1, (slot - pad).clamp_min(0)), slot >= pad
     source = torch.where(slot < at, slot, torch.where(slot < at + pad, at - 1, slot - pad))
     valid = (slot < at) | (slot >= at + pad)
     return rows.gather(1, source), valid

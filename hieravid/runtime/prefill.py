@@ -123,7 +123,7 @@ def prune_inputs(
     if right_padded:
         raise NotImplementedError("right-padded batches are not supported; pad on the left (generate's default)")
     schedule_stages(request, plan, device)
-    index, valid = pack_rows(keep_all, kind_stack, counts, query_rows)
+    index, valid = pack_rows(keep_all, kind_stack, counts, query_rows, slots_first=request.padding_slots_first)
     positions0 = torch.arange(index.shape[1], device=device).unsqueeze(0).expand(batch, -1)
     request.coords = [
         Coords(

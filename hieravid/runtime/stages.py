@@ -92,7 +92,7 @@ def select_stage(
         budgets_used.append(tuple(int(value) for value in budgets.host.tolist()))
     rows = [base + k for base, k in zip(n_base, kept)]
     after = [k + (lines if keep_newlines else 0) for k, lines in zip(kept, newlines)]
-    selection, valid = pack_rows(keep, kind, rows, stage.query_rows)
+    selection, valid = pack_rows(keep, kind, rows, stage.query_rows, slots_first=request.padding_slots_first)
     kept_video = keep & (kind != TEXT)
     video_orig = coords.orig.gather(1, compact(kept_video, max(after)))
     new_coords = Coords(

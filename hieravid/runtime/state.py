@@ -237,6 +237,8 @@ class Request:
     original_length: int = 0
     pruned: bool = False
     phase: Literal["idle", "prefill", "continuation"] = "idle"
+    #: Padding slots of shorter samples go before their rows (the model has recurrent layers; see ``pack_rows``).
+    padding_slots_first: bool = False
     coords: list[Coords] = field(default_factory=list)
     marginal_values: list[Tensor] = field(default_factory=list)
     schedule: list[SampleCounts] = field(default_factory=list)

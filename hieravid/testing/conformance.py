@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from hieravid.compat import cache_argument, cache_from_output
-from hieravid.errors import HieravidError, PlanError
+from hieravid.errors import AdapterError, HieravidError, PlanError
 from hieravid.plan import PruningPlan, compile_plan
 from hieravid.policy import Policy, load_policy, policy_from_dict
 from hieravid.runtime import apply, find_handle
@@ -122,6 +122,12 @@ def _first_attention_only(test: _Test) -> _Test:
     return test
 
 
+def _eos_ids(model: nn.Module) -> list[int]:
+    """The token ids ``generate`` treats as end of sequence (none, one or several)."""
+    eos = model.generation_config.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
 class AdapterConformance:
     """The conformance suite for one architecture. Subclass it in a test module and set ``case``::
 
@@ -182,18 +188,23 @@ class AdapterConformance:
         """``CONFORMANCE_POLICIES[policy]`` compiled for ``model`` seeing the case's single-sample prompts.
 
         ``None`` when the model refuses the policy's stages (stages before its ``first_stage_layer``, e.g. where
-        Qwen3-VL still adds deepstack features): then the planner and ``apply`` (given a plan compiled without that
-        constraint) must both refuse it naming the layer, and ``apply`` must leave no handle behind.
+        Qwen3-VL still adds deepstack features, or on its ``recurrent_layers``, e.g. Qwen3.5's linear attention):
+        then the planner and ``apply`` (given a plan compiled without that constraint) must both refuse it naming the
+        layer, and ``apply`` must leave no handle behind.
         """
         spec = self.case.spec(model)
         chosen = CONFORMANCE_POLICIES[policy]
-        unconstrained = compile_plan(chosen, dataclasses.replace(spec, first_stage_layer=0))
-        early = [stage.layer for stage in unconstrained.stages if stage.layer < spec.first_stage_layer]
-        if not early:
+        unconstrained = compile_plan(chosen, dataclasses.replace(spec, first_stage_layer=0, recurrent_layers=()))
+        refused = [
+            stage.layer
+            for stage in unconstrained.stages
+            if stage.layer < spec.first_stage_layer or stage.layer in spec.recurrent_layers
+        ]
+        if not refused:
             return compile_plan(chosen, spec)
-        with pytest.raises(PlanError, match=f"stage at layer {early[0]}"):
+        with pytest.raises(PlanError, match=f"stage at layer {refused[0]}"):
             compile_plan(chosen, spec)
-        with pytest.raises(PlanError, match=f"stage at layer {early[0]}"):
+        with pytest.raises((PlanError, AdapterError), match=f"stage at layer {refused[0]}"):
             apply(model, unconstrained)
         assert find_handle(model) is None
         return None
@@ -347,7 +358,10 @@ class AdapterConformance:
             reference = reference_run(model, adapter, plan, stats, lm_inputs, sample, extra_ids=generated[:-1])
             step_logits = torch.stack([step[sample] for step in result.logits])
             torch.testing.assert_close(step_logits, reference.logits[-new_tokens:], atol=ATOL, rtol=RTOL)
-            assert torch.equal(reference.logits[-new_tokens:].argmax(-1), generated)
+            # min_new_tokens bars EOS from generate's choice (not from its raw output_logits): bar it here too.
+            choices = reference.logits[-new_tokens:].clone()
+            choices[:, _eos_ids(model)] = float("-inf")
+            assert torch.equal(choices.argmax(-1), generated)
 
     # ------------------------------------------------------------------------------------------ (d)
     @pytest.mark.parametrize("policy", PRUNING_POLICIES)
@@ -358,12 +372,15 @@ class AdapterConformance:
             return
         device = inputs["input_ids"].device
         with apply(model, plan) as handle:
+            recurrent = handle.adapter.recurrent_layers()
             with torch.no_grad():
                 out = model(**inputs, use_cache=True)
                 stats = handle.last_request
                 cache = cache_from_output(out)
-                lengths = [layer.keys.shape[-2] for layer in cache.layers]
-                assert lengths == list(stats.layer_sequence_lengths)
+                # Recurrent (linear-attention) layers keep a fixed-size state, no rows: only attention layers count.
+                attention = [index for index in range(len(cache.layers)) if index not in recurrent]
+                lengths = [cache.layers[index].keys.shape[-2] for index in attention]
+                assert lengths == [stats.layer_sequence_lengths[index] for index in attention]
                 assert out.logits.shape[1] == stats.output_positions.shape[1]
                 # A decode step appends exactly one row to every layer.
                 step = model(
@@ -371,7 +388,8 @@ class AdapterConformance:
                     **cache_argument(model, cache),
                     attention_mask=torch.ones(1, inputs["input_ids"].shape[1] + 1, dtype=torch.long, device=device),
                 )
-                assert [layer.keys.shape[-2] for layer in cache_from_output(step).layers] == [n + 1 for n in lengths]
+                step_layers = cache_from_output(step).layers
+                assert [step_layers[index].keys.shape[-2] for index in attention] == [n + 1 for n in lengths]
         # Segment level exact (⌊ρ0·F·P⌋ merged; FrameFusion at most its ratio); stages within the per-segment
         # rounding (see check_realised_counts).
         check_realised_counts(plan, stats, inputs["input_ids"], input_exact=plan.segment.kind != "framefusion")

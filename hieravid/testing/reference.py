@@ -193,6 +193,7 @@ def reference_run(
         deepstack_row = torch.where(visual_mask[sample], deepstack_row, -1)
 
     stage_at = {stage.layer: index for index, stage in enumerate(plan.stages)}
+    recurrent = adapter.recurrent_layers()  # linear attention takes a 2-D padding mask: none here
     outputs: list[Tensor] = []
     out_positions: list[Tensor] = []
     with torch.no_grad():
@@ -202,7 +203,11 @@ def reference_run(
             cos, sin = language_model.rotary_emb(batch_hidden, rope_pos)
             causal = causal_mask(language_model.config, batch_hidden, None, None)
             out = layer(
-                batch_hidden, attention_mask=causal, position_embeddings=(cos, sin), position_ids=None, use_cache=False
+                batch_hidden,
+                attention_mask=None if index in recurrent else causal,
+                position_embeddings=(cos, sin),
+                position_ids=None,
+                use_cache=False,
             )
             out = out[0] if isinstance(out, tuple) else out
             hidden = out[0].to(device)  # a model split over devices returns each layer's rows on its device

@@ -158,17 +158,15 @@ def test_video_layout_is_derived_from_inputs(tiny_sdpa):
             ids = inputs["input_ids"][0]
             token = case.placeholder_token
             assert bool((ids[layout.frame_index] == token).all())
-            start, end = layout.span
-            between = 0
-            if case.architecture.startswith("qwen3"):  # <t seconds> <end> <start> between temporal patches
-                between = (frames[0] - 1) * (TIMESTAMP_TOKENS + 2)
+            # Every video token is a frame or newline token of the layout, and the span runs from the first video
+            # token to the last (text between frames: Qwen3-VL's and Qwen3.5's timestamps, InternVL's frame labels).
+            video_positions = torch.nonzero(ids == token).flatten()
+            located = torch.cat([layout.frame_index.flatten(), layout.newline_index]).sort().values
+            assert torch.equal(located.cpu(), video_positions.cpu())
+            assert layout.span == (int(video_positions[0]), int(video_positions[-1]) + 1)
+            if case.architecture.startswith("qwen3_vl"):  # <t seconds> <end> <start> between temporal patches
                 gaps = layout.frame_index[1:, 0] - layout.frame_index[:-1, -1] - 1
                 assert gaps.tolist() == [TIMESTAMP_TOKENS + 2] * (frames[0] - 1)
-            # Every placeholder lies in the span; between frames, Qwen3-VL's span holds timestamps and InternVL's
-            # the frame labels.
-            assert int((ids[start:end] == token).sum()) == int((ids == token).sum()) == layout.video_tokens
-            if not case.is_internvl:
-                assert layout.video_tokens + between == end - start
 
 
 # ------------------------------------------------------------------------------------------ multi-turn
@@ -193,7 +191,8 @@ def test_multi_turn_continues_the_pruned_cache_without_pruning_again(tiny_sdpa, 
             first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
         stats = handle.last_request
         cache = cache_from_output(first)
-        lengths = [layer.keys.shape[-2] for layer in cache.layers]
+        # Linear-attention layers (Qwen3.5) keep a fixed-size state, no rows.
+        lengths = [layer.keys.shape[-2] for layer in cache.layers if hasattr(layer, "keys")]
         seen = inputs["input_ids"].shape[1] + 2  # the last generated token is not in the cache yet
         if second_turn_video:
             turn = case.inputs(seed=32)
@@ -218,7 +217,7 @@ def test_multi_turn_continues_the_pruned_cache_without_pruning_again(tiny_sdpa, 
                 **extra,
             )
         assert handle.last_request is stats  # no new prefill statistics: nothing was pruned again
-        grown = [layer.keys.shape[-2] for layer in cache_from_output(second).layers]
+        grown = [layer.keys.shape[-2] for layer in cache_from_output(second).layers if hasattr(layer, "keys")]
         assert grown == [n + new_ids.shape[1] + 2 for n in lengths]
         # Misuse (full history as input_ids, sliced by generate with the pruned cache length) is refused clearly.
         history = torch.cat(

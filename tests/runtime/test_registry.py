@@ -175,3 +175,30 @@ def test_import_hieravid_is_lean():
         "assert hieravid.apply is apply\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_videollama3_is_refused_with_the_reason():
+    """VideoLLaMA3's processor compresses video tokens per frame (CONTRIBUTING.md, "Architectures not supported"):
+    apply and the planner say so instead of "no adapter"."""
+    import torch
+    from transformers import VideoLlama3Config, VideoLlama3ForConditionalGeneration
+
+    from hieravid.errors import SpecError
+    from hieravid.runtime import apply
+    from hieravid.specs import spec_from_config
+
+    text = dict(
+        model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=64,
+    )  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=2)
+    config = VideoLlama3Config(text_config=text, vision_config=vision)
+    torch.manual_seed(0)
+    model = VideoLlama3ForConditionalGeneration(config).eval()
+    reason = r"VideoLLaMA3 .* not supported: .*use_token_compression.*different token counts"
+    with pytest.raises(AdapterError, match=reason):
+        apply(model, "hieravid-30")
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+    with pytest.raises(SpecError, match=reason):
+        spec_from_config(config.to_dict())
+    assert "video_llama_3" not in AdapterRegistry().supported_model_types()

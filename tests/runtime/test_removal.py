@@ -17,6 +17,7 @@ from hieravid.compat import cache_argument, cache_from_output
 from hieravid.errors import AdapterError
 from hieravid.plan import compile_plan
 from hieravid.runtime import apply
+from hieravid.runtime.masks import row_lengths
 
 ROOT = Path(__file__).resolve().parents[2]
 HIERAVID_30 = ROOT / "policies" / "hieravid-30.yaml"
@@ -38,6 +39,17 @@ def _continue(case, cache, prompt_length: int, new_tokens: int = 2):
         )
 
 
+def _recurrent_states(cache) -> list[torch.Tensor]:
+    """The conv and recurrent states of the cache's linear-attention layers (none on attention-only models)."""
+    return [
+        tensor
+        for layer in cache.layers
+        for states in (getattr(layer, "conv_states", {}), getattr(layer, "recurrent_states", {}))
+        for tensor in states.values()
+        if tensor is not None
+    ]
+
+
 def test_a_pruned_cache_refuses_the_unpruned_model_after_removal(tiny_sdpa):
     case = tiny_sdpa
     inputs = case.inputs(seed=41)
@@ -45,6 +57,7 @@ def test_a_pruned_cache_refuses_the_unpruned_model_after_removal(tiny_sdpa):
         with torch.no_grad():
             first = case.model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
         assert handle.last_request.pruned
+        position_rows = handle.adapter.position_rows
         cache = cache_from_output(first)
         seen = first.sequences.shape[1] - 1
         if not case.is_qwen:  # the silent case of 17.4: layers of different lengths
@@ -52,24 +65,46 @@ def test_a_pruned_cache_refuses_the_unpruned_model_after_removal(tiny_sdpa):
         # Continuing while the handle is installed works.
         _continue(case, cache, seen)
         seen += 2 + 1
-    lengths = [layer.keys.shape[-2] for layer in cache.layers]
+    lengths = row_lengths(cache)  # recurrent layers (Qwen3.5) hold states, not rows: their states are checked too
+    states = [tensor.clone() for tensor in _recurrent_states(cache)]
     with pytest.raises(AdapterError, match="pruned by a hieravid handle that has since been removed"):
         _continue(case, cache, seen)
+    # Explicit positions: Qwen3.5's own forward derives one position per mask column from a cache, which fails on
+    # one new row before any layer writes to the cache (unpruned caches too).
+    position = torch.full((1, 1), seen, device=case.device)
     with pytest.raises(AdapterError, match="prefill the prompt again"), torch.no_grad():
         case.model(
             input_ids=torch.tensor([[5]], device=case.device),
             attention_mask=torch.ones(1, seen + 1, dtype=torch.long, device=case.device),
+            position_ids=position.expand(position_rows, 1, 1) if position_rows else position,
             **cache_argument(case.model, cache),
         )
-    assert [layer.keys.shape[-2] for layer in cache.layers] == lengths  # nothing was written
+    assert row_lengths(cache) == lengths  # nothing was written
+    assert all(torch.equal(a, b) for a, b in zip(_recurrent_states(cache), states, strict=True))
     # A new handle refuses it too, and the model itself runs unpruned as before.
     with apply(case.model, compile_plan(HIERAVID_30, case.spec())):
-        with pytest.raises(AdapterError):
+        with pytest.raises(AdapterError, match="layers of different lengths"):
             _continue(case, cache, seen)
     with torch.no_grad():
         expected = case.model.generate(**inputs, max_new_tokens=3, do_sample=False)
         again = case.model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert torch.equal(expected, again)
+
+
+def test_a_handle_continues_an_unpruned_cache_it_did_not_fill_unpruned(tiny_sdpa):
+    """A cache the plain model filled (every attention layer the same length; recurrent layers hold no rows) is
+    continued as the plain model would, not refused and not pruned."""
+    case = tiny_sdpa
+    inputs = case.inputs(seed=44)
+    with torch.no_grad():
+        plain = case.model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        again = case.model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    seen = plain.sequences.shape[1] - 1
+    expected = _continue(case, cache_from_output(plain), seen).sequences
+    with apply(case.model, compile_plan(HIERAVID_30, case.spec())) as handle:
+        continued = _continue(case, cache_from_output(again), seen).sequences
+        assert handle.last_request is None  # no prefill of this handle: nothing was pruned
+    assert torch.equal(continued, expected)
 
 
 def test_unpruned_caches_are_untouched_and_caches_are_not_kept_alive(tiny_llava):
