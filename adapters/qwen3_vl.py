@@ -28,6 +28,7 @@ the stage score reads those norms' outputs (:meth:`Qwen3VLAdapter.query_key_proj
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,28 +63,12 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         """Qwen2-VL's geometry (16 px patches by default), with stages allowed from the first layer after the
         deepstack injections."""
         geometry = super().video_geometry(config, sampled_frames=sampled_frames, processor_config=processor_config)
-        return VideoGeometry(
-            geometry.frames,
-            geometry.rows,
-            geometry.cols,
-            geometry.newline_layout,
-            geometry.query_rows,
-            geometry.frames_per_step,
-            first_stage_layer=cls.deepstack_layers(config),
-        )
+        return dataclasses.replace(geometry, first_stage_layer=cls.deepstack_layers(config))
 
     @classmethod
     def inputs_geometry(cls, config: Any, inputs: Mapping[str, Any]) -> VideoGeometry:
         geometry = super().inputs_geometry(config, inputs)
-        return VideoGeometry(
-            geometry.frames,
-            geometry.rows,
-            geometry.cols,
-            geometry.newline_layout,
-            geometry.query_rows,
-            geometry.frames_per_step,
-            first_stage_layer=cls.deepstack_layers(config),
-        )
+        return dataclasses.replace(geometry, first_stage_layer=cls.deepstack_layers(config))
 
     @classmethod
     def preprocess_video(cls, frames: Any, processor_config: Mapping[str, Any], config: Any) -> VideoInputs:
