@@ -212,6 +212,7 @@ class Pruner:
     def start_prefill(self, kwargs: dict[str, Any], reference: torch.Tensor, cache: Any) -> None:
         """A prefill on an empty cache (or none): locate the video and prune the language model's inputs."""
         call = self.take_call()
+        self.refuse_static_cache_with_recurrent_layers(cache)  # before any work or state: nothing half-done
         batch, length = int(reference.shape[0]), int(reference.shape[1])
         request = Request(
             batch=batch, original_length=length, phase="prefill", padding_slots_first=bool(self.recurrent_layers)
@@ -275,18 +276,23 @@ class Pruner:
                     "put the question after the video"
                 )
 
+    def refuse_static_cache_with_recurrent_layers(self, cache: Any) -> None:
+        """Static caches are not supported on models with recurrent (linear-attention) layers: their decode masks
+        are built per attention layer only."""
+        if self.recurrent_layers and cache is not None and is_static_cache(cache):
+            raise AdapterError(
+                f"static caches are not supported on models with recurrent (linear-attention) layers "
+                f"{sorted(self.recurrent_layers)}: their decode masks are built per attention layer only; use a "
+                "dynamic cache"
+            )
+
     def finish_prefill(self, request: Request, cache: Any) -> None:
         """After a pruned prefill: statistics, and for a static cache its right-sized layers and the slot records its
         decode steps need."""
         if cache is not None and getattr(cache, REQUEST_ATTRIBUTE, None) is not request:
             setattr(cache, REQUEST_ATTRIBUTE, request)  # a cache the language model created itself
         if cache is not None and is_static_cache(cache):
-            if self.recurrent_layers:
-                raise AdapterError(
-                    f"static caches are not supported on models with recurrent (linear-attention) layers "
-                    f"{sorted(self.recurrent_layers)}: their decode masks are built per attention layer only; use a "
-                    "dynamic cache"
-                )
+            self.refuse_static_cache_with_recurrent_layers(cache)  # one the language model created itself
             full = shrink_static_cache(request, cache, self.stage_of, self.static_capacities)
             request.static = static_slots(request, cache, self.first_layers[: len(request.coords)], full_capacity=full)
         self.last_stats = _request_stats(request, len(self.layers), self.stage_of)

@@ -175,3 +175,21 @@ def test_pack_rows_puts_padding_slots_first_when_asked():
     index, valid = pack_rows(keep, kind, [4, 3], 1, slots_first=True)
     assert index.tolist() == [[0, 1, 3, 4], [0, 0, 3, 4]]
     assert valid.tolist() == [[True, True, True, True], [False, True, True, True]]
+
+
+def test_a_static_cache_is_refused_before_the_prefill_and_the_handle_stays_usable(hybrid):
+    model = hybrid.model
+    inputs = hybrid.inputs(seed=9)
+    calls = []
+    counter = model.model.language_model.layers[0].register_forward_hook(lambda *args: calls.append(1))
+    with apply(model, compile_plan(_policy(0, 2), hybrid.spec())) as handle:
+        refusal = r"static caches are not supported.*\[1, 3, 4, 6, 7\]"
+        try:
+            with torch.no_grad(), pytest.raises(AdapterError, match=refusal):
+                model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
+        finally:
+            counter.remove()
+        assert calls == [] and handle.last_request is None  # refused before any decoder layer ran
+        with torch.no_grad():
+            generated = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        assert generated.shape[1] == inputs["input_ids"].shape[1] + 2 and handle.last_request is not None
