@@ -292,27 +292,30 @@ def bench_stage(prefill: Prefill, stage_index: int, backends: list[str], iters: 
         )
     log(key, "without greedy", out["dpp_select_without_greedy"], "greedy", out["greedy"])
     if sweep:
-        from hieravid.ops._triton_dpp import greedy_dpp_triton
+        from hieravid.ops._triton_dpp import greedy_dpp_triton, programs_per_block
 
         out["triton_sweep"] = {}
-        ref = greedy_dpp_triton(K, valid, budgets, fb, steps, DPP_EPS)
-        for nw in (4, 8, 16):
-            for tpt in (32, 64):
-                name = f"warps{nw}_tile{tpt}"
-                try:
-                    got = greedy_dpp_triton(K, valid, budgets, fb, steps, DPP_EPS, num_warps=nw, tile_per_thread=tpt)
-                    res: dict[str, Any] = bench(
-                        lambda nw=nw, tpt=tpt: greedy_dpp_triton(
-                            K, valid, budgets, fb, steps, DPP_EPS, num_warps=nw, tile_per_thread=tpt
-                        ),
-                        iters=iters,
-                        warmup=2,
-                    )
-                    res["equal"] = bool(torch.equal(ref, got))
-                except Exception as exc:  # a config that fails to compile or run is reported, not fatal
-                    res = {"error": repr(exc)[:200]}
-                out["triton_sweep"][name] = res
-                log("sweep", name, res)
+        auto_programs = programs_per_block(int(K.shape[0]), int(K.shape[1]), K.device)
+        out["programs_per_block_auto"] = auto_programs
+        ref = greedy_map_dpp_order(K, valid, budgets, fb, max_steps=steps, backend="torch")
+        split = sorted({2, 4, 8, auto_programs} - {1})
+        configs = [(1, nw) for nw in (4, 8, 16)] + [(pr, nw) for pr in split for nw in (1, 2, 4, 8)]
+        for programs, nw in configs:
+            name = f"programs{programs}_warps{nw}"
+            try:
+                got = greedy_dpp_triton(K, valid, budgets, fb, steps, DPP_EPS, programs=programs, num_warps=nw)
+                res: dict[str, Any] = bench(
+                    lambda programs=programs, nw=nw: greedy_dpp_triton(
+                        K, valid, budgets, fb, steps, DPP_EPS, programs=programs, num_warps=nw
+                    ),
+                    iters=iters,
+                    warmup=2,
+                )
+                res["equal_to_torch"] = bool(torch.equal(ref, got))
+            except Exception as exc:  # a config that fails to compile or run is reported, not fatal
+                res = {"error": repr(exc)[:200]}
+            out["triton_sweep"][name] = res
+            log("sweep", name, res)
     return out
 
 

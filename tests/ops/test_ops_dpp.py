@@ -102,10 +102,14 @@ def test_greedy_large_replay(device, backend):
 @pytest.mark.parametrize(
     ("G", "n", "D", "frac"), [(8, 392, 256, 0.7), (3, 1000, 128, 0.5), (20, 50, 64, 1.0), (4, 30, 512, 0.5)]
 )
-def test_triton_vs_torch(seed, G, n, D, frac):
-    """Fused kernel against the eager loop. The fused kernel sums in another order, so near-ties may break
-    differently at these sizes: small problems must match exactly, large ones must be valid greedy runs
-    (float64 replay)."""
+@pytest.mark.parametrize("programs", [None, 1, 3, 32])
+def test_triton_vs_torch(seed, G, n, D, frac, programs):
+    """Fused kernel (one program per block, or a block split over several programs that exchange their candidates
+    at every step; ``None``: as many as the SMs allow) against the eager loop. The fused kernel sums in another
+    order, so near-ties may break differently at these sizes: small problems must match exactly, large ones must
+    be valid greedy runs (float64 replay). Budgets of 1.0 exhaust blocks, so the fallback is exchanged too."""
+    from hieravid.ops._triton_dpp import greedy_dpp_triton
+
     g = torch.Generator().manual_seed(seed)
     X = torch.nn.functional.normalize(torch.randn(G, n, D, generator=g), dim=-1).cuda()
     r = (torch.rand(G, n, generator=g) + 0.05).cuda()
@@ -113,7 +117,8 @@ def test_triton_vs_torch(seed, G, n, D, frac):
     valid = torch.rand(G, n, generator=g).cuda() > 0.05
     budgets = (valid.sum(1) * frac).long()
     a = greedy_map_dpp_order(K, valid, budgets, r, backend="torch")
-    b = greedy_map_dpp_order(K, valid, budgets, r, backend="triton")
+    steps = int(budgets.max())
+    b = greedy_dpp_triton(K.contiguous(), valid, budgets, r.contiguous(), steps, DPP_EPS, programs=programs)
     if n <= 64:
         assert torch.equal(a, b)
     for blk in range(G):
