@@ -2,8 +2,8 @@
 prefill under ``policies/hieravid-30.yaml`` (8 blocks per stage; sizes and steps as measured on the H200 by
 ``bench_ops_gpu.py``), one GPU.
 
-For each stage and configuration — programs per block (1 = the whole block in one program), warps per program,
-the programs' columns of ``C`` in registers or re-read from L2 — it reports the median of CUDA-event timings and
+For each stage and configuration — programs per block (1 = the whole block in one program), warps per program —
+it reports the median of CUDA-event timings and
 whether the selection equals the PyTorch greedy loop's. Random kernels from unit-norm features of width 1,024
 (wider than any block, so no block is exhausted early; the kernel's cost does not depend on the width).
 
@@ -55,16 +55,13 @@ def sweep_stage(G: int, n: int, steps: int) -> dict[str, Any]:
     ref = greedy_map_dpp_order(K, valid, budgets, r, max_steps=steps, backend="torch")
     auto = programs_per_block(G, n, K.device)
     stage: dict[str, Any] = {"blocks": G, "block_size": n, "steps": steps, "programs_auto": auto, "configs": {}}
-    configs: list[tuple[int | None, int | None, bool | None]] = [(None, None, None)]
-    configs += [(1, w, False) for w in (4, 8)]
-    configs += [(pr, w, regs) for pr in sorted({8, auto}) for w in (1, 2, 4, 8) for regs in (False, True)]
-    for programs, warps, regs in configs:
-        key = "default" if programs is None else f"programs{programs}_warps{warps}" + ("_registers" if regs else "")
+    configs: list[tuple[int | None, int | None]] = [(None, None)]
+    configs += [(1, w) for w in (4, 8)] + [(pr, w) for pr in sorted({8, auto}) for w in (1, 2, 4, 8)]
+    for programs, warps in configs:
+        key = "default" if programs is None else f"programs{programs}_warps{warps}"
 
-        def run(programs=programs, warps=warps, regs=regs):
-            return greedy_dpp_triton(
-                K, valid, budgets, r, steps, DPP_EPS, programs=programs, num_warps=warps, c_in_registers=regs
-            )
+        def run(programs=programs, warps=warps):
+            return greedy_dpp_triton(K, valid, budgets, r, steps, DPP_EPS, programs=programs, num_warps=warps)
 
         try:
             equal = bool(torch.equal(run(), ref))
