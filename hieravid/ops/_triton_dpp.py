@@ -122,9 +122,10 @@ def _greedy_dpp_kernel(
             else:
                 j = jd
                 krow = tl.load(kbase + j * n + cols, mask=inb, other=0.0)
-                # acc = C[:t, j]ᵀ C[:t, slice]. Rows >= t of the zero-initialised scratch are still 0, so whole
-                # chunks of rows load with no row mask. Column j may belong to another program of the block: it
-                # was written before the last exchange and is read from L2 (.cg), never from a stale L1 line.
+                # acc = C[:t, j]ᵀ C[:t, slice]. This slice's rows >= t of the zero-initialised scratch are still 0,
+                # so whole chunks of rows load with no row mask (column j's row t may already hold a faster
+                # program's next step: it meets a 0). Column j may belong to another program of the block: it was
+                # written before the last exchange and is read from L2 (.cg), never from a stale L1 line.
                 acc2 = tl.zeros([BLOCK_T, BLOCK_W], dtype=tl.float32)
                 for t0 in range(0, t, BLOCK_T):
                     rows = t0 + tl.arange(0, BLOCK_T)
