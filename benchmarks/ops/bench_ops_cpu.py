@@ -83,3 +83,22 @@ def test_greedy_core(benchmark):
     budgets = torch.full((8,), 68)
     out = benchmark(greedy_map_dpp_order, K, valid, budgets, r, max_steps=68, backend="torch")
     assert out.shape == (8, 68)
+
+
+def test_schedule_stages_host(benchmark):
+    """Host time of every stage's budgets and DPP block plan before a 32-frame LLaVA-OV-7B prefill under hieravid-30
+    (8 segments, 3 stages): on a GPU it runs after the segment level's one device read, with the GPU idle."""
+    from hieravid.runtime.prefill import schedule_stages
+    from hieravid.runtime.state import Request, SampleCounts
+
+    plan = compile_plan("policies/hieravid-30.yaml", "llava-onevision-7b")
+    counts = torch.tensor([392, 380, 401, 395, 390, 388, 396, 394])
+    marginal = torch.linspace(-1.5, 1.5, 8, dtype=torch.float64)
+
+    def schedule() -> Request:
+        request = Request(batch=1, schedule=[SampleCounts(counts, marginal, newlines=0, text=0)])
+        schedule_stages(request, plan, torch.device("cpu"))
+        return request
+
+    request = benchmark(schedule)
+    assert len(request.budgets) == 3 and all(row[0].prepared["dpp"].blocks == 8 for row in request.budgets)

@@ -307,3 +307,39 @@ def test_dpp_select_with_host_counts(device):
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="counts"):
         dpp_select(feats, rel, seg, budgets.cpu(), counts=counts[:3])
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("max_block", [None, 1, 7, 64])
+def test_block_plan_follows_its_definition(seed, max_block):
+    """The host-side block plan, field by field, against the definition in ``dpp_select``'s docstring: segment g of
+    n_g tokens splits into ceil(n_g / cap) blocks, block b holding [⌊b·n_g/nb⌋, ⌊(b+1)·n_g/nb⌋) and keeping
+    ⌊k_g·end/n_g⌋ - ⌊k_g·start/n_g⌋ tokens; empty segments have no block; the cap is clamped to [1, Σ n_g]."""
+    from hieravid.ops.dpp import plan_dpp_blocks
+
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 150, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g)
+    counts[0] = 0  # an empty segment
+    budgets = (counts.double() * torch.rand(counts.shape, generator=g, dtype=torch.float64)).long()
+    plan = plan_dpp_blocks(counts, budgets, max_block)
+    total = int(counts.sum())
+    cap = max(total, 1) if max_block is None else max(1, min(max_block, max(total, 1)))
+    starts, offsets, per_segment, sizes, block_budgets = [], [], [], [], []
+    for n_g, k_g in zip(counts.tolist(), budgets.tolist()):
+        blocks = math.ceil(n_g / cap)
+        starts.append(sum(per for per in sizes))
+        offsets.append(sum(per_segment))
+        per_segment.append(blocks)
+        sizes.append(n_g)
+        bounds = [(b * n_g // blocks, (b + 1) * n_g // blocks) for b in range(blocks)]
+        block_budgets += [k_g * end // n_g - k_g * start // n_g for start, end in bounds]
+        assert sum(k_g * end // n_g - k_g * start // n_g for start, end in bounds) == (k_g if blocks else 0)
+    expected = starts + offsets + per_segment + [max(n_g, 1) for n_g in sizes] + block_budgets
+    assert plan.small.dtype == torch.int64 and plan.small.tolist() == expected
+    assert (plan.total, plan.blocks, plan.split) == (int(budgets.sum()), sum(per_segment), max(per_segment) > 1)
+    widths = [
+        end - start
+        for n_g, blocks in zip(sizes, per_segment)
+        for start, end in ((b * n_g // blocks, (b + 1) * n_g // blocks) for b in range(blocks))
+    ]
+    assert plan.block_size == max(widths, default=0) and plan.steps == max(block_budgets, default=0)
