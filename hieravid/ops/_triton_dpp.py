@@ -203,7 +203,7 @@ def greedy_dpp_triton(
     order = torch.full((G, steps), -1, dtype=torch.int64, device=kernel.device)
     if G == 0 or n == 0 or steps == 0:
         return order
-    if programs is None:
+    if programs is None or kernel.device.type != "cuda":  # the interpreter runs programs one after another
         programs = programs_per_block(G, n, kernel.device)
     P, width, block_w, block_t, num_warps = launch_config(
         n, programs, num_warps=num_warps, tile_per_thread=tile_per_thread

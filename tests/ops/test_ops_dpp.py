@@ -324,22 +324,17 @@ def test_block_plan_follows_its_definition(seed, max_block):
     plan = plan_dpp_blocks(counts, budgets, max_block)
     total = int(counts.sum())
     cap = max(total, 1) if max_block is None else max(1, min(max_block, max(total, 1)))
-    starts, offsets, per_segment, sizes, block_budgets = [], [], [], [], []
+    starts, offsets, per_segment, widths, block_budgets = [], [], [], [], []
     for n_g, k_g in zip(counts.tolist(), budgets.tolist()):
         blocks = math.ceil(n_g / cap)
-        starts.append(sum(per for per in sizes))
+        starts.append(sum(counts.tolist()[: len(starts)]))
         offsets.append(sum(per_segment))
         per_segment.append(blocks)
-        sizes.append(n_g)
         bounds = [(b * n_g // blocks, (b + 1) * n_g // blocks) for b in range(blocks)]
+        widths += [end - start for start, end in bounds]
         block_budgets += [k_g * end // n_g - k_g * start // n_g for start, end in bounds]
-        assert sum(k_g * end // n_g - k_g * start // n_g for start, end in bounds) == (k_g if blocks else 0)
-    expected = starts + offsets + per_segment + [max(n_g, 1) for n_g in sizes] + block_budgets
+        assert sum(block_budgets[len(block_budgets) - blocks :]) == (k_g if blocks else 0)
+    expected = starts + offsets + per_segment + counts.clamp_min(1).tolist() + block_budgets
     assert plan.small.dtype == torch.int64 and plan.small.tolist() == expected
     assert (plan.total, plan.blocks, plan.split) == (int(budgets.sum()), sum(per_segment), max(per_segment) > 1)
-    widths = [
-        end - start
-        for n_g, blocks in zip(sizes, per_segment)
-        for start, end in ((b * n_g // blocks, (b + 1) * n_g // blocks) for b in range(blocks))
-    ]
     assert plan.block_size == max(widths, default=0) and plan.steps == max(block_budgets, default=0)
