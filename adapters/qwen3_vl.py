@@ -164,7 +164,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         frame_index = torch.tensor([list(range(start, end)) for start, end in runs], dtype=torch.long)
         empty = torch.empty(0, dtype=torch.long, device=device)
         span = (runs[0][0], runs[-1][1])
-        return VideoLayout(frame_index.to(device), empty, rows, cols, "none", known_span=span)
+        return VideoLayout(frame_index.to(device, non_blocking=True), empty, rows, cols, "none", known_span=span)
 
     def _locate_runs_from_positions(
         self, call: MultimodalCall, inputs_embeds: Tensor, edges: Tensor

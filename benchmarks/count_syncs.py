@@ -4,8 +4,9 @@ Builds the tiny LLaVA-OneVision bench case, applies a policy and, during one pre
 :class:`torch.overrides.TorchFunctionMode` every call that would wait on the device on a GPU run — reads
 of device tensors (``item``, ``tolist``, ``__bool__``, ``__int__``, ``__index__``, ``nonzero``,
 ``unique``, ``equal``, ``cpu``, boolean-mask indexing; ``any``/``all`` through the ``__bool__`` that
-reads them) and blocking host-to-device copies — attributed to the innermost stack frame inside this
-repository (hieravid/ or adapters/). See :class:`SyncSpy` for how host tensors are told apart on CPU;
+reads them) and blocking host-to-device copies — attributed to the innermost stack frame in hieravid's
+own code (the package and its adapters; anything else is ``<outside hieravid>``). See :class:`SyncSpy`
+for how host tensors are told apart on CPU;
 ``--all-reads`` also counts reads of host tensors.
 
     .venv/bin/python benchmarks/count_syncs.py [--policy policies/hieravid-30.yaml] [--frames 16]

@@ -8,6 +8,8 @@ for one pruned prefill; the runtime tests use it to check that frame-level stage
 from __future__ import annotations
 
 import collections
+import functools
+import importlib.util
 import os
 import traceback
 from typing import Any
@@ -17,7 +19,10 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = ["SyncSpy"]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Where hieravid's own code lives, with the label each site gets: the package and its adapters, which sit apart in
+#: the repository (an editable install) and inside the package in a wheel. Nothing else counts as hieravid's: not
+#: the tests or benchmarks, nor transformers, nor a test runner installed beside the package (pytest-xdist).
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
 #: Calls that read a tensor's values on the host (a device sync when the tensor lives on the device).
 READS = {
     "item",
@@ -44,8 +49,13 @@ def _name(func: Any) -> str:
     return getattr(func, "__name__", str(func))
 
 
-#: Paths under the repository root that are not hieravid's code (virtual environments live there in CI).
-_NOT_OURS = ("/benchmarks/", "/tests/", "/.venv", "site-packages")
+@functools.cache
+def _our_directories() -> tuple[tuple[str, str], ...]:
+    """(directory, label prefix) of hieravid's code, found without importing the adapters (they import transformers)."""
+    spec = importlib.util.find_spec("hieravid.adapters")
+    adapters = [os.path.abspath(path) for path in (spec.submodule_search_locations or [])] if spec else []
+    # The adapters first: in a wheel they sit inside the package directory.
+    return (*((path, "hieravid/adapters") for path in adapters), (_PACKAGE, "hieravid"))
 
 
 def _site() -> str:
@@ -53,9 +63,10 @@ def _site() -> str:
         if frame.filename.startswith("<"):
             continue
         path = os.path.abspath(frame.filename)
-        if path.startswith(ROOT) and not any(part in path for part in _NOT_OURS):
-            return f"{os.path.relpath(path, ROOT)}:{frame.lineno} ({frame.name})"
-    return "<outside the repository>"
+        for directory, label in _our_directories():
+            if path.startswith(directory + os.sep):
+                return f"{label}/{os.path.relpath(path, directory)}:{frame.lineno} ({frame.name})"
+    return "<outside hieravid>"
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -135,16 +146,20 @@ class SyncSpy(TorchFunctionMode):
             and name in COPIES
             and receiver is not None
             and _is_host(receiver)
-            and target
-            not in (
-                None,
-                "cpu",
-            )
+            and target not in (None, "cpu")
         ):
             self.counts[(_site(), "h2d-async")] += 1
-        elif self.capture and name in ("tensor", "as_tensor") and target not in (None, "cpu"):
-            self.counts[(_site(), "h2d-data")] += 1
+        made_from_host_data = (
+            self.counting
+            and self.capture
+            and name in ("tensor", "as_tensor")
+            and target not in (None, "cpu")
+            and (receiver is None or _is_host(receiver))
+        )
         out = func(*args, **kwargs)
+        # An empty tensor copies nothing (transformers' lazily initialised caches start as ``torch.tensor([])``).
+        if made_from_host_data and isinstance(out, torch.Tensor) and out.numel() > 0:
+            self.counts[(_site(), "h2d-data")] += 1
         if name == "cpu" or (name in COPIES and target == "cpu"):
             host = True
         elif name in COPIES and target is not None:

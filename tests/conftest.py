@@ -615,7 +615,7 @@ def tiny_sdpa(request: pytest.FixtureRequest) -> Any:
 def tiny_builders() -> Any:
     """The builders above, for tests that need a fresh model or class (``import conftest`` is ambiguous:
     other test folders have their own conftest modules)."""
-    return types.SimpleNamespace(build_model=build_model, model_class=model_class, tiny_case=tiny_case)
+    return types.SimpleNamespace(build_model=build_model, model_class=model_class, tiny_case=tiny_case, DEVICE=DEVICE)
 
 
 @pytest.fixture

@@ -155,14 +155,16 @@ def test_a_masked_row_is_neutral_to_gated_deltanet_only_before_the_first_real_ro
     """Why padding slots go first: the layer zeroes a masked row, but its state still decays there and its causal
     convolution still sees the zero, so a masked row between real rows changes the rows after it."""
     layer = hybrid.model.model.language_model.layers[1].linear_attn
+    device = layer.in_proj_qkv.weight.device
     torch.manual_seed(0)
-    rows = torch.randn(1, 6, 64)
-    filler = torch.randn(1, 1, 64)
+    rows = torch.randn(1, 6, 64, device=device)
+    filler = torch.randn(1, 1, 64, device=device)
     with torch.no_grad():
         plain = layer(rows)
-        first = layer(torch.cat([filler, rows], 1), attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1, 1]]))
+        first = layer(torch.cat([filler, rows], 1), attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1, 1]], device=device))
         middle = layer(
-            torch.cat([rows[:, :3], filler, rows[:, 3:]], 1), attention_mask=torch.tensor([[1, 1, 1, 0, 1, 1, 1]])
+            torch.cat([rows[:, :3], filler, rows[:, 3:]], 1),
+            attention_mask=torch.tensor([[1, 1, 1, 0, 1, 1, 1]], device=device),
         )
     torch.testing.assert_close(first[:, 1:], plain, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(middle[:, :3], plain[:, :3], atol=1e-6, rtol=1e-5)

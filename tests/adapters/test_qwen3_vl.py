@@ -142,7 +142,8 @@ def test_stage_queries_and_keys_are_the_attentions_own(tiny_builders):
     key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
     scores = query @ key.transpose(-1, -2) * adapter.attention_scaling(layer)
     length = key.shape[2]
-    causal = torch.arange(length) > torch.arange(length - rows, length).unsqueeze(1)
+    columns = torch.arange(length, device=scores.device)
+    causal = columns > columns[length - rows :, None]
     probabilities = scores.masked_fill(causal, float("-inf")).softmax(-1)
     torch.testing.assert_close(probabilities, attentions[:, :, -rows:], atol=1e-6, rtol=1e-5)
 

@@ -72,7 +72,8 @@ def qwen2_5(tiny_builders):
     config = Qwen2_5_VLConfig.from_dict(config)
     assert config.vision_config.tokens_per_second == Qwen2_5_VLConfig().vision_config.tokens_per_second != 2
     torch.manual_seed(0)
-    model = tiny_builders.model_class("qwen2_5_vl")._from_config(config, attn_implementation="sdpa").eval()
+    model = tiny_builders.model_class("qwen2_5_vl")._from_config(config, attn_implementation="sdpa")
+    model = model.to(tiny_builders.DEVICE).eval()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield tiny_builders, model

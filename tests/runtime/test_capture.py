@@ -131,7 +131,8 @@ def test_a_language_model_that_takes_no_mask_mapping_runs_eagerly(tiny_llava):
     torch.manual_seed(0)
     model = LlavaOnevisionForConditionalGeneration._from_config(
         LlavaOnevisionConfig.from_dict(data), attn_implementation="sdpa"
-    ).eval()
+    )
+    model = model.to(tiny_llava.model.device).eval()
     assert type(model.model.language_model).__name__ == "LlamaModel"
     case = dataclasses.replace(tiny_llava, model=model)
     plan = compile_plan(POLICIES / "hieravid-30.yaml", case.spec())

@@ -143,7 +143,7 @@ def test_a_compiled_forward_decodes_a_pruned_static_cache_with_fullgraph(fresh_d
             token = out.logits[:, -1:].argmax(-1)
             tokens = [int(token)]
             for step in range(NEW_TOKENS - 1):
-                position = torch.full((1, 1), length + step, dtype=torch.long)
+                position = torch.full((1, 1), length + step, dtype=torch.long, device=token.device)
                 out = forward(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True)
                 token = out.logits[:, -1:].argmax(-1)
                 tokens.append(int(token))
@@ -166,7 +166,7 @@ def _decode_by_hand(model, inputs, cache) -> list[int]:
         token = out.logits[:, -1:].argmax(-1)
         tokens = [int(token)]
         for step in range(NEW_TOKENS - 1):
-            position = torch.full((1, 1), length + step, dtype=torch.long)
+            position = torch.full((1, 1), length + step, dtype=torch.long, device=token.device)
             out = model(input_ids=token, position_ids=position, **cache_argument(model, cache), use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             tokens.append(int(token))

@@ -1,6 +1,7 @@
 """A model split over two devices by accelerate: hooks, masks and stage work follow each layer's device.
 
-CI has one CPU, so the second "device" is ``meta``: accelerate's ``dispatch_model`` runs the later decoder layers
+CI has one CPU, so the second "device" is ``meta`` (the first is the test device: the CPU, or the GPU of a
+``HIERAVID_TEST_DEVICE=cuda`` run): accelerate's ``dispatch_model`` runs the later decoder layers
 there (their weights and activations have shapes but no data), and any operation that mixes a CPU tensor with a
 meta tensor raises the same "Expected all tensors to be on the same device" error that a split over two GPUs
 does. That is the failure this file guards against (hieravid-30 on a LLaVA-OV-7B split over two H200s failed in
@@ -22,21 +23,23 @@ from hieravid.runtime.state import COORD_TENSORS, Coords, Request
 ARCHITECTURES = ("llava_onevision", "llava_video_per_row", "llava_next_video", "qwen2_vl", "qwen2_5_vl")
 
 
-def split_over_cpu_and_meta(model: torch.nn.Module, first_meta_layer: int) -> torch.nn.Module:
-    """Decoder layers from ``first_meta_layer`` on (and the final norm and head) run on ``meta``, the rest on CPU."""
+def split_over_device_and_meta(model: torch.nn.Module, first_meta_layer: int) -> torch.nn.Module:
+    """Decoder layers from ``first_meta_layer`` on (and the final norm and head) run on ``meta``, the rest on the
+    model's device."""
     from accelerate import dispatch_model
     from accelerate.hooks import remove_hook_from_module
 
+    first = str(model.device) if model.device.type != "cuda" else f"cuda:{model.device.index or 0}"
     inner = model.model
     prefix = "model.language_model"
     layers = len(inner.language_model.layers)
-    device_map = {f"{prefix}.layers.{i}": "cpu" if i < first_meta_layer else "meta" for i in range(layers)}
-    device_map |= {f"{prefix}.{name}": "cpu" for name, _ in inner.language_model.named_children() if name != "layers"}
+    device_map = {f"{prefix}.layers.{i}": first if i < first_meta_layer else "meta" for i in range(layers)}
+    device_map |= {f"{prefix}.{name}": first for name, _ in inner.language_model.named_children() if name != "layers"}
     device_map |= {f"{prefix}.norm": "meta", "lm_head": "meta"}
-    device_map |= {f"model.{name}": "cpu" for name, _ in inner.named_children() if name != "language_model"}
-    device_map |= {f"model.{name}": "cpu" for name, _ in inner.named_parameters(recurse=False)}
-    model = dispatch_model(model, device_map=device_map, main_device="cpu")
-    remove_hook_from_module(model)  # the top-level hook would copy the (meta) logits back to the CPU
+    device_map |= {f"model.{name}": first for name, _ in inner.named_children() if name != "language_model"}
+    device_map |= {f"model.{name}": first for name, _ in inner.named_parameters(recurse=False)}
+    model = dispatch_model(model, device_map=device_map, main_device=first)
+    remove_hook_from_module(model)  # the top-level hook would copy the (meta) logits back to the first device
     return model
 
 
@@ -57,13 +60,13 @@ def test_a_pruned_prefill_follows_each_layers_device(architecture, first_meta_la
         expected = cache_lengths(reference(**inputs).past_key_values)
         expected_stats = handle.last_request.layer_video_tokens
 
-    model = split_over_cpu_and_meta(tiny_builders.build_model(architecture, "sdpa"), first_meta_layer)
+    model = split_over_device_and_meta(tiny_builders.build_model(architecture, "sdpa"), first_meta_layer)
     with hieravid.apply(model, plan) as handle:
         output = model(**inputs)
         assert handle.last_request.layer_video_tokens == expected_stats
     assert cache_lengths(output.past_key_values) == expected
     devices = [layer.keys.device.type for layer in output.past_key_values.layers]
-    assert devices == ["cpu"] * first_meta_layer + ["meta"] * (len(devices) - first_meta_layer)
+    assert devices == [tiny_builders.DEVICE.type] * first_meta_layer + ["meta"] * (len(devices) - first_meta_layer)
     assert output.logits.device.type == "meta" and output.logits.shape[:2] == (1, expected[-1])
 
 

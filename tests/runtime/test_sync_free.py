@@ -76,7 +76,12 @@ def test_stages_do_not_synchronise(tiny_sdpa, policy: str) -> None:
         if "(batched_window_attention)" in site[0] or "(_window_bounds)" in site[0]
     }
     assert sum(vision.values()) <= 2, vision
-    ours = {site: n for site, n in counts.items() if site[0] != "<outside the repository>" and site not in vision}
+    # Qwen3-VL: the deepstack rows of the kept visual positions are gathered with the mask of the kept positions,
+    # whose count the host needs (transformers' own deepstack step indexes by that mask again): counted apart.
+    deepstack = {site: n for site, n in counts.items() if "(gather_extra_inputs)" in site[0]}
+    assert sum(deepstack.values()) <= 1, deepstack
+    apart = vision | deepstack
+    ours = {site: n for site, n in counts.items() if site[0] != "<outside hieravid>" and site not in apart}
     assert sum(ours.values()) <= 3, ours
 
 
@@ -120,8 +125,23 @@ def test_the_capture_spy_sees_host_to_device_copies() -> None:
         host = torch.arange(3)
         host.to("cuda", non_blocking=True) if torch.cuda.is_available() else host.to("meta", non_blocking=True)
         torch.tensor([1, 2], device="meta")
+        torch.tensor([], device="meta")  # copies nothing: transformers' caches start so
     kinds = sorted(kind for _, kind in spy.counts)
     assert kinds == ["h2d-async", "h2d-data"]
+
+
+def test_the_spy_names_hieravids_own_call_sites_only() -> None:
+    """A read made by hieravid's code is named by its file and function; one made anywhere else (this test, a
+    test runner, transformers) is ``<outside hieravid>``, wherever the package is installed."""
+    from hieravid.ops.budget import SegmentBudgets
+
+    spy = SyncSpy()
+    with spy:
+        int(torch.ones(1, device="cpu").sum())
+        assert SegmentBudgets(counts=torch.ones(2, dtype=torch.long), host=torch.ones(2, device="cpu")).total == 2
+    sites = {site for site, _ in spy.counts}
+    assert "<outside hieravid>" in sites
+    assert any(site.startswith("hieravid/ops/budget.py:") for site in sites), sites
 
 
 def test_padded_batch_stages_do_not_synchronise(tiny_llava) -> None:
