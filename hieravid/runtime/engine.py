@@ -102,6 +102,9 @@ class Pruner:
         self.first_layers = [0] + [layer + 1 for layer in stage_layers]
         #: Layers fed a 2-D padding mask instead of a causal one (linear attention), see Adapter.recurrent_layers.
         self.recurrent_layers = adapter.recurrent_layers()
+        #: Their layer types: the keys of their entries in a mapping of prepared masks.
+        layer_types = getattr(adapter.text_config(), "layer_types", None) or ()
+        self.recurrent_mask_keys = frozenset(layer_types[i] for i in self.recurrent_layers if i < len(layer_types))
         #: The layer each system's causal mask is sized for: its first attention layer (None: it has none).
         ends = [*self.first_layers[1:], len(self.layers)]
         self.mask_layers = [
@@ -212,7 +215,6 @@ class Pruner:
     def start_prefill(self, kwargs: dict[str, Any], reference: torch.Tensor, cache: Any) -> None:
         """A prefill on an empty cache (or none): locate the video and prune the language model's inputs."""
         call = self.take_call()
-        self.refuse_static_cache_with_recurrent_layers(cache)  # before any work or state: nothing half-done
         batch, length = int(reference.shape[0]), int(reference.shape[1])
         request = Request(
             batch=batch, original_length=length, phase="prefill", padding_slots_first=bool(self.recurrent_layers)
@@ -276,25 +278,14 @@ class Pruner:
                     "put the question after the video"
                 )
 
-    def refuse_static_cache_with_recurrent_layers(self, cache: Any) -> None:
-        """Static caches are not supported on models with recurrent (linear-attention) layers: their decode masks
-        are built per attention layer only."""
-        if self.recurrent_layers and cache is not None and is_static_cache(cache):
-            raise AdapterError(
-                f"static caches are not supported on models with recurrent (linear-attention) layers "
-                f"{sorted(self.recurrent_layers)}: their decode masks are built per attention layer only; use a "
-                "dynamic cache"
-            )
-
     def finish_prefill(self, request: Request, cache: Any) -> None:
         """After a pruned prefill: statistics, and for a static cache its right-sized layers and the slot records its
         decode steps need."""
         if cache is not None and getattr(cache, REQUEST_ATTRIBUTE, None) is not request:
             setattr(cache, REQUEST_ATTRIBUTE, request)  # a cache the language model created itself
         if cache is not None and is_static_cache(cache):
-            self.refuse_static_cache_with_recurrent_layers(cache)  # one the language model created itself
-            full = shrink_static_cache(request, cache, self.stage_of, self.static_capacities)
-            request.static = static_slots(request, cache, self.first_layers[: len(request.coords)], full_capacity=full)
+            full = shrink_static_cache(request, cache, self.stage_of, self.static_capacities, self.recurrent_layers)
+            request.static = static_slots(request, cache, self.mask_layers[: len(request.coords)], full_capacity=full)
         self.last_stats = _request_stats(request, len(self.layers), self.stage_of)
 
     # ================================================================== continuation
@@ -309,7 +300,9 @@ class Pruner:
         request.follow(reference.device)  # the prefill may have left it on the last stage's device
         mask = kwargs.get("attention_mask")
         if request.static is not None:
-            kwargs["attention_mask"] = with_mask(mask, static_mask(request.static, 0, cache, new_length, mask))
+            static = static_mask(request.static, 0, cache, new_length, mask)
+            # A recurrent layer's entry only covers the new rows (None for one token): it stays as transformers made it.
+            kwargs["attention_mask"] = with_mask(mask, static, keep=self.recurrent_mask_keys)
             return
         if isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() != 2):
             raise NotImplementedError(

@@ -10,7 +10,7 @@ per-system record of which prompt slots are real — tensors only, so a compiled
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Collection, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from hieravid.runtime.state import Request, StaticSlots
 
 __all__ = [
     "CAPACITY_BUCKETS",
+    "CAPACITY_HEADROOM_BUCKETS",
     "input_mask_2d",
     "is_static_cache",
     "regrow_static_cache",
@@ -36,6 +37,10 @@ __all__ = [
 #: prompt length (itself a multiple of 16 rows): kept counts depend on the content (dynamic budgets), and each new
 #: capacity is a new shape for the compiled decode step.
 CAPACITY_BUCKETS = 16
+#: The first request of a shape reserves this many buckets above its kept rows. Later requests of the same shape keep
+#: other counts (their content moves the budgets), and a capacity they outgrow is a new shape for the compiled decode
+#: step: a recompile, tens of seconds at 7B. A bucket of headroom costs a few more masked slots per decode step.
+CAPACITY_HEADROOM_BUCKETS = 1
 
 
 def _mask_tensor(mask: Any) -> Tensor | None:
@@ -60,10 +65,11 @@ def input_mask_2d(mask: Any, length: int) -> Tensor | None:
     raise ValueError(f"attention_mask of shape {tuple(tensor.shape)} is not supported (expected 2-D or 4-D)")
 
 
-def with_mask(original: Any, mask: Tensor | None) -> Any:
-    """``mask`` in the form the caller used: inside a mapping when the caller passed a mapping of prepared masks."""
+def with_mask(original: Any, mask: Tensor | None, keep: Collection[str] = ()) -> Any:
+    """``mask`` in the form the caller used: inside a mapping when the caller passed a mapping of prepared masks,
+    whose entries named in ``keep`` (the 2-D padding masks of recurrent layers) stay as they were."""
     if isinstance(original, Mapping):
-        return {key: mask for key in original}
+        return {key: value if key in keep else mask for key, value in original.items()}
     return mask
 
 
@@ -72,15 +78,20 @@ def is_static_cache(cache: Any) -> bool:
     return bool(getattr(cache, "is_compileable", False))
 
 
-def static_capacity(kept_rows: int, prompt_length: int, new_slots: int) -> int:
-    """Slots a right-sized static layer gets: ``kept_rows`` rounded up to the prompt's bucket (never past the
-    prompt length), plus ``new_slots`` for the tokens the decode steps write."""
+def static_capacity(kept_rows: int, prompt_length: int, new_slots: int, headroom_buckets: int = 0) -> int:
+    """Slots a right-sized static layer gets: ``kept_rows`` rounded up to the prompt's bucket, plus
+    ``headroom_buckets`` more buckets (never past the prompt length), plus ``new_slots`` for the tokens the decode
+    steps write."""
     granule = 16 * math.ceil(math.ceil(prompt_length / CAPACITY_BUCKETS) / 16)
-    return min(prompt_length, granule * math.ceil(kept_rows / granule)) + new_slots
+    return min(prompt_length, granule * (math.ceil(kept_rows / granule) + headroom_buckets)) + new_slots
 
 
 def shrink_static_cache(
-    request: Request, cache: Any, stage_of: list[int], remembered: MutableMapping[tuple[int, ...], int]
+    request: Request,
+    cache: Any,
+    stage_of: list[int],
+    remembered: MutableMapping[tuple[int, ...], int],
+    recurrent_layers: Collection[int] = (),
 ) -> int | None:
     """Right-size every layer of a static cache that a pruned prefill filled; returns the layers' full capacity
     (what :func:`regrow_static_cache` restores), or None when the cache is left as it is.
@@ -88,16 +99,19 @@ def shrink_static_cache(
     Layer ``l`` holds the rows of system ``stage_of[l]`` (known on the host: no device read) and gets
     :func:`static_capacity` of them plus ``max_cache_len - prompt length`` decode slots; its fill counter and the
     rows' original positions are unchanged. ``remembered`` (the handle's, keyed by system, batch, prompt length and
-    full capacity) only grows, so that a request shape settles on one set of capacities. Caches of other kinds
-    (offloaded, sliding-window or hybrid layers, a layer count other than the model's, layers of unequal capacity)
-    are left as they are: their decode steps attend over every slot, as without the resize.
+    full capacity) only grows, so that a request shape settles on one set of capacities: the first request of a
+    shape, and one that outgrows it, reserve :data:`CAPACITY_HEADROOM_BUCKETS` above their own rows. Caches of
+    other kinds (offloaded, sliding-window or hybrid layers, a layer count other than the model's, layers of unequal
+    capacity) are left as they are: their decode steps attend over every slot, as without the resize.
     """
     layers = list(getattr(cache, "layers", ()))
     if getattr(cache, "offloading", False) or len(layers) != len(stage_of) or not request.coords:
         return None
-    if not all(is_resizable_static_layer(layer) for layer in layers):
+    # Recurrent (linear-attention) layers keep a fixed-size state instead of rows: nothing to resize there.
+    attention = [index for index in range(len(layers)) if index not in recurrent_layers]
+    if not attention or not all(is_resizable_static_layer(layers[index]) for index in attention):
         return None
-    capacities = {int(layer.max_cache_len) for layer in layers}
+    capacities = {int(layers[index].max_cache_len) for index in attention}
     if len(capacities) != 1:
         return None
     full = capacities.pop()
@@ -107,13 +121,15 @@ def shrink_static_cache(
     sizes: list[int] = []
     for system, coords in enumerate(request.coords):
         key = (system, request.batch, request.original_length, full)
-        size = max(static_capacity(coords.length, request.original_length, new_slots), remembered.get(key, 0))
-        remembered[key] = size
+        size = remembered.get(key, 0)
+        if size < static_capacity(coords.length, request.original_length, new_slots):
+            headroom = static_capacity(coords.length, request.original_length, new_slots, CAPACITY_HEADROOM_BUCKETS)
+            size = remembered[key] = headroom
         sizes.append(size)
-    for index, layer in enumerate(layers):
+    for index in attention:
         system = min(stage_of[index], len(request.coords) - 1)
         if sizes[system] < full:
-            resize_static_layer(layer, sizes[system], request.coords[system].length)
+            resize_static_layer(layers[index], sizes[system], request.coords[system].length)
     return full
 
 
@@ -137,28 +153,34 @@ def row_lengths(cache: Any) -> dict[int, int]:
 
 
 def static_slots(
-    request: Request, cache: Any, first_layers: list[int], *, full_capacity: int | None = None
+    request: Request, cache: Any, mask_layers: list[int | None], *, full_capacity: int | None = None
 ) -> StaticSlots:
     """Which slots of each coordinate system's static cache layers hold real prompt rows (and every slot past the
-    prompt, where decode tokens go), from the prefill's coordinates and 2-D mask; ``full_capacity``: the layers'
-    capacity before :func:`shrink_static_cache` (None when it left them as they were)."""
+    prompt, where decode tokens go), from the prefill's coordinates and 2-D mask; ``mask_layers``: each system's
+    first attention layer (None: the system has recurrent layers only, which take no mask in a decode step);
+    ``full_capacity``: the layers' capacity before :func:`shrink_static_cache` (None when it left them as they
+    were)."""
     assert request.mask2d is not None
-    valid: list[Tensor] = []
+    valid: list[Tensor | None] = []
     for system, coords in enumerate(request.coords):
-        capacity = int(cache.layers[first_layers[system]].max_cache_len)
+        if mask_layers[system] is None:
+            valid.append(None)
+            continue
+        capacity = int(cache.layers[mask_layers[system]].max_cache_len)
         prompt = request.mask2d[:, : request.original_length].gather(1, coords.orig) & coords.valid
         slots = torch.ones(prompt.shape[0], capacity, dtype=torch.bool, device=prompt.device)
         slots[:, : prompt.shape[1]] = prompt
         valid.append(slots)
-    return StaticSlots(slot_valid=valid, first_layers=list(first_layers), full_capacity=full_capacity)
+    return StaticSlots(slot_valid=valid, mask_layers=list(mask_layers), full_capacity=full_capacity)
 
 
 def static_mask(slots: StaticSlots, system: int, cache: Any, query_length: int, like: Any) -> Tensor:
     """``[B, 1, q, max_cache_len]`` mask of one coordinate system for the next ``q`` tokens of a static cache: the
     real prompt slots and the filled decode slots, causal within the new tokens. Same dtype convention as ``like``
     (the mask transformers built for layer 0: bool, or additive float)."""
-    valid = slots.slot_valid[system]
-    filled = static_fill_counter(cache.layers[slots.first_layers[system]])
+    valid, layer = slots.slot_valid[system], slots.mask_layers[system]
+    assert valid is not None and layer is not None, "a system of recurrent layers only has no attention mask"
+    filled = static_fill_counter(cache.layers[layer])
     columns = torch.arange(valid.shape[1], device=valid.device)
     rows = torch.arange(query_length, device=valid.device)
     visible = columns.unsqueeze(0) < (filled.to(valid.device) + rows.unsqueeze(1) + 1)

@@ -217,11 +217,12 @@ class StaticSlots:
     """Per coordinate system, which slots of a static (pre-allocated) KV cache hold real rows, so that decode
     steps build each system's mask from the cache's own fill counter, without any host value."""
 
-    slot_valid: list[Tensor]
+    slot_valid: list[Tensor | None]
     """Per system, ``[B, max_cache_len]`` bool (its layers' ``max_cache_len``): real prompt rows, and every slot past
-    the prompt (decode tokens)."""
-    first_layers: list[int]
-    """Per system, its first decoder layer (whose cache counter says how many slots are filled)."""
+    the prompt (decode tokens); None for a system of recurrent layers only."""
+    mask_layers: list[int | None]
+    """Per system, its first attention layer (whose cache counter says how many slots are filled); None for a system
+    of recurrent layers only."""
     full_capacity: int | None = None
     """Slots every layer had before the cache was right-sized (None: not resized)."""
 
@@ -292,7 +293,7 @@ class Request:
         if self.mask2d is not None:
             self.mask2d = self.mask2d.to(device)
         if self.static is not None:
-            self.static.slot_valid = [valid.to(device) for valid in self.static.slot_valid]
+            self.static.slot_valid = [None if valid is None else valid.to(device) for valid in self.static.slot_valid]
         self.device = device
 
     def reset_call(self) -> None:

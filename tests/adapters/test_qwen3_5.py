@@ -179,19 +179,26 @@ def test_pack_rows_puts_padding_slots_first_when_asked():
     assert valid.tolist() == [[True, True, True, True], [False, True, True, True]]
 
 
-def test_a_static_cache_is_refused_before_the_prefill_and_the_handle_stays_usable(hybrid):
+def test_a_static_cache_decodes_as_the_dynamic_cache_does(hybrid):
+    """Static caches on a hybrid model: the attention layers are right-sized to their kept rows, the linear-attention
+    layers keep their fixed-size states, and a left-padded batch (samples keeping different counts) decodes the same
+    tokens as with a dynamic cache."""
     model = hybrid.model
-    inputs = hybrid.inputs(seed=9)
-    calls = []
-    counter = model.model.language_model.layers[0].register_forward_hook(lambda *args: calls.append(1))
-    with apply(model, compile_plan(_policy(0, 2), hybrid.spec())) as handle:
-        refusal = r"static caches are not supported.*\[1, 3, 4, 6, 7\]"
-        try:
-            with torch.no_grad(), pytest.raises(AdapterError, match=refusal):
-                model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
-        finally:
-            counter.remove()
-        assert calls == [] and handle.last_request is None  # refused before any decoder layer ran
-        with torch.no_grad():
-            generated = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
-        assert generated.shape[1] == inputs["input_ids"].shape[1] + 2 and handle.last_request is not None
+    inputs = hybrid.inputs(batch=2, pads=(3, 0), frames=(8, 6), seed=9)
+    options = dict(
+        max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    with apply(model, compile_plan(_policy(0, 2), hybrid.spec())) as handle, torch.no_grad():
+        dynamic = model.generate(**inputs, **options)
+        static = model.generate(**inputs, cache_implementation="static", **options)
+        stats = handle.last_request
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for a, b in zip(static.logits, dynamic.logits):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+    layers = static.past_key_values.layers
+    full = inputs["input_ids"].shape[1] + 4
+    for index, layer in enumerate(layers):
+        if index in (1, 3, 4, 6, 7):
+            assert not hasattr(layer, "max_cache_len")  # a recurrent state, not rows
+        else:
+            assert stats.layer_sequence_lengths[index] < layer.max_cache_len < full
