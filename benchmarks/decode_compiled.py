@@ -6,6 +6,10 @@ policy's (issue 15's targets: pruned <= unpruned at 2k context, <= 0.85x at the 
 
     python benchmarks/decode_compiled.py --model llava-onevision-7b --tokens 64 --out decode-compiled.json
     python benchmarks/decode_compiled.py --model llava-onevision-7b --frames 10 --out decode-compiled-2k.json
+
+A policy written ``hieravid-30@buckets=16@headroom=0`` runs with other static-cache capacity settings than the
+defaults (``CAPACITY_BUCKETS`` and ``CAPACITY_HEADROOM_BUCKETS`` of ``hieravid.runtime.masks``), to measure what
+they cost in the same run.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 from hieravid.apps import bench
 from hieravid.compat import cache_from_output
 from hieravid.plan import compile_plan
-from hieravid.runtime import apply
+from hieravid.runtime import apply, masks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,9 +78,13 @@ def main() -> None:
     }
     with bench.sdpa_backends(cudnn=False), torch.inference_mode():
         for policy in args.policies:
+            name, *settings = policy.split("@")
+            defaults = {"buckets": masks.CAPACITY_BUCKETS, "headroom": masks.CAPACITY_HEADROOM_BUCKETS}
+            chosen = defaults | {key: int(value) for key, value in (item.split("=") for item in settings)}
+            masks.CAPACITY_BUCKETS, masks.CAPACITY_HEADROOM_BUCKETS = chosen["buckets"], chosen["headroom"]
             handle = None
-            if policy != "unpruned":
-                handle = apply(case.model, compile_plan(ROOT / "policies" / f"{policy}.yaml", case.spec()))
+            if name != "unpruned":
+                handle = apply(case.model, compile_plan(ROOT / "policies" / f"{name}.yaml", case.spec()))
             try:
                 row: dict[str, Any] = {"policy": policy}
                 row["static_cache_slots_per_layer"] = static_cache_slots(case)
@@ -94,6 +102,7 @@ def main() -> None:
                 finally:
                     torch._dynamo.config.error_on_recompile = False
             finally:
+                masks.CAPACITY_BUCKETS, masks.CAPACITY_HEADROOM_BUCKETS = defaults["buckets"], defaults["headroom"]
                 if handle is not None:
                     handle.remove()
             first = report["results"][0] if report["results"] else row

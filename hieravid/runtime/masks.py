@@ -36,7 +36,7 @@ __all__ = [
 #: A right-sized static layer keeps its kept prompt rows rounded up to a multiple of 1/CAPACITY_BUCKETS of the
 #: prompt length (itself a multiple of 16 rows): kept counts depend on the content (dynamic budgets), and each new
 #: capacity is a new shape for the compiled decode step.
-CAPACITY_BUCKETS = 16
+CAPACITY_BUCKETS = 64
 #: The first request of a shape reserves this many buckets above its kept rows. Later requests of the same shape keep
 #: other counts (their content moves the budgets), and a capacity they outgrow is a new shape for the compiled decode
 #: step: a recompile, tens of seconds at 7B. A bucket of headroom costs a few more masked slots per decode step.
