@@ -121,10 +121,10 @@ def shrink_static_cache(
     sizes: list[int] = []
     for system, coords in enumerate(request.coords):
         key = (system, request.batch, request.original_length, full)
+        length = request.original_length
         size = remembered.get(key, 0)
-        if size < static_capacity(coords.length, request.original_length, new_slots):
-            headroom = static_capacity(coords.length, request.original_length, new_slots, CAPACITY_HEADROOM_BUCKETS)
-            size = remembered[key] = headroom
+        if size < static_capacity(coords.length, length, new_slots):  # a new shape, or one this request outgrows
+            size = remembered[key] = static_capacity(coords.length, length, new_slots, CAPACITY_HEADROOM_BUCKETS)
         sizes.append(size)
     for index in attention:
         system = min(stage_of[index], len(request.coords) - 1)
