@@ -83,6 +83,13 @@ def _is_host(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and bool(getattr(tensor, "_hv_host", False))
 
 
+def _same_device(tensor: torch.Tensor, target: str) -> bool:
+    try:
+        return torch.device(target) == tensor.device
+    except RuntimeError:  # a dtype name or another string that is not a device
+        return False
+
+
 def _device_argument(args: tuple, kwargs: dict) -> Any:
     for value in (*args, kwargs.get("device")):
         if isinstance(value, (str, torch.device)):
@@ -160,7 +167,9 @@ class SyncSpy(TorchFunctionMode):
         # An empty tensor copies nothing (transformers' lazily initialised caches start as ``torch.tensor([])``).
         if made_from_host_data and isinstance(out, torch.Tensor) and out.numel() > 0:
             self.counts[(_site(), "h2d-data")] += 1
-        if name == "cpu" or (name in COPIES and target == "cpu"):
+        if name in COPIES and receiver is not None and target is not None and _same_device(receiver, target):
+            host = _is_host(receiver)  # a copy to the tensor's own device returns it: nothing moves
+        elif name == "cpu" or (name in COPIES and target == "cpu"):
             host = True
         elif name in COPIES and target is not None:
             host = False

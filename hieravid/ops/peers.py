@@ -46,12 +46,13 @@ from hieravid.ops._registry import OperatorRegistry
 from hieravid.ops._util import NORM_EPS, floor_product, mask_to_indices
 from hieravid.ops.segment import (
     SegmentLevelResult,
+    UnreadSegmentLevel,
     _check_frames,
     adjacent_frame_similarity,
     frame_redundancy,
     merge_redundant_tokens,
     num_merged_tokens,
-    segment_level,
+    segment_level_unread,
 )
 from hieravid.policy import (
     DycokeInput,
@@ -72,6 +73,7 @@ __all__ = [
     "evs",
     "framefusion",
     "input_level",
+    "input_level_unread",
     "random_input",
     "register_input_operator",
     "uniform_input",
@@ -84,12 +86,14 @@ DROPPED = -1
 
 class InputOperator(Protocol):
     """Signature of a registered input-level operator: ``[F, P, D]`` frames and the level's config in, a
-    :class:`~hieravid.ops.segment.SegmentLevelResult` out. ``graphs`` (a :class:`~hieravid.ops.GraphCache` owned
-    by the caller) may be used to replay the operator's work from CUDA graphs; operators may ignore it."""
+    :class:`~hieravid.ops.segment.SegmentLevelResult` out — or an
+    :class:`~hieravid.ops.segment.UnreadSegmentLevel` when the number of segments is still on the device, so
+    that the runtime reads it with its other reads. ``graphs`` (a :class:`~hieravid.ops.GraphCache` owned by the
+    caller) may be used to replay the operator's work from CUDA graphs; operators may ignore it."""
 
     def __call__(
         self, frames: Tensor, config: InputLevelConfig, /, *, graphs: GraphCache | None = None
-    ) -> SegmentLevelResult: ...
+    ) -> SegmentLevelResult | UnreadSegmentLevel: ...
 
 
 #: Input-level operators by config class (:class:`~hieravid.policy.SegmentLevel` is HieraVid's own).
@@ -105,6 +109,19 @@ def register_input_operator(config_class: type[InputLevelConfig]) -> Callable[[I
 
 def input_level(config: InputLevelConfig, frames: Tensor, *, graphs: GraphCache | None = None) -> SegmentLevelResult:
     """Run the input-level operator bound to ``config``'s class on one video ``[F, P, D]``.
+
+    Raises:
+        UnregisteredOperatorError: no operator is bound to ``config``'s class.
+    """
+    result = input_level_unread(config, frames, graphs=graphs)
+    return result.resolve() if isinstance(result, UnreadSegmentLevel) else result
+
+
+def input_level_unread(
+    config: InputLevelConfig, frames: Tensor, *, graphs: GraphCache | None = None
+) -> SegmentLevelResult | UnreadSegmentLevel:
+    """:func:`input_level` as the operator returned it: an operator whose segment count is still on the device
+    returns an :class:`~hieravid.ops.segment.UnreadSegmentLevel` that the caller resolves.
 
     Raises:
         UnregisteredOperatorError: no operator is bound to ``config``'s class.
@@ -450,9 +467,9 @@ def random_input(frames: Tensor, *, prune_ratio: float = 0.5, seed: int = 0) -> 
 @register_input_operator(SegmentLevel)
 def _run_segment_level(
     frames: Tensor, config: InputLevelConfig, /, *, graphs: GraphCache | None = None
-) -> SegmentLevelResult:
+) -> UnreadSegmentLevel:
     assert isinstance(config, SegmentLevel)
-    return segment_level(
+    return segment_level_unread(
         frames,
         similarity_threshold=config.similarity_threshold,
         segment_threshold=config.segment_threshold,

@@ -2,7 +2,8 @@
 
 All functions take a video as ``frames: [F, P, D]`` (``F`` frames of ``P`` tokens, hidden size ``D``) and
 flat token indices are ``f * P + p``. Everything runs on the input's device with vectorised tensor code;
-the only host synchronisation is in :func:`segment_level`, which reads the number of segments once.
+the only host synchronisation is in :func:`segment_level`, which reads the number of segments once
+(:func:`segment_level_unread` leaves that read to a caller that reads the device anyway).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ __all__ = [
     "FIRST_FRAME_SIMILARITY",
     "MergeResult",
     "SegmentLevelResult",
+    "UnreadSegmentLevel",
     "adjacent_frame_similarity",
     "frame_redundancy",
     "merge_redundant_tokens",
     "num_merged_tokens",
     "segment_frames",
     "segment_level",
+    "segment_level_unread",
     "segment_marginal_values",
 ]
 
@@ -331,6 +334,69 @@ def segment_level(
     Returns:
         A :class:`SegmentLevelResult`.
     """
+    return segment_level_unread(
+        frames,
+        similarity_threshold=similarity_threshold,
+        segment_threshold=segment_threshold,
+        merge_ratio=merge_ratio,
+        marginal_value_weight=marginal_value_weight,
+        merge=merge,
+        graphs=graphs,
+    ).resolve()
+
+
+@dataclass(frozen=True)
+class UnreadSegmentLevel:
+    """The segment level before its one host read: the fields of :class:`SegmentLevelResult`, all final, except
+    that the number of segments ``G`` is still on the device (:attr:`segment_count`) and ``marginal_values`` is
+    padded to ``F`` entries (0 from entry ``G`` on).
+
+    A caller that reads the device anyway (the runtime also reads the prompt's padding and each segment's token
+    count) reads :attr:`segment_count` in the same transfer and calls :meth:`resolve` with it; :func:`segment_level`
+    reads it alone.
+    """
+
+    kept_index: Tensor
+    features: Tensor
+    merge_target: Tensor
+    frame_segment_ids: Tensor
+    token_segment_ids: Tensor
+    marginal_values: Tensor
+    similarity: Tensor
+    redundancy: Tensor
+
+    @property
+    def segment_count(self) -> Tensor:
+        """``[1]`` int64 on the device: ``G``."""
+        return self.frame_segment_ids[-1:] + 1
+
+    def resolve(self, num_segments: int | None = None) -> SegmentLevelResult:
+        """The :class:`SegmentLevelResult`, given ``G`` as read by the caller (None: read it here, the one sync)."""
+        G = int(self.segment_count) if num_segments is None else int(num_segments)
+        return SegmentLevelResult(
+            kept_index=self.kept_index,
+            features=self.features,
+            merge_target=self.merge_target,
+            frame_segment_ids=self.frame_segment_ids,
+            token_segment_ids=self.token_segment_ids,
+            marginal_values=self.marginal_values[:G],
+            num_segments=G,
+            similarity=self.similarity,
+            redundancy=self.redundancy,
+        )
+
+
+def segment_level_unread(
+    frames: Tensor,
+    *,
+    similarity_threshold: float = 0.6,
+    segment_threshold: float = 0.4,
+    merge_ratio: float = 0.5,
+    marginal_value_weight: float = 0.5,
+    merge: bool = True,
+    graphs: GraphCache | None = None,
+) -> UnreadSegmentLevel:
+    """:func:`segment_level` without its host read (same arguments): the caller resolves the result."""
     _check_frames(frames)
     params = (
         float(similarity_threshold),
@@ -343,7 +409,7 @@ def segment_level(
         out = graphs.run(key, lambda video: _segment_level_padded(video, *params), (frames,))
     else:
         out = _segment_level_padded(frames, *params)
-    return _finish_segment_level(out)
+    return UnreadSegmentLevel(**out)
 
 
 def _segment_level_padded(frames: Tensor, tau: float, beta: float, ratio: float, weight: float) -> dict[str, Tensor]:
@@ -364,18 +430,3 @@ def _segment_level_padded(frames: Tensor, tau: float, beta: float, ratio: float,
         "similarity": sim,
         "redundancy": red,
     }
-
-
-def _finish_segment_level(out: dict[str, Tensor]) -> SegmentLevelResult:
-    G = int(out["frame_segment_ids"][-1]) + 1  # the one host sync
-    return SegmentLevelResult(
-        kept_index=out["kept_index"],
-        features=out["features"],
-        merge_target=out["merge_target"],
-        frame_segment_ids=out["frame_segment_ids"],
-        token_segment_ids=out["token_segment_ids"],
-        marginal_values=out["marginal_values"][:G],
-        num_segments=G,
-        similarity=out["similarity"],
-        redundancy=out["redundancy"],
-    )

@@ -1,19 +1,21 @@
 """The input level of a prefill: locate each sample's video, run the input-level operator, build stage 0.
 
-This is the only part of a pruned prefill that reads the device (the adapter locating the video, then one
-read of the mask's padding and of the per-segment counts and marginal values). From then on every count is
-known on the host, so the frame-level stages never wait for the device.
+This is the only part of a pruned prefill that reads the device: the adapter locating the video, then one
+read of the mask's padding, the number of segments and the per-segment counts and marginal values. From then on
+every count is known on the host, so the frame-level stages never wait for the device.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from hieravid.ops.budget import SegmentBudgets
-from hieravid.ops.peers import input_level
+from hieravid.ops.peers import input_level_unread
+from hieravid.ops.segment import UnreadSegmentLevel
 from hieravid.runtime.packing import CONTENT, NEWLINE, PAD, TEXT, gather_positions, gather_rows, pack_rows
 from hieravid.runtime.state import Coords, Request, SampleCounts, SampleRecord
 
@@ -55,8 +57,9 @@ def prune_inputs(
     segs: list[Tensor] = []
     merged: list[tuple[Tensor, Tensor] | None] = []
     counts: list[int] = []
-    # Per sample with several segments, its per-segment counts and marginal values, read in the one sync below.
-    to_read: list[tuple[int, Tensor, Tensor]] = []
+    # What the one sync below reads, per sample: the segment count still on the device, and with per-segment
+    # budgets the per-segment counts and marginal values.
+    to_read: list[_SegmentRead] = []
     for sample, layout in enumerate(layouts):
         kind = torch.full((length,), TEXT, dtype=torch.int8, device=device)
         seg = torch.full((length,), -1, dtype=torch.long, device=device)
@@ -71,8 +74,11 @@ def prune_inputs(
             merged.append(None)
         else:
             content = layout.frame_index.flatten()
+            segment_count: Tensor | None = None
             if segment.config is not None:
-                result = input_level(segment.config, inputs_embeds[sample][layout.frame_index], graphs=graphs)
+                result = input_level_unread(segment.config, inputs_embeds[sample][layout.frame_index], graphs=graphs)
+                if isinstance(result, UnreadSegmentLevel):
+                    segment_count = result.segment_count  # marginal values padded to F until it is read
                 frame_segments, token_segments = result.frame_segment_ids, result.token_segment_ids
                 marginal = result.marginal_values
                 kept_content = content[result.kept_index]
@@ -89,16 +95,19 @@ def prune_inputs(
             # Shapes are known on the host: rows kept, content kept, newlines.
             kept, newlines = int(kept_content.numel()), int(layout.newline_index.numel())
             counts.append(length - int(content.numel()) + kept)
-            groups = int(marginal.numel())
+            groups = int(marginal.numel())  # G, or F while the segment count is unread
             request.schedule.append(
                 SampleCounts(
                     torch.tensor([kept]), torch.zeros(1, dtype=torch.float64), newlines, counts[-1] - kept - newlines
                 )
             )
-            if segment.makes_segments and groups > 1 and any(stage.per_segment for stage in plan.stages):
+            per_segment = segment.makes_segments and groups > 1 and any(stage.per_segment for stage in plan.stages)
+            tokens = None
+            if per_segment:
                 tokens = torch.zeros(groups, dtype=torch.long, device=device)
                 tokens.index_add_(0, token_segments.to(device), torch.ones_like(token_segments, device=device))
-                to_read.append((sample, tokens, marginal))
+            if per_segment or segment_count is not None:
+                to_read.append(_SegmentRead(sample, segment_count, tokens, marginal))
             # index_fill_, not ``x[index] = scalar``: that copies the scalar to the device and waits for it.
             keep.index_fill_(0, content, False).index_fill_(0, kept_content, True)
             kind.index_fill_(0, kept_content, CONTENT).index_fill_(0, layout.newline_index, NEWLINE)
@@ -204,26 +213,53 @@ def schedule_stages(request: Request, plan: PruningPlan, device: torch.device) -
                 offset += prepared.small.numel()
 
 
-def _read_segment_meta(
-    request: Request, mask2d: Tensor | None, to_read: list[tuple[int, Tensor, Tensor]]
-) -> tuple[bool, bool]:
+@dataclass(frozen=True)
+class _SegmentRead:
+    """What the input level's one sync reads for one sample."""
+
+    sample: int
+    segment_count: Tensor | None
+    """``[1]`` on the device while the operator left the number of segments unread, else None."""
+    tokens: Tensor | None
+    """Content tokens of each segment (per-segment budgets only), as long as ``marginal``."""
+    marginal: Tensor
+    """The marginal values: ``[G]``, or padded to ``[F]`` while the segment count is unread."""
+
+
+def _read_segment_meta(request: Request, mask2d: Tensor | None, to_read: list[_SegmentRead]) -> tuple[bool, bool]:
     """The one host sync of the input level (none when there is nothing to read): the mask's two checks (right
-    padding, any padding) and, per sample with several segments, its per-segment content counts and marginal
-    values, stored in ``request.schedule``. Returns ``(right_padded, prompt_unmasked)``."""
+    padding, any padding) and, per sample, the number of segments when the operator left it on the device, and
+    with per-segment budgets the per-segment content counts and marginal values, stored in ``request.schedule``;
+    a sample's record and device marginal values are cut to its segments. Returns
+    ``(right_padded, prompt_unmasked)``."""
     parts: list[Tensor] = []
     if mask2d is not None:
         parts.append(torch.stack([~mask2d[:, -1].all(), mask2d.all()]).double())
-    for _, tokens, marginal in to_read:
-        parts += [tokens.double(), marginal.to(device=tokens.device, dtype=torch.float64)]
+    for read in to_read:
+        if read.segment_count is not None:
+            parts.append(read.segment_count.double())
+        if read.tokens is not None:
+            parts += [read.tokens.double(), read.marginal.to(device=read.tokens.device, dtype=torch.float64)]
     if not parts:
         return False, True
     host = torch.cat([part.to(parts[0].device) for part in parts]).cpu()
     right_padded, prompt_unmasked = (bool(host[0]), bool(host[1])) if mask2d is not None else (False, True)
     offset = 2 if mask2d is not None else 0
-    for sample, tokens, _ in to_read:
-        groups = tokens.numel()
-        counts = request.schedule[sample]
-        counts.segment_tokens = host[offset : offset + groups].long()
-        counts.marginal_values = host[offset + groups : offset + 2 * groups].clone()
-        offset += 2 * groups
+    for read in to_read:
+        padded = read.marginal.numel()
+        groups = padded
+        if read.segment_count is not None:
+            groups = int(host[offset])
+            offset += 1
+            record = request.samples[read.sample]
+            assert record is not None
+            record.num_segments = groups
+            record.marginal_values = read.marginal[:groups]
+            request.marginal_values[read.sample] = request.marginal_values[read.sample][:groups]
+        if read.tokens is not None:
+            if groups > 1:
+                counts = request.schedule[read.sample]
+                counts.segment_tokens = host[offset : offset + groups].long()
+                counts.marginal_values = host[offset + padded : offset + padded + groups].clone()
+            offset += 2 * padded
     return right_padded, prompt_unmasked

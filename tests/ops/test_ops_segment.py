@@ -6,6 +6,7 @@ import pytest
 import torch
 from ops_reference import ref_marginal_values, ref_merge, ref_segments, ref_similarity
 
+from hieravid.diagnostics import SyncSpy
 from hieravid.ops import (
     FIRST_FRAME_SIMILARITY,
     GraphCache,
@@ -15,6 +16,7 @@ from hieravid.ops import (
     num_merged_tokens,
     segment_frames,
     segment_level,
+    segment_level_unread,
     segment_marginal_values,
 )
 
@@ -229,6 +231,30 @@ def test_segment_level_end_to_end_vs_reference(device, seed, dtype):
     torch.testing.assert_close(out.features.cpu().double(), feats, atol=tol, rtol=tol)
     assert out.features.dtype == dtype
     assert out.token_segment_ids.cpu().tolist() == [seg[i // 6] for i in kept]
+
+
+def test_the_unread_segment_level_leaves_its_one_read_to_the_caller(device):
+    """The runtime reads the segment count with its other reads: nothing of the unread result syncs, its count
+    and padded marginal values give segment_level's result exactly, and resolving reads once."""
+    frames = scene_video(8, 6, 16, 3, scenes=3, noise=0.5).to(device)
+    expected = segment_level(frames)
+    assert expected.num_segments > 1
+    spy = SyncSpy()
+    with spy:
+        unread = segment_level_unread(frames)
+        count, padded = unread.segment_count, unread.marginal_values
+    assert dict(spy.counts) == {}
+    assert padded.shape == (8,) and count.shape == (1,)
+    assert int(count) == expected.num_segments
+    assert torch.equal(padded[: expected.num_segments], expected.marginal_values)
+    assert not padded[expected.num_segments :].any()
+    resolved = unread.resolve(int(count))
+    for name in ("kept_index", "features", "merge_target", "frame_segment_ids", "token_segment_ids", "marginal_values"):
+        assert torch.equal(getattr(resolved, name), getattr(expected, name)), name
+    assert resolved.num_segments == expected.num_segments
+    with spy:
+        assert unread.resolve().num_segments == expected.num_segments
+    assert sum(spy.counts.values()) == 1
 
 
 def test_deterministic(device):

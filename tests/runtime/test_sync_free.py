@@ -82,7 +82,10 @@ def test_stages_do_not_synchronise(tiny_sdpa, policy: str) -> None:
     assert sum(deepstack.values()) <= 1, deepstack
     apart = vision | deepstack
     ours = {site: n for site, n in counts.items() if site[0] != "<outside hieravid>" and site not in apart}
-    assert sum(ours.values()) <= 3, ours
+    # The adapter reads where the video is, then the input level reads once: the prompt's padding, the number of
+    # segments, and each segment's token count and marginal value, together (the operators leave it to it).
+    assert sum(n for site, n in ours.items() if "(locate_videos)" in site[0]) <= 1, ours
+    assert sum(n for site, n in ours.items() if "(locate_videos)" not in site[0]) <= 1, ours
 
 
 @pytest.mark.parametrize("policy", ["hieravid-30.yaml", "hieravid-10.yaml", "ablations/frame-topk.yaml"])
