@@ -17,8 +17,9 @@ gives the request the stage records the graph computed. Replays are bit-identica
 
 Scope: CUDA, SDPA attention, a dynamic KV cache (``generate``'s default), no padding anywhere (batches of
 equal-length prompts, e.g. batch 1), no random selector (its draw is made on the host), no requested attentions or
-hidden states, no recurrent (linear-attention) layers (Qwen3.5: only the input level's graphs apply).
-Anything else runs eagerly. At most ``size`` schedules are kept (least recently used dropped): each holds the
+hidden states; a language model that takes transformers' mask mapping (the Qwen2 family, Qwen3.5). Anything else
+runs eagerly. A recurrent (linear-attention) layer's conv and recurrent states are handed over with the key and
+value rows of the attention layers. At most ``size`` schedules are kept (least recently used dropped): each holds the
 prefill's activations and KV cache in its private memory pool, about the eager prefill's peak activation memory
 plus one KV cache, until the handle is removed.
 """
@@ -91,6 +92,36 @@ def _clone_stats(stats: StageStats) -> StageStats:
     return replace(stats, kept_positions=tuple(tensor.clone() for tensor in stats.kept_positions))
 
 
+#: What one layer of the private cache holds after a recorded prefill: an attention layer's key and value rows, or a
+#: recurrent layer's conv and recurrent states by state index (transformers' ``LinearAttentionLayer``).
+LayerState = tuple[Tensor, Tensor] | tuple[dict[int, Tensor], dict[int, Tensor]]
+
+
+def _layer_state(layer: Any) -> LayerState:
+    if hasattr(layer, "conv_states"):
+        return (
+            {index: state for index, state in layer.conv_states.items() if state is not None},
+            {index: state for index, state in layer.recurrent_states.items() if state is not None},
+        )
+    return layer.keys, layer.values
+
+
+def _hand_over(cache: Any, index: int, state: LayerState) -> None:
+    """Give layer ``index`` of the caller's (empty) cache what the replay left in the private cache's layer, through
+    the layer's own update methods (a recurrent layer's first conv update keeps the states it is given)."""
+    first, second = state
+    if isinstance(first, dict):
+        assert isinstance(second, dict)
+        layer = cache.layers[index]
+        for state_index, conv in first.items():
+            layer.update_conv_state(conv.clone(), state_index)
+        for state_index, recurrent in second.items():
+            layer.update_recurrent_state(recurrent.clone(), state_index)
+    else:
+        assert isinstance(second, Tensor)
+        cache.update(first.clone(), second.clone(), index)
+
+
 class CudaGraph:
     """Records ``fn`` into a CUDA graph (``record``) and replays it (``replay``): the outputs ``record`` returned are
     rewritten in place by every replay."""
@@ -125,7 +156,7 @@ class _Captured:
     inputs: dict[str, Tensor]
     state: list[Tensor]
     output: Any
-    cache_layers: list[tuple[Tensor, Tensor]]
+    cache_layers: list[LayerState]
     coords: list[Coords]
     stages: list[StageStats]
     stage_all_valid: list[bool]
@@ -202,10 +233,6 @@ class PrefillGraphs:
             return None
         if cache is None or not hasattr(cache, "layers"):
             return None
-        if self.pruner.recurrent_layers:
-            # A replay hands over the private cache's key/value rows only, not a recurrent layer's conv and
-            # recurrent states, and the recording's mask mapping has no entry for linear attention.
-            return None
         if getattr(cache, "is_compileable", False) or any(row_lengths(cache).values()):
             return None  # static caches and caches that already hold rows run eagerly
         if kwargs.get("output_attentions") or kwargs.get("output_hidden_states") or kwargs.get("return_dict") is False:
@@ -214,10 +241,11 @@ class PrefillGraphs:
             return None
         if getattr(self.pruner.adapter.text_config(), "_attn_implementation", None) != "sdpa":
             return None  # eager attention needs the mask materialised; flash variants read position ids instead
-        if not hasattr(self.pruner.language_model, "has_sliding_layers"):
+        if not hasattr(self.pruner.language_model, "has_sliding_layers") and not self.pruner.recurrent_mask_keys:
             # The recording passes the eager path's mask mapping, which only decoders that keep one mask per layer
-            # type take (transformers' Qwen2 family marks them with ``has_sliding_layers``); Llama-style decoders
-            # take one mask tensor and would build a dense mask while a stream captures: they run eagerly.
+            # type take (transformers' Qwen2 family marks them with ``has_sliding_layers``; a decoder with recurrent
+            # layers picks each layer's mask by its type); Llama-style decoders take one mask tensor and would build
+            # a dense mask while a stream captures: they run eagerly.
             return None
         if not request.prompt_unmasked or not all(coords.all_valid for coords in request.coords):
             return None
@@ -281,7 +309,8 @@ class PrefillGraphs:
             # transformers builds a dense causal mask while a CUDA stream captures (it cannot prove the mask
             # unneeded then), where the eager prefill gives SDPA none and runs its causal kernel: pass the eager
             # path's mapping (no mask), so the recorded kernels are the eager ones.
-            call["attention_mask"] = {"full_attention": None}
+            # Recurrent layers take transformers' 2-D padding mask, None for an unpadded prompt.
+            call["attention_mask"] = {"full_attention": None, **dict.fromkeys(self.pruner.recurrent_mask_keys)}
             items = _device_state(live)
             originals = [_get(holder, key) for holder, key in items]
             prefix = (len(live.coords), len(live.stages), len(live.stage_all_valid))
@@ -298,7 +327,7 @@ class PrefillGraphs:
             del live.coords[prefix[0] :], live.stages[prefix[1] :], live.stage_all_valid[prefix[2] :]
             live.pending = live.capture = None
             live.stage_inputs.clear()
-            layers = [(layer.keys, layer.values) for layer in cache.layers]
+            layers = [_layer_state(layer) for layer in cache.layers]
             stage_tensors = [[getattr(coords, name) for name in COORD_TENSORS] for coords in records["coords"]]
             kept = [list(stats.kept_positions) for stats in records["stages"]]
             return output["last_hidden_state"], layers, stage_tensors, kept, output
@@ -328,8 +357,8 @@ class PrefillGraphs:
         request.stages.extend(_clone_stats(stats) for stats in captured.stages)
         request.stage_all_valid.extend(captured.stage_all_valid)
         cache = cache_from_kwargs(kwargs)
-        for index, (keys, values) in enumerate(captured.cache_layers):
-            cache.update(keys.clone(), values.clone(), index)
+        for index, state in enumerate(captured.cache_layers):
+            _hand_over(cache, index, state)
         output = copy.copy(captured.output)
         output["last_hidden_state"] = captured.output["last_hidden_state"].clone()
         for name in CACHE_KEYS:

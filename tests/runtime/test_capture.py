@@ -80,14 +80,12 @@ def test_replayed_prefills_equal_the_eager_pruned_forward(tiny_sdpa, policy):
     assert stats.pruned
     with apply(case.model, plan, cuda_graphs=True) as handle, torch.no_grad():
         graphs = _on_cpu(handle)
-        # A model with recurrent (linear-attention) layers runs its prefills eagerly (capture.py's scope).
-        recurrent = bool(handle.adapter.recurrent_layers())
         outputs = [case.model(**first) for _ in range(3)]  # eager (first sight), capture + replay, replay
-        assert (graphs.captures, graphs.replays) == ((0, 0) if recurrent else (1, 2))
+        assert (graphs.captures, graphs.replays) == (1, 2)
         replayed_stats = handle.last_request
         other = case.model(**second)
         other_stats = handle.last_request
-        same_schedule = recurrent or graphs.replays == 3
+        same_schedule = graphs.replays == 3
         generation = case.model.generate(**first, max_new_tokens=4, do_sample=False)
     for output in outputs:
         assert torch.equal(output.logits, expected[1].logits)
