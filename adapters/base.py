@@ -550,7 +550,15 @@ class Adapter:
             return position_ids[0]
         return None
 
-    def gather_extra_inputs(self, kwargs: dict[str, Any], index: Tensor, valid: Tensor) -> None:
+    def prefill_capturable(self) -> bool:
+        """Whether the language model's forward runs without reading the device (no host sync, no data-dependent
+        shape) once hieravid has prepared its inputs, with the speedups installed now, so that ``cuda_graphs=True``
+        can capture whole prefills (:mod:`hieravid.runtime.capture`). False runs them eagerly."""
+        return True
+
+    def gather_extra_inputs(
+        self, kwargs: dict[str, Any], index: Tensor, valid: Tensor, kept_rows: Sequence[int]
+    ) -> None:
         """Prune the language model's per-token inputs besides embeddings, positions and mask, in place.
 
         Called by the input level after it gathered ``inputs_embeds`` and ``position_ids`` (never when the input
@@ -561,6 +569,7 @@ class Adapter:
             kwargs: the language model's call, already holding the gathered ``inputs_embeds``.
             index: ``[B, S0]`` int64 original sequence position of each stage-0 row.
             valid: ``[B, S0]`` bool, False at padding slots (copies of a real row, masked).
+            kept_rows: per sample, its real rows (known on the host): the rest of ``S0`` are padding slots.
         """
 
     def check_plan(self, plan: Any) -> None:

@@ -19,7 +19,10 @@ deepstack rows: the merge averages the LLM input embeddings, which are what the 
 stage at a layer ``< len(deepstack_visual_indexes)`` would shorten the sequence before an injection whose mask
 the text model holds in a local variable: such stages are refused (planner: ``ModelSpec.first_stage_layer``;
 ``apply``: :meth:`Qwen3VLAdapter.check_plan`). Qwen3-VL-8B injects after layers 0-2 of 36, so HieraVid's stages
-(every L/4 layers: 9, 18, 27) are unaffected.
+(every L/4 layers: 9, 18, 27) are unaffected. transformers adds the rows through a boolean-mask index, a host
+sync; the adapter's exact speedup :func:`add_deepstack_rows` adds the same rows without one, and the input level
+knows how many visual rows it keeps, so a prefill has no host sync from layer 0 on and ``cuda_graphs=True`` can
+capture it.
 
 Relevance. Qwen3's attention normalises each head's query and key (``q_norm``/``k_norm``, RMSNorm) before RoPE:
 the stage score reads those norms' outputs (:meth:`Qwen3VLAdapter.query_key_projections`), so the base
@@ -29,18 +32,32 @@ the stage score reads those norms' outputs (:meth:`Qwen3VLAdapter.query_key_proj
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from hieravid.errors import AdapterError, PlanError
+from hieravid.ops._util import mask_to_indices
 
-from .base import MultimodalCall, VideoGeometry, VideoInputs, VideoLayout, config_value
+from .base import MultimodalCall, Speedup, VideoGeometry, VideoInputs, VideoLayout, config_value
 from .qwen2_vl import Qwen2VLAdapter
 
-__all__ = ["Qwen3VLAdapter"]
+__all__ = ["Qwen3VLAdapter", "add_deepstack_rows"]
+
+
+def add_deepstack_rows(hidden_states: Tensor, visual_pos_masks: Tensor, visual_embeds: Tensor) -> Tensor:
+    """``Qwen3VLTextModel._deepstack_process`` without its host sync: row ``i`` of ``visual_embeds`` is added at the
+    ``i``-th visual position, gathered by each position's rank among the visual positions and kept where the mask is
+    set. The same additions as transformers' boolean-mask index, so the same bits, but no row count for the host to
+    read: a prefill of Qwen3-VL can then be captured in a CUDA graph."""
+    mask = visual_pos_masks.to(hidden_states.device).bool()
+    embeds = visual_embeds.to(hidden_states.device, hidden_states.dtype)
+    if embeds.shape[0] == 0:
+        return hidden_states.clone()
+    rows = (mask.flatten().long().cumsum(0) - 1).clamp_min(0).view(mask.shape)
+    return torch.where(mask.unsqueeze(-1), hidden_states + embeds[rows], hidden_states)
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
@@ -199,12 +216,39 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         return layouts
 
     # ------------------------------------------------------------------ deepstack
-    def gather_extra_inputs(self, kwargs: dict[str, Any], index: Tensor, valid: Tensor) -> None:
+    def speedups(self) -> list[Speedup]:
+        """Qwen2-VL's vision speedups, and the deepstack step without its host sync (:func:`add_deepstack_rows`),
+        which also lets ``cuda_graphs=True`` capture whole prefills."""
+        found = super().speedups()
+        text_model = self.language_model()
+        if hasattr(text_model, "_deepstack_process") and "_deepstack_process" not in vars(text_model):
+            found.append(
+                Speedup(
+                    name="deepstack-without-host-sync",
+                    owner=text_model,
+                    attribute="_deepstack_process",
+                    value=add_deepstack_rows,
+                    exact=True,
+                    reason="the deepstack rows are added at the visual positions through a gather by rank instead of "
+                    "a boolean-mask index (the same additions; no row count read by the host, so a prefill can be "
+                    "captured)",
+                )
+            )
+        return found
+
+    def prefill_capturable(self) -> bool:
+        """Only with :func:`add_deepstack_rows` installed: transformers' own deepstack step reads the device."""
+        return vars(self.language_model()).get("_deepstack_process") is add_deepstack_rows
+
+    def gather_extra_inputs(
+        self, kwargs: dict[str, Any], index: Tensor, valid: Tensor, kept_rows: Sequence[int]
+    ) -> None:
         """Prune the deepstack features with the tokens: keep the rows of the visual positions that stage 0 keeps.
 
         ``deepstack_visual_embeds[k]`` holds one row per True entry of ``visual_pos_masks`` in row-major order
         (images and videos alike); the new mask is the old one gathered at the kept rows (padding slots excluded),
-        and the rows follow it in the same order.
+        and the rows follow it in the same order. Every row the input level drops is a video row, so the number
+        of visual positions kept is known on the host and nothing waits for the device.
         """
         mask = kwargs.get("visual_pos_masks")
         features = kwargs.get("deepstack_visual_embeds")
@@ -213,6 +257,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         mask = mask.to(index.device).bool()
         row_of = (mask.flatten().long().cumsum(0) - 1).view(mask.shape)  # deepstack row of each visual position
         kept_mask = mask.gather(1, index) & valid
-        rows = row_of.gather(1, index)[kept_mask]
+        dropped = sum(mask.shape[1] - rows for rows in kept_rows)
+        kept_positions = mask_to_indices(kept_mask.flatten(), int(features[0].shape[0]) - dropped)
+        rows = row_of.gather(1, index).flatten()[kept_positions]
         kwargs["visual_pos_masks"] = kept_mask
         kwargs["deepstack_visual_embeds"] = [feature.index_select(0, rows.to(feature.device)) for feature in features]

@@ -17,8 +17,9 @@ gives the request the stage records the graph computed. Replays are bit-identica
 
 Scope: CUDA, SDPA attention, a dynamic KV cache (``generate``'s default), no padding anywhere (batches of
 equal-length prompts, e.g. batch 1), no random selector (its draw is made on the host), no requested attentions or
-hidden states; a language model that takes transformers' mask mapping (the Qwen2 family, Qwen3.5). Anything else
-runs eagerly. A recurrent (linear-attention) layer's conv and recurrent states are handed over with the key and
+hidden states, no sliding-window layers, and an adapter whose language model never reads the device in its forward
+(:attr:`~hieravid.adapters.base.Adapter.prefill_capturable`; Qwen3-VL's deepstack step does). Anything else runs
+eagerly. A recurrent (linear-attention) layer's conv and recurrent states are handed over with the key and
 value rows of the attention layers. At most ``size`` schedules are kept (least recently used dropped): each holds the
 prefill's activations and KV cache in its private memory pool, about the eager prefill's peak activation memory
 plus one KV cache, until the handle is removed.
@@ -73,6 +74,18 @@ def _cache_key(kwargs: dict[str, Any], language_model: Any) -> str:
     return next(iter(cache_argument(language_model, None)))
 
 
+def _inputs(kwargs: dict[str, Any]) -> list[tuple[str, list[Tensor]]]:
+    """The language model call's tensor arguments (a tensor, or a list of them such as Qwen3-VL's deepstack rows),
+    by name in call order: a replay copies each into the recording's static buffers."""
+    found = []
+    for name, value in kwargs.items():
+        if isinstance(value, Tensor):
+            found.append((name, [value]))
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(item, Tensor) for item in value):
+            found.append((name, list(value)))
+    return found
+
+
 def _get(holder: Any, key: Any) -> Any:
     return holder[key] if isinstance(key, int) else getattr(holder, key)
 
@@ -95,6 +108,12 @@ def _clone_stats(stats: StageStats) -> StageStats:
 #: What one layer of the private cache holds after a recorded prefill: an attention layer's key and value rows, or a
 #: recurrent layer's conv and recurrent states by state index (transformers' ``LinearAttentionLayer``).
 LayerState = tuple[Tensor, Tensor] | tuple[dict[int, Tensor], dict[int, Tensor]]
+
+
+def _unmasked(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """A recording's pre-hook on every decoder layer: the layer's mask is None, as in the eager unpadded prefill."""
+    kwargs["attention_mask"] = None
+    return args, kwargs
 
 
 def _layer_state(layer: Any) -> LayerState:
@@ -153,7 +172,7 @@ class _Captured:
     by every replay): the language model's output, the private cache's layers, the stage records."""
 
     graph: Any
-    inputs: dict[str, Tensor]
+    inputs: dict[str, list[Tensor]]
     state: list[Tensor]
     output: Any
     cache_layers: list[LayerState]
@@ -241,27 +260,24 @@ class PrefillGraphs:
             return None
         if getattr(self.pruner.adapter.text_config(), "_attn_implementation", None) != "sdpa":
             return None  # eager attention needs the mask materialised; flash variants read position ids instead
-        if not hasattr(self.pruner.language_model, "has_sliding_layers") and not self.pruner.recurrent_mask_keys:
-            # The recording passes the eager path's mask mapping, which only decoders that keep one mask per layer
-            # type take (transformers' Qwen2 family marks them with ``has_sliding_layers``; a decoder with recurrent
-            # layers picks each layer's mask by its type); Llama-style decoders take one mask tensor and would build
-            # a dense mask while a stream captures: they run eagerly.
-            return None
+        if not self.pruner.adapter.prefill_capturable():
+            return None  # the adapter's language model reads the device inside its forward
+        if "sliding_attention" in (getattr(self.pruner.adapter.text_config(), "layer_types", None) or ()):
+            return None  # a sliding-window layer's eager mask is not None, which the recording assumes
         if not request.prompt_unmasked or not all(coords.all_valid for coords in request.coords):
             return None
         if any(isinstance(stage.selector, RandomSelector) for stage in self.pruner.stages):
             return None
-        positions = kwargs.get("position_ids")
         budgets = tuple(
             tuple(tuple(budgets.host.tolist()) if budgets is not None else None for budgets in row)
             for row in request.budgets
         )
         counts = tuple((sample.newlines, sample.text) for sample in request.schedule)
         return (
-            tuple(embeds.shape),
-            embeds.dtype,
-            str(embeds.device),
-            None if positions is None else (tuple(positions.shape), positions.dtype),
+            tuple(
+                (name, *((tuple(t.shape), t.dtype, str(t.device)) for t in tensors))
+                for name, tensors in _inputs(kwargs)
+            ),
             budgets,
             counts,
             tuple(request.coords[0].counts),
@@ -289,11 +305,7 @@ class PrefillGraphs:
     def _capture(self, request: Request, kwargs: dict[str, Any], forward: Callable[..., Any]) -> _Captured:
         from transformers import DynamicCache
 
-        inputs = {
-            name: value.clone()
-            for name, value in kwargs.items()
-            if isinstance(value, Tensor) and name in ("inputs_embeds", "position_ids")
-        }
+        inputs = {name: [tensor.clone() for tensor in tensors] for name, tensors in _inputs(kwargs)}
         state = [_get(holder, key).clone() for holder, key in _device_state(request)]
         records: dict[str, Any] = {}
 
@@ -305,12 +317,22 @@ class PrefillGraphs:
             # The cache the language model would make (with its config: transformers then skips the causal mask and
             # SDPA runs its causal kernel; an empty config-less cache makes it build a dense mask instead).
             cache = self.pruner.new_cache() or DynamicCache()
-            call = {**kwargs, **inputs, _cache_key(kwargs, self.pruner.language_model): cache}
-            # transformers builds a dense causal mask while a CUDA stream captures (it cannot prove the mask
-            # unneeded then), where the eager prefill gives SDPA none and runs its causal kernel: pass the eager
-            # path's mapping (no mask), so the recorded kernels are the eager ones.
-            # Recurrent layers take transformers' 2-D padding mask, None for an unpadded prompt.
-            call["attention_mask"] = {"full_attention": None, **dict.fromkeys(self.pruner.recurrent_mask_keys)}
+            static = {
+                name: tensors[0] if isinstance(kwargs[name], Tensor) else list(tensors)
+                for name, tensors in inputs.items()
+            }
+            call = {**kwargs, **static, _cache_key(kwargs, self.pruner.language_model): cache}
+            # Some transformers versions build a dense causal mask while a CUDA stream captures (they cannot prove
+            # the mask unneeded then), where the eager prefill of an unpadded prompt gives every layer None (SDPA's
+            # causal kernel; a recurrent layer's 2-D padding mask is None too): every layer gets None, as eagerly,
+            # so the recorded kernels are the eager ones. Decoders that take a mask mapping (one mask per layer
+            # type) are handed the eager path's mapping, so that they build no mask at all.
+            if self.pruner.takes_mask_mapping:
+                call["attention_mask"] = {"full_attention": None, **dict.fromkeys(self.pruner.recurrent_mask_keys)}
+            unmasked = [
+                layer.register_forward_pre_hook(_unmasked, with_kwargs=True, prepend=True)
+                for layer in self.pruner.layers
+            ]
             items = _device_state(live)
             originals = [_get(holder, key) for holder, key in items]
             prefix = (len(live.coords), len(live.stages), len(live.stage_all_valid))
@@ -319,6 +341,8 @@ class PrefillGraphs:
             try:
                 output = forward(**call)
             finally:
+                for hook in unmasked:
+                    hook.remove()
                 for (holder, key), value in zip(items, originals):
                     _set(holder, key, value)
             records["coords"] = live.coords[prefix[0] :]
@@ -347,8 +371,9 @@ class PrefillGraphs:
         )
 
     def _replay(self, captured: _Captured, request: Request, kwargs: dict[str, Any]) -> Any:
-        for name, static in captured.inputs.items():
-            static.copy_(kwargs[name])
+        for name, tensors in _inputs(kwargs):  # the same names and shapes as recorded (the schedule's key)
+            for static, tensor in zip(captured.inputs[name], tensors):
+                static.copy_(tensor)
         for static, (holder, key) in zip(captured.state, _device_state(request)):
             static.copy_(_get(holder, key))
         captured.graph.replay()

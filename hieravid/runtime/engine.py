@@ -105,6 +105,10 @@ class Pruner:
         #: Their layer types: the keys of their entries in a mapping of prepared masks.
         layer_types = getattr(adapter.text_config(), "layer_types", None) or ()
         self.recurrent_mask_keys = frozenset(layer_types[i] for i in self.recurrent_layers if i < len(layer_types))
+        #: Whether the language model takes a mapping of prepared masks, one per layer type (transformers' Qwen2
+        #: family marks itself with ``has_sliding_layers``; a decoder with recurrent layers picks each layer's mask
+        #: by its type) rather than one mask tensor (Llama-style decoders).
+        self.takes_mask_mapping = hasattr(self.language_model, "has_sliding_layers") or bool(self.recurrent_mask_keys)
         #: The layer each system's causal mask is sized for: its first attention layer (None: it has none).
         ends = [*self.first_layers[1:], len(self.layers)]
         self.mask_layers = [

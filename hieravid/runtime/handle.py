@@ -235,7 +235,7 @@ def apply(
             eager path: the input level (one graph per video geometry, ~200 kernel launches fewer) and, from the
             first decoder layer to the language model's output, whole prefills of a repeated schedule
             (:mod:`hieravid.runtime.capture`: no host launch time left, which matters most when pruning leaves few
-            rows per layer; models with recurrent layers run these prefills eagerly). Each graph keeps its buffers
+            rows per layer). Each graph keeps its buffers
             until the handle is removed (input level ~0.1–0.2 GiB at 32 frames; a prefill graph about the eager
             prefill's activations plus one KV cache), which is why this is off by default: pruning then never needs
             more memory than the unpruned model.

@@ -163,7 +163,7 @@ def prune_inputs(
         embeds[sample, target] = features.to(embeds.dtype)
     kwargs["inputs_embeds"] = embeds
     kwargs["position_ids"] = gather_positions(position_ids, index)
-    adapter.gather_extra_inputs(kwargs, index, valid)
+    adapter.gather_extra_inputs(kwargs, index, valid, counts)
 
 
 def schedule_stages(request: Request, plan: PruningPlan, device: torch.device) -> None:

@@ -169,3 +169,42 @@ def test_moe_variant_equals_the_reference(tiny_builders):
         rows = stats.output_positions[sample] >= 0
         rows &= inputs["attention_mask"][sample].bool()[stats.output_positions[sample].clamp_min(0)]
         torch.testing.assert_close(logits[sample][rows], reference.logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("visual", ["some", "none", "all"])
+def test_deepstack_rows_are_added_as_transformers_adds_them_without_a_host_sync(tiny_builders, dtype, visual):
+    from hieravid.adapters.qwen3_vl import add_deepstack_rows
+    from hieravid.diagnostics import SyncSpy
+
+    text_model = tiny_builders.tiny_case("qwen3_vl", "sdpa").model.model.language_model
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 9, 8, generator=generator).to(dtype)
+    mask = {
+        "some": torch.rand(2, 9, generator=generator) < 0.5,
+        "none": torch.zeros(2, 9, dtype=torch.bool),
+        "all": torch.ones(2, 9, dtype=torch.bool),
+    }[visual]
+    embeds = torch.randn(int(mask.sum()), 8, generator=generator)  # float32 rows, cast as transformers casts them
+    expected = type(text_model)._deepstack_process(text_model, hidden, mask, embeds)
+    spy = SyncSpy()
+    with spy:
+        got = add_deepstack_rows(hidden, mask, embeds)
+    assert torch.equal(got, expected) and got.dtype == dtype
+    assert dict(spy.counts) == {}
+
+
+def test_the_deepstack_speedup_is_installed_on_the_instance_and_removed(tiny_builders):
+    from hieravid.adapters.qwen3_vl import add_deepstack_rows
+
+    case = tiny_builders.tiny_case("qwen3_vl", "sdpa")
+    text_model = case.model.model.language_model
+    plan = compile_plan(HIERAVID_30, case.spec())
+    with apply(case.model, plan) as handle:
+        assert vars(text_model)["_deepstack_process"] is add_deepstack_rows
+        assert "deepstack-without-host-sync" in [speedup.name for speedup in handle.speedups]
+        assert handle.adapter.prefill_capturable()
+    assert "_deepstack_process" not in vars(text_model)
+    with apply(case.model, plan, speedups="none") as handle:
+        assert "_deepstack_process" not in vars(text_model)
+        assert not handle.adapter.prefill_capturable()

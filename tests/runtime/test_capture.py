@@ -1,7 +1,7 @@
 """Whole pruned prefills replayed per schedule (``hieravid.runtime.capture``).
 
-On a GPU the recorder is a CUDA graph (checked bit-identical to the eager pruned forward by
-``benchmarks/capture_check.py`` on an H200). Here an eager stand-in re-runs the recorded prefill on the static
+With ``HIERAVID_TEST_DEVICE=cuda`` the recorder is a real CUDA graph, and these tests check replays bit-identical
+to the eager pruned forward on the GPU. On a CPU an eager stand-in re-runs the recorded prefill on the static
 buffers and writes its results into the recorded tensors, as a graph replay does, so everything around the graph —
 which calls are captured, how a new request's state reaches the static buffers, how its records, cache and output
 come back — is checked against the plain pruned forward on a CPU.
@@ -60,13 +60,6 @@ def _on_cpu(handle):
 @pytest.mark.parametrize("policy", ["hieravid-30", "hieravid-10", "ablations/frame-topk"])
 def test_replayed_prefills_equal_the_eager_pruned_forward(tiny_sdpa, policy):
     case = tiny_sdpa
-    if case.architecture == "llava_next_video":
-        pytest.skip("a Llama language model: its prefills run eagerly (test_a_language_model_that_takes_no_mask_...)")
-    if case.architecture.startswith("qwen3_vl"):
-        pytest.skip(
-            "Qwen3-VL's text model takes one mask tensor and indexes its deepstack rows by a boolean mask (a host "
-            "sync): its prefills run eagerly (test_qwen3_vl_prefills_run_eagerly_with_cuda_graphs_on)"
-        )
     plan = compile_plan(POLICIES / f"{policy}.yaml", case.spec(frames=64))
     first, second = case.inputs(seed=1), case.inputs(seed=2)  # one shape (one schedule when the counts agree)
     with apply(case.model, plan) as handle, torch.no_grad():
@@ -117,9 +110,30 @@ def test_calls_that_cannot_be_captured_run_eagerly(tiny_llava):
         assert (graphs.captures, graphs.replays) == (0, 0)
 
 
-def test_a_language_model_that_takes_no_mask_mapping_runs_eagerly(tiny_llava):
-    """The recording hands the language model the eager path's mask mapping; Llama-style decoders take one mask
-    tensor only, so their prefills are not captured (they ran into ``'dict' object has no attribute 'ndim'``)."""
+class CapturingEagerReplay(EagerReplay):
+    """:class:`EagerReplay` run as under a capturing CUDA stream, as transformers sees it: some versions then build
+    a dense causal mask even for an unpadded prompt (5.17 does; 5.24 does not)."""
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch = monkeypatch
+
+    def _capturing(self, fn):
+        from transformers.utils import import_utils
+
+        with self.monkeypatch.context() as patch:
+            patch.setattr(import_utils, "is_cuda_stream_capturing", lambda: True)
+            return fn()
+
+    def record(self, fn):
+        self.fn = lambda: self._capturing(fn)
+        self.outputs = self.fn()
+        return self.outputs
+
+
+def test_a_language_model_that_takes_one_mask_tensor_is_captured_with_the_eager_masks(tiny_llava, monkeypatch):
+    """Llama-style decoders take one mask tensor, built by transformers inside the recording: every layer gets None
+    there, as in the eager unpadded prefill, so the recorded attention runs the eager (causal) kernel. A dense mask
+    gives other bits on a GPU, and on a CPU the replay would then differ from the eager forward too."""
     import dataclasses
 
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
@@ -137,11 +151,23 @@ def test_a_language_model_that_takes_no_mask_mapping_runs_eagerly(tiny_llava):
     inputs = case.inputs(seed=1)
     with apply(model, plan) as handle, torch.no_grad():
         expected = model(**inputs).logits
+    seen = []
+
+    def record_mask(module, args, kwargs):
+        seen.append(kwargs.get("attention_mask"))
+
     with apply(model, plan, cuda_graphs=True) as handle, torch.no_grad():
         graphs = _on_cpu(handle)
-        outputs = [model(**inputs).logits for _ in range(3)]
-        assert (graphs.captures, graphs.replays) == (0, 0)
+        if graphs.backend is EagerReplay:
+            graphs.backend = lambda: CapturingEagerReplay(monkeypatch)
+        hook = model.model.language_model.layers[0].register_forward_pre_hook(record_mask, with_kwargs=True)
+        try:
+            outputs = [model(**inputs).logits for _ in range(3)]
+        finally:
+            hook.remove()
+        assert (graphs.captures, graphs.replays) == (1, 2)
     assert all(torch.equal(output, expected) for output in outputs)
+    assert seen and all(mask is None for mask in seen)
 
 
 def test_removal_restores_the_language_models_forward(tiny_llava):
@@ -155,15 +181,16 @@ def test_removal_restores_the_language_models_forward(tiny_llava):
     assert "forward" not in vars(language_model)
 
 
-def test_qwen3_vl_prefills_run_eagerly_with_cuda_graphs_on(tiny_builders):
-    """Qwen3-VL's text model adds its deepstack rows through a boolean-mask index (a host sync) and takes one mask
-    tensor: with ``cuda_graphs=True`` its prefills are never captured and equal the eager pruned forward."""
+def test_qwen3_vl_prefills_run_eagerly_with_transformers_deepstack_step(tiny_builders):
+    """Without the adapter's speedups, Qwen3-VL's text model adds its deepstack rows through transformers' boolean-mask
+    index (a host sync): with ``cuda_graphs=True`` its prefills are then never captured and equal the eager pruned
+    forward."""
     case = tiny_builders.tiny_case("qwen3_vl", "sdpa")
     plan = compile_plan(POLICIES / "hieravid-30.yaml", case.spec())
     inputs = case.inputs(seed=1)
-    with apply(case.model, plan) as handle, torch.no_grad():
+    with apply(case.model, plan, speedups="none") as handle, torch.no_grad():
         expected = case.model(**inputs).logits
-    with apply(case.model, plan, cuda_graphs=True) as handle, torch.no_grad():
+    with apply(case.model, plan, cuda_graphs=True, speedups="none") as handle, torch.no_grad():
         graphs = _on_cpu(handle)
         outputs = [case.model(**inputs).logits for _ in range(3)]
         assert (graphs.captures, graphs.replays) == (0, 0) and handle.last_request.pruned

@@ -76,12 +76,7 @@ def test_stages_do_not_synchronise(tiny_sdpa, policy: str) -> None:
         if "(batched_window_attention)" in site[0] or "(_window_bounds)" in site[0]
     }
     assert sum(vision.values()) <= 2, vision
-    # Qwen3-VL: the deepstack rows of the kept visual positions are gathered with the mask of the kept positions,
-    # whose count the host needs (transformers' own deepstack step indexes by that mask again): counted apart.
-    deepstack = {site: n for site, n in counts.items() if "(gather_extra_inputs)" in site[0]}
-    assert sum(deepstack.values()) <= 1, deepstack
-    apart = vision | deepstack
-    ours = {site: n for site, n in counts.items() if site[0] != "<outside hieravid>" and site not in apart}
+    ours = {site: n for site, n in counts.items() if site[0] != "<outside hieravid>" and site not in vision}
     # The adapter reads where the video is, then the input level reads once: the prompt's padding, the number of
     # segments, and each segment's token count and marginal value, together (the operators leave it to it).
     assert sum(n for site, n in ours.items() if "(locate_videos)" in site[0]) <= 1, ours
@@ -97,9 +92,7 @@ def test_from_layer_0_to_the_logits_a_prefill_is_capturable(tiny_sdpa, policy: s
     inputs = case.inputs(seed=4)
     spy = SyncSpy(capture=True)
     language_model = case.model.model.language_model
-    # Qwen3-VL's own deepstack injection after its first layers indexes by a boolean mask (transformers' sync):
-    # counted from the first layer after it, where its stages may start.
-    first_layer = language_model.layers[case.spec().first_stage_layer]
+    first_layer = language_model.layers[0]
 
     def count(module, *args):  # from layer 0's start to the language model's output
         spy.counting = module is first_layer
