@@ -219,7 +219,10 @@ def test_apply_installs_exact_speedups_even_when_nothing_is_pruned_and_remove_re
         assert names == []
     elif tiny.attention == "sdpa":  # Qwen2-VL, Qwen2.5-VL and Qwen3-VL towers share the per-window SDPA loop
         assert tiny.architecture in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-        assert names == ["vision-window-attention-batched"]
+        deepstack = ["deepstack-without-host-sync"] if tiny.architecture == "qwen3_vl" else []
+        assert names == ["vision-window-attention-batched", *deepstack]
+    elif tiny.architecture == "qwen3_vl":  # its deepstack step, whatever the attention
+        assert names == ["deepstack-without-host-sync"]
     else:  # eager vision attention has no per-window SDPA loop to batch
         assert names == []
     assert all(speedup.exact for speedup in handle.speedups)
