@@ -8,8 +8,8 @@ policy's (issue 15's targets: pruned <= unpruned at 2k context, <= 0.85x at the 
     python benchmarks/decode_compiled.py --model llava-onevision-7b --frames 10 --out decode-compiled-2k.json
 
 A policy written ``hieravid-30@buckets=16@headroom=0`` runs with other static-cache capacity settings than the
-defaults (``CAPACITY_BUCKETS`` and ``CAPACITY_HEADROOM_BUCKETS`` of ``hieravid.runtime.masks``), to measure what
-they cost in the same run.
+defaults (``CAPACITY_BUCKETS`` and ``CAPACITY_HEADROOM_BUCKETS`` of ``hieravid.runtime.masks``), and
+``hieravid-30@capacity=bound`` with ``apply(..., static_capacity="bound")``, to measure what they cost in the same run.
 """
 
 from __future__ import annotations
@@ -80,11 +80,14 @@ def main() -> None:
         for policy in args.policies:
             name, *settings = policy.split("@")
             defaults = {"buckets": masks.CAPACITY_BUCKETS, "headroom": masks.CAPACITY_HEADROOM_BUCKETS}
-            chosen = defaults | {key: int(value) for key, value in (item.split("=") for item in settings)}
+            options = dict(item.split("=") for item in settings)
+            capacity = options.pop("capacity", "observed")
+            chosen = defaults | {key: int(value) for key, value in options.items()}
             masks.CAPACITY_BUCKETS, masks.CAPACITY_HEADROOM_BUCKETS = chosen["buckets"], chosen["headroom"]
             handle = None
             if name != "unpruned":
-                handle = apply(case.model, compile_plan(ROOT / "policies" / f"{name}.yaml", case.spec()))
+                plan = compile_plan(ROOT / "policies" / f"{name}.yaml", case.spec())
+                handle = apply(case.model, plan, static_capacity=capacity)
             try:
                 row: dict[str, Any] = {"policy": policy}
                 row["static_cache_slots_per_layer"] = static_cache_slots(case)

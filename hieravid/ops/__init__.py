@@ -9,7 +9,7 @@ not initialise CUDA; Triton is imported lazily on the CUDA path of the DPP selec
 
 from hieravid.ops._graphs import GraphCache
 from hieravid.ops._registry import OperatorRegistry, UnregisteredOperatorError
-from hieravid.ops.budget import segment_budgets
+from hieravid.ops.budget import most_kept, segment_budgets
 from hieravid.ops.dpp import (
     DEFAULT_MAX_BLOCK,
     DPP_EPS,
@@ -95,6 +95,7 @@ __all__ = [
     "input_level_unread",
     "last_query_attention",
     "merge_redundant_tokens",
+    "most_kept",
     "normalize_relevance",
     "num_merged_tokens",
     "random_input",

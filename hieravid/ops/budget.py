@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from hieravid.ops._util import FLOOR_GUARD
 
-__all__ = ["SegmentBudgets", "as_budgets", "segment_budgets"]
+__all__ = ["SegmentBudgets", "as_budgets", "most_kept", "segment_budgets"]
 
 
 @dataclass
@@ -112,3 +113,32 @@ def segment_budgets(
     k = torch.floor(n.double() * kappa + FLOOR_GUARD).to(torch.int64)
     k = torch.maximum(k, n.clamp_max(min_tokens))
     return torch.minimum(k, n)
+
+
+def most_kept(
+    count: int,
+    prune_ratio: float,
+    *,
+    segments: int,
+    scale: float = 0.1,
+    min_keep: float = 0.05,
+    max_keep: float = 0.95,
+    dynamic: bool = True,
+    min_tokens: int = 1,
+) -> int:
+    """The most tokens :func:`segment_budgets` can keep in all, from ``count`` tokens split into at most ``segments``
+    segments, whatever the split and the marginal values (same arguments): an upper bound known from the shape.
+
+    Marginal values are z-scored (population std), so none exceeds ``sqrt(G - 1)`` (Samuelson's inequality):
+    ``κ_g <= hi = clamp((1 - ρ) + scale·sqrt(G - 1), min_keep, max_keep)``; each segment keeps at most
+    ``⌊n_g·hi⌋`` or its ``min_tokens`` floor, so all keep at most ``⌊count·hi⌋ + segments·min_tokens``.
+    """
+    if count <= 0:
+        return 0
+    groups = max(1, min(segments, count))
+    if dynamic:
+        spread = scale * math.sqrt(groups - 1) + 1e-6  # float32 z-scores can round past the bound
+        hi = min(max_keep, max(min_keep, (1.0 - prune_ratio) + spread))
+    else:
+        hi = 1.0 - prune_ratio
+    return min(count, math.floor(count * hi + groups * FLOOR_GUARD) + groups * min_tokens)

@@ -45,6 +45,7 @@ from hieravid.runtime.calls import KeywordBinder
 from hieravid.runtime.masks import (
     input_mask_2d,
     is_static_cache,
+    most_rows,
     regrow_static_cache,
     shrink_static_cache,
     static_mask,
@@ -84,9 +85,18 @@ class Pruner:
     """
 
     def __init__(
-        self, model: nn.Module, adapter: Adapter, plan: PruningPlan, *, graphs: GraphCache | None, handle: Any = None
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        plan: PruningPlan,
+        *,
+        graphs: GraphCache | None,
+        handle: Any = None,
+        static_capacity: str = "observed",
     ) -> None:
         self.model = model
+        #: How right-sized static cache layers choose their capacity (``masks.STATIC_CAPACITIES``).
+        self.static_capacity = static_capacity
         self.handle = handle
         self.adapter = adapter
         self.plan = plan
@@ -288,7 +298,10 @@ class Pruner:
         if cache is not None and getattr(cache, REQUEST_ATTRIBUTE, None) is not request:
             setattr(cache, REQUEST_ATTRIBUTE, request)  # a cache the language model created itself
         if cache is not None and is_static_cache(cache):
-            full = shrink_static_cache(request, cache, self.stage_of, self.static_capacities, self.recurrent_layers)
+            most = most_rows(request, self.stages) if self.static_capacity == "bound" else None
+            full = shrink_static_cache(
+                request, cache, self.stage_of, self.static_capacities, self.recurrent_layers, most=most
+            )
             request.static = static_slots(request, cache, self.mask_layers[: len(request.coords)], full_capacity=full)
         self.last_stats = _request_stats(request, len(self.layers), self.stage_of)
 

@@ -15,6 +15,7 @@ from hieravid.errors import AdapterError, PlanError
 from hieravid.ops import GraphCache
 from hieravid.runtime.capture import PrefillGraphs
 from hieravid.runtime.engine import Pruner
+from hieravid.runtime.masks import STATIC_CAPACITIES
 from hieravid.runtime.overrides import Overrides, check_speedup_mode, select_speedups
 from hieravid.runtime.state import RequestStats
 
@@ -45,15 +46,20 @@ class PruningHandle:
         *,
         cuda_graphs: bool = False,
         speedups: str = "exact",
+        static_capacity: str = "observed",
     ) -> None:
         self._speedup_mode = check_speedup_mode(speedups)
+        if static_capacity not in STATIC_CAPACITIES:
+            raise ValueError(
+                f"static_capacity must be one of {', '.join(map(repr, STATIC_CAPACITIES))}, got {static_capacity!r}"
+            )
         self.model = model
         self.adapter = adapter
         self.plan = plan
         # Owned here and dropped with the handle: CUDA graphs of the input level (one per video geometry) and of
         # whole prefills from layer 0 on (one per schedule).
         self._graphs = GraphCache() if cuda_graphs else None
-        self._pruner = Pruner(model, adapter, plan, graphs=self._graphs, handle=self)
+        self._pruner = Pruner(model, adapter, plan, graphs=self._graphs, handle=self, static_capacity=static_capacity)
         self._prefill_graphs = PrefillGraphs(self._pruner) if cuda_graphs and plan.prunes else None
         self._hooks: list[RemovableHandle] = []
         self._overrides = Overrides()
@@ -222,6 +228,7 @@ def apply(
     replace: bool = False,
     cuda_graphs: bool = False,
     speedups: str = "exact",
+    static_capacity: str = "observed",
 ) -> PruningHandle:
     """Install a pruning policy (or a compiled plan) on a transformers model.
 
@@ -245,6 +252,14 @@ def apply(
             length instead of one per window); ``"all"`` adds opt-in ones that change numerics within a
             documented tolerance (``torch.compile`` of the vision tower); ``"none"`` keeps the stock model.
             ``handle.speedups`` lists what was installed.
+        static_capacity: how each layer of a static cache (``generate(..., cache_implementation="static")``) is
+            right-sized after a pruned prefill: ``"observed"`` (default) keeps the rows the first request of a
+            prompt shape kept, plus one bucket (1/64 of the prompt) of headroom, so that compiled decode attends over
+            little more than what each layer kept; a later request of that shape whose content keeps more rows
+            grows the capacity, and the compiled decode step recompiles once per capacity grown into. ``"bound"``
+            keeps the most rows any content of the shape can keep under the plan (from the budgets' clamp and
+            per-segment floors): compiled decode never recompiles for a shape it has seen, at the cost of more
+            masked slots per decode step.
 
     Returns:
         A :class:`PruningHandle`; ``handle.remove()`` (or leaving a ``with`` block) restores the model.
@@ -267,7 +282,9 @@ def apply(
     adapter = adapter_class(model)
     adapter.validate()
     plan = _resolve_plan(policy_or_plan, model, adapter, model_type)
-    handle = PruningHandle(model, adapter, plan, cuda_graphs=cuda_graphs, speedups=speedups)
+    handle = PruningHandle(
+        model, adapter, plan, cuda_graphs=cuda_graphs, speedups=speedups, static_capacity=static_capacity
+    )
     if existing is not None:
         existing.remove()
     try:

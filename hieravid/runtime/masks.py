@@ -10,20 +10,26 @@ per-system record of which prompt slots are real — tensors only, so a compiled
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, MutableMapping
-from typing import Any
+from collections.abc import Collection, Mapping, MutableMapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from hieravid.compat import is_resizable_static_layer, resize_static_layer, static_fill_counter
+from hieravid.ops.budget import most_kept
 from hieravid.runtime.state import Request, StaticSlots
+
+if TYPE_CHECKING:
+    from hieravid.plan import StagePlan
 
 __all__ = [
     "CAPACITY_BUCKETS",
     "CAPACITY_HEADROOM_BUCKETS",
+    "STATIC_CAPACITIES",
     "input_mask_2d",
     "is_static_cache",
+    "most_rows",
     "regrow_static_cache",
     "row_lengths",
     "shrink_static_cache",
@@ -41,6 +47,37 @@ CAPACITY_BUCKETS = 64
 #: other counts (their content moves the budgets), and a capacity they outgrow is a new shape for the compiled decode
 #: step: a recompile, tens of seconds at 7B. A bucket of headroom costs a few more masked slots per decode step.
 CAPACITY_HEADROOM_BUCKETS = 1
+
+
+#: How a right-sized static cache chooses each layer's capacity (``apply(..., static_capacity=)``): ``"observed"``
+#: keeps the rows the first request of a shape kept plus :data:`CAPACITY_HEADROOM_BUCKETS`; ``"bound"`` keeps the
+#: most rows any content of the shape can keep under the plan (:func:`most_rows`), so that compiled decode never
+#: recompiles for a shape it has seen.
+STATIC_CAPACITIES = ("observed", "bound")
+
+
+def most_rows(request: Request, stages: Sequence[StagePlan]) -> list[int]:
+    """Per coordinate system of a pruned prefill, the most rows a prompt of its shape can bring there, whatever its
+    content: the realised rows, with each sample's video content replaced by the most its stages can keep
+    (:func:`hieravid.ops.budget.most_kept`, with at most one segment per frame). The input level's counts follow
+    from the shape, so only the frame-level stages' budgets move with the content."""
+    most = [sample.content for sample in request.schedule]
+    bounds = [request.coords[0].length]
+    for system in range(1, len(request.coords)):
+        stage = stages[system - 1]
+        budget = stage.budget
+        options = (
+            {} if budget is None else {"scale": budget.scale, "min_keep": budget.min_keep, "max_keep": budget.max_keep}
+        )
+        for sample, record in enumerate(request.samples):
+            frames = record.layout.frames if record is not None else 1
+            segments = frames if stage.per_segment else 1
+            most[sample] = most_kept(
+                most[sample], stage.prune_ratio, segments=segments, dynamic=budget is not None, **options
+            )
+        realised = [budgets.total if budgets is not None else 0 for budgets in request.budgets[system - 1]]
+        bounds.append(request.coords[system].length + max(bound - kept for bound, kept in zip(most, realised)))
+    return bounds
 
 
 def _mask_tensor(mask: Any) -> Tensor | None:
@@ -92,6 +129,7 @@ def shrink_static_cache(
     stage_of: list[int],
     remembered: MutableMapping[tuple[int, ...], int],
     recurrent_layers: Collection[int] = (),
+    most: Sequence[int] | None = None,
 ) -> int | None:
     """Right-size every layer of a static cache that a pruned prefill filled; returns the layers' full capacity
     (what :func:`regrow_static_cache` restores), or None when the cache is left as it is.
@@ -100,7 +138,9 @@ def shrink_static_cache(
     :func:`static_capacity` of them plus ``max_cache_len - prompt length`` decode slots; its fill counter and the
     rows' original positions are unchanged. ``remembered`` (the handle's, keyed by system, batch, prompt length and
     full capacity) only grows, so that a request shape settles on one set of capacities: the first request of a
-    shape, and one that outgrows it, reserve :data:`CAPACITY_HEADROOM_BUCKETS` above their own rows. Caches of
+    shape, and one that outgrows it, reserve :data:`CAPACITY_HEADROOM_BUCKETS` above their own rows — or, given
+    ``most`` (per system, the most rows any content of the shape can bring: :func:`most_rows`), exactly what that
+    many rows need, the same for every request of the shape. Caches of
     other kinds (offloaded, sliding-window or hybrid layers, a layer count other than the model's, layers of unequal
     capacity) are left as they are: their decode steps attend over every slot, as without the resize.
     """
@@ -123,7 +163,9 @@ def shrink_static_cache(
         key = (system, request.batch, request.original_length, full)
         length = request.original_length
         size = remembered.get(key, 0)
-        if size < static_capacity(coords.length, length, new_slots):  # a new shape, or one this request outgrows
+        if most is not None:
+            size = remembered[key] = max(size, static_capacity(most[system], length, new_slots))
+        elif size < static_capacity(coords.length, length, new_slots):  # a new shape, or one this request outgrows
             size = remembered[key] = static_capacity(coords.length, length, new_slots, CAPACITY_HEADROOM_BUCKETS)
         sizes.append(size)
     for index in attention:

@@ -9,6 +9,7 @@ from ops_reference import ref_dpp_select
 
 from hieravid.ops import (
     dpp_select,
+    most_kept,
     normalize_relevance,
     num_merged_tokens,
     segment_budgets,
@@ -155,6 +156,38 @@ def test_budget_properties(counts, rho, mv_scale, dynamic, min_tokens):
     assert torch.all(k <= c)
     if dynamic:
         assert torch.all(k <= torch.floor(c * 0.95 + 1e-6).long().clamp_min(torch.minimum(c, torch.tensor(min_tokens))))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 400), min_size=1, max_size=40),
+    rho=st.sampled_from([0.0, 0.3, 0.43, 0.5, 0.57, 0.7, 0.85, 0.9]),
+    values=st.data(),
+    dynamic=st.booleans(),
+    min_tokens=st.integers(0, 2),
+)
+def test_most_kept_bounds_every_split_and_every_marginal_value(counts, rho, values, dynamic, min_tokens):
+    """The bound a static cache is sized with holds for any split of the tokens and any z-scored marginal values,
+    the extreme ones included (one segment far from all others: z = sqrt(G - 1))."""
+    c = torch.tensor(counts)
+    groups = len(counts)
+    kind = values.draw(st.sampled_from(["outlier", "random"]))
+    raw = torch.zeros(groups)
+    if kind == "outlier":
+        raw[values.draw(st.integers(0, groups - 1))] = 1.0
+    else:
+        raw = torch.tensor(values.draw(st.lists(st.floats(-100, 100), min_size=groups, max_size=groups)))
+    mv = (raw - raw.mean()) / (raw.std(unbiased=False) + 1e-8) if groups > 1 else torch.zeros(1)
+    kept = int(segment_budgets(c, mv.float(), rho, dynamic=dynamic, min_tokens=min_tokens).sum())
+    bound = most_kept(int(c.sum()), rho, segments=groups, dynamic=dynamic, min_tokens=min_tokens)
+    assert kept <= bound <= int(c.sum())
+
+
+def test_most_kept_by_hand():
+    assert most_kept(0, 0.3, segments=5) == 0
+    assert most_kept(100, 0.3, segments=1) == 71  # one segment: MV = 0, ⌊100·0.7⌋ + its floor of one token
+    assert most_kept(100, 0.57, segments=32) == 100  # 32 segments: κ may reach 0.95, plus 32 floors
+    assert most_kept(1000, 0.3, segments=4, dynamic=False) == 704
 
 
 @SETTINGS

@@ -231,3 +231,48 @@ def test_a_static_cache_that_cannot_be_right_sized_keeps_every_slot(tiny_builder
         assert handle.last_request.pruned
     assert tokens == expected
     assert [layer.keys.shape[-2] for layer in mixed.layers] == [capacity] * len(mixed.layers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("architecture", "policy"), [("llava_onevision", "hieravid-30"), ("qwen2_vl", "hieravid-10")])
+def test_bound_capacities_are_the_shapes_own_so_no_content_recompiles(
+    fresh_dynamo, tiny_builders, architecture, policy
+):
+    """``static_capacity="bound"``: every request of a shape gets the same capacities — the most rows any content can
+    keep under the plan, which no request exceeds — so the compiled decode step never recompiles for the shape, even
+    for content the first request's headroom would not cover. Compiled tokens still equal eager ones."""
+    from hieravid.runtime.masks import most_rows
+
+    case = tiny_builders.tiny_case(architecture)
+    model = case.model
+    plan = compile_plan(POLICIES / f"{policy}.yaml", case.spec(frames=64))
+    requests = [case.inputs(seed=seed) for seed in (3, 4, 5, 6)]
+    capacities, realised = [], []
+    with apply(model, plan, static_capacity="bound") as handle:
+        for index, inputs in enumerate(requests):
+            eager = _generate(model, inputs, disable_compile=True)
+            request = getattr(cache_from_output(eager), REQUEST_ATTRIBUTE)
+            layers = [layer for layer in cache_from_output(eager).layers if hasattr(layer, "max_cache_len")]
+            capacities.append([layer.max_cache_len for layer in layers])
+            realised.append(handle.last_request.layer_sequence_lengths)
+            most = most_rows(request, plan.stages)
+            assert all(kept <= bound for kept, bound in zip((c.length for c in request.coords), most))
+            if index == 0:  # the bound is the shape's, whatever the content
+                first_most = most
+            assert most == first_most
+            torch._dynamo.config.error_on_recompile = index > 0  # the first request compiles
+            compiled = _generate(model, inputs, compile_config=_compile_config())
+            torch._dynamo.config.error_on_recompile = False
+            assert torch.equal(compiled.sequences, eager.sequences)
+    assert len({tuple(lengths) for lengths in realised}) > 1  # the content moved the counts
+    assert all(capacity == capacities[0] for capacity in capacities)
+    for lengths in realised:
+        assert all(kept + NEW_TOKENS - 1 <= capacity for kept, capacity in zip(lengths, capacities[0]))
+
+
+def test_an_unknown_static_capacity_is_refused_before_any_hook(tiny_llava):
+    model = tiny_llava.model
+    plan = compile_plan(POLICIES / "hieravid-30.yaml", tiny_llava.spec())
+    with pytest.raises(ValueError, match=r"static_capacity must be one of 'observed', 'bound', got 'largest'"):
+        apply(model, plan, static_capacity="largest")
+    assert not model.model.language_model._forward_pre_hooks
