@@ -17,8 +17,9 @@ gives the request the stage records the graph computed. Replays are bit-identica
 
 Scope: CUDA, SDPA attention, a dynamic KV cache (``generate``'s default), no padding anywhere (batches of
 equal-length prompts, e.g. batch 1), no random selector (its draw is made on the host), no requested attentions or
-hidden states, no sliding-window layers, and an adapter whose language model never reads the device in its forward
-(:attr:`~hieravid.adapters.base.Adapter.prefill_capturable`; Qwen3-VL's deepstack step does). Anything else runs
+hidden states, an adapter whose language model never reads the device in its forward
+(:meth:`~hieravid.adapters.base.Adapter.prefill_capturable`; transformers' Qwen3-VL deepstack step does), and a
+schedule whose first, eager run gave every decoder layer no mask (the recording gives them none). Anything else runs
 eagerly. A recurrent (linear-attention) layer's conv and recurrent states are handed over with the key and
 value rows of the attention layers. At most ``size`` schedules are kept (least recently used dropped): each holds the
 prefill's activations and KV cache in its private memory pool, about the eager prefill's peak activation memory
@@ -199,7 +200,8 @@ class PrefillGraphs:
         #: Device types whose prefills are captured.
         self.device_types = ("cuda",)
         self._graphs: OrderedDict[Hashable, _Captured] = OrderedDict()
-        self._seen: OrderedDict[Hashable, None] = OrderedDict()
+        #: Schedules run once eagerly, with whether every decoder layer got no mask there (then they can be captured).
+        self._seen: OrderedDict[Hashable, bool] = OrderedDict()
         self.replays = 0
         self.captures = 0
 
@@ -262,8 +264,6 @@ class PrefillGraphs:
             return None  # eager attention needs the mask materialised; flash variants read position ids instead
         if not self.pruner.adapter.prefill_capturable():
             return None  # the adapter's language model reads the device inside its forward
-        if "sliding_attention" in (getattr(self.pruner.adapter.text_config(), "layer_types", None) or ()):
-            return None  # a sliding-window layer's eager mask is not None, which the recording assumes
         if not request.prompt_unmasked or not all(coords.all_valid for coords in request.coords):
             return None
         if any(isinstance(stage.selector, RandomSelector) for stage in self.pruner.stages):
@@ -290,9 +290,14 @@ class PrefillGraphs:
         captured = self._graphs.get(key)
         if captured is None:
             if key not in self._seen:  # first sight: run eagerly, which also warms every kernel up
-                self._seen[key] = None
+                output, unmasked = self._eager_and_unmasked(forward, kwargs)
+                # The recording gives every layer no mask: only a schedule whose eager layers all had none (no
+                # sliding window reaching into the prompt, no masked row) can be captured; the others stay eager.
+                self._seen[key] = unmasked
                 while len(self._seen) > 4 * self.size:
                     self._seen.popitem(last=False)
+                return output
+            if not self._seen[key]:
                 return forward(**kwargs)
             captured = self._capture(request, kwargs, forward)
             self._graphs[key] = captured
@@ -301,6 +306,22 @@ class PrefillGraphs:
         else:
             self._graphs.move_to_end(key)
         return self._replay(captured, request, kwargs)
+
+    def _eager_and_unmasked(self, forward: Callable[..., Any], kwargs: dict[str, Any]) -> tuple[Any, bool]:
+        """The eager output of this call, and whether every decoder layer received no mask (after hieravid's own
+        per-layer hooks, which give later coordinate systems their masks)."""
+        masks: list[bool] = []
+
+        def record(module: Any, args: tuple, layer_kwargs: dict[str, Any]) -> None:
+            masks.append(layer_kwargs.get("attention_mask") is None)
+
+        hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self.pruner.layers]
+        try:
+            output = forward(**kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return output, bool(masks) and all(masks)
 
     def _capture(self, request: Request, kwargs: dict[str, Any], forward: Callable[..., Any]) -> _Captured:
         from transformers import DynamicCache

@@ -170,6 +170,42 @@ def test_a_language_model_that_takes_one_mask_tensor_is_captured_with_the_eager_
     assert seen and all(mask is None for mask in seen)
 
 
+def test_a_schedule_whose_eager_layers_got_a_mask_is_never_captured(tiny_llava):
+    """The recording gives every decoder layer no mask, as the eager unpadded prefill does; a schedule whose eager run
+    gave some layer a mask (here a hook of the user's, standing for e.g. a sliding window) stays eager."""
+    model = tiny_llava.model
+    plan = compile_plan(POLICIES / "hieravid-30.yaml", tiny_llava.spec())
+    inputs = tiny_llava.inputs(seed=1)
+
+    def explicit_mask(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rows = hidden.shape[1]
+        causal = torch.ones(rows, rows, dtype=torch.bool, device=hidden.device).tril()
+        kwargs["attention_mask"] = causal[None, None].expand(hidden.shape[0], 1, rows, rows)
+        return args, kwargs
+
+    layer = model.model.language_model.layers[1]
+    with apply(model, plan) as handle, torch.no_grad():
+        plain = model(**inputs).logits
+        hook = layer.register_forward_pre_hook(explicit_mask, with_kwargs=True)
+        try:
+            expected = model(**inputs).logits
+        finally:
+            hook.remove()
+    with apply(model, plan, cuda_graphs=True) as handle, torch.no_grad():
+        graphs = _on_cpu(handle)
+        hook = layer.register_forward_pre_hook(explicit_mask, with_kwargs=True)
+        try:
+            outputs = [model(**inputs).logits for _ in range(3)]
+        finally:
+            hook.remove()
+        assert (graphs.captures, graphs.replays) == (0, 0)
+        later = [model(**inputs).logits for _ in range(2)]  # the hook gone, the schedule stays eager: it was masked
+        assert (graphs.captures, graphs.replays) == (0, 0)
+    assert all(torch.equal(output, expected) for output in outputs)
+    assert all(torch.equal(output, plain) for output in later)
+
+
 def test_removal_restores_the_language_models_forward(tiny_llava):
     model = tiny_llava.model
     language_model = model.model.language_model
