@@ -233,6 +233,14 @@ def test_apply_installs_exact_speedups_even_when_nothing_is_pruned_and_remove_re
     assert handle.speedups == ()
 
 
+def test_a_plan_that_prunes_nothing_installs_no_hook(tiny):
+    """``policies/none.yaml`` costs nothing per call: no module gets a hook (only the exact speedups, which replace
+    attributes), so neither a prefill nor a decode step runs any of hieravid's code."""
+    model = tiny.model
+    with apply(model, NONE):
+        assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+
+
 def test_speedups_none_is_the_stock_model(tiny_sdpa):
     model = tiny_sdpa.model
     before = _instance_state(model)
