@@ -52,8 +52,8 @@ from hieravid.ops.segment import (
     num_merged_tokens,
     segment_frames,
     segment_level,
-    segment_level_unread,
     segment_marginal_values,
+    unread_segment_level,
 )
 from hieravid.ops.selectors import (
     SELECTORS,
@@ -104,11 +104,11 @@ __all__ = [
     "segment_budgets",
     "segment_frames",
     "segment_level",
-    "segment_level_unread",
     "segment_marginal_values",
     "select_tokens",
     "stage_keep_fractions",
     "triton_available",
     "uniform_input",
+    "unread_segment_level",
     "vidcom2",
 ]

@@ -52,7 +52,7 @@ from hieravid.ops.segment import (
     frame_redundancy,
     merge_redundant_tokens,
     num_merged_tokens,
-    segment_level_unread,
+    unread_segment_level,
 )
 from hieravid.policy import (
     DycokeInput,
@@ -469,12 +469,12 @@ def _run_segment_level(
     frames: Tensor, config: InputLevelConfig, /, *, graphs: GraphCache | None = None
 ) -> UnreadSegmentLevel:
     assert isinstance(config, SegmentLevel)
-    return segment_level_unread(
+    return unread_segment_level(
         frames,
-        similarity_threshold=config.similarity_threshold,
-        segment_threshold=config.segment_threshold,
-        merge_ratio=config.merge_ratio,
-        marginal_value_weight=config.marginal_value_weight,
+        config.similarity_threshold,
+        config.segment_threshold,
+        config.merge_ratio,
+        config.marginal_value_weight,
         graphs=graphs,
     )
 

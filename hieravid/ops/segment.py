@@ -3,12 +3,12 @@
 All functions take a video as ``frames: [F, P, D]`` (``F`` frames of ``P`` tokens, hidden size ``D``) and
 flat token indices are ``f * P + p``. Everything runs on the input's device with vectorised tensor code;
 the only host synchronisation is in :func:`segment_level`, which reads the number of segments once
-(:func:`segment_level_unread` leaves that read to a caller that reads the device anyway).
+(:func:`unread_segment_level` leaves that read to a caller that reads the device anyway).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -27,8 +27,8 @@ __all__ = [
     "num_merged_tokens",
     "segment_frames",
     "segment_level",
-    "segment_level_unread",
     "segment_marginal_values",
+    "unread_segment_level",
 ]
 
 #: Similarity reported for frame 0, which has no predecessor: the lowest cosine, i.e. "not similar".
@@ -334,14 +334,9 @@ def segment_level(
     Returns:
         A :class:`SegmentLevelResult`.
     """
-    return segment_level_unread(
-        frames,
-        similarity_threshold=similarity_threshold,
-        segment_threshold=segment_threshold,
-        merge_ratio=merge_ratio,
-        marginal_value_weight=marginal_value_weight,
-        merge=merge,
-        graphs=graphs,
+    ratio = merge_ratio if merge else 0.0
+    return unread_segment_level(
+        frames, similarity_threshold, segment_threshold, ratio, marginal_value_weight, graphs=graphs
     ).resolve()
 
 
@@ -373,35 +368,26 @@ class UnreadSegmentLevel:
     def resolve(self, num_segments: int | None = None) -> SegmentLevelResult:
         """The :class:`SegmentLevelResult`, given ``G`` as read by the caller (None: read it here, the one sync)."""
         G = int(self.segment_count) if num_segments is None else int(num_segments)
-        return SegmentLevelResult(
-            kept_index=self.kept_index,
-            features=self.features,
-            merge_target=self.merge_target,
-            frame_segment_ids=self.frame_segment_ids,
-            token_segment_ids=self.token_segment_ids,
-            marginal_values=self.marginal_values[:G],
-            num_segments=G,
-            similarity=self.similarity,
-            redundancy=self.redundancy,
-        )
+        tensors = {field.name: getattr(self, field.name) for field in fields(self)}
+        return SegmentLevelResult(**tensors | {"marginal_values": self.marginal_values[:G]}, num_segments=G)
 
 
-def segment_level_unread(
+def unread_segment_level(
     frames: Tensor,
+    similarity_threshold: float,
+    segment_threshold: float,
+    merge_ratio: float,
+    marginal_value_weight: float,
     *,
-    similarity_threshold: float = 0.6,
-    segment_threshold: float = 0.4,
-    merge_ratio: float = 0.5,
-    marginal_value_weight: float = 0.5,
-    merge: bool = True,
     graphs: GraphCache | None = None,
 ) -> UnreadSegmentLevel:
-    """:func:`segment_level` without its host read (same arguments): the caller resolves the result."""
+    """:func:`segment_level` (``merge_ratio`` 0: no merging) without its host read: the caller resolves the
+    result, after reading :attr:`UnreadSegmentLevel.segment_count` with its own reads."""
     _check_frames(frames)
     params = (
         float(similarity_threshold),
         float(segment_threshold),
-        float(merge_ratio if merge else 0.0),
+        float(merge_ratio),
         float(marginal_value_weight),
     )
     if graphs is not None and frames.is_cuda:

@@ -16,8 +16,8 @@ from hieravid.ops import (
     num_merged_tokens,
     segment_frames,
     segment_level,
-    segment_level_unread,
     segment_marginal_values,
+    unread_segment_level,
 )
 
 
@@ -241,7 +241,7 @@ def test_the_unread_segment_level_leaves_its_one_read_to_the_caller(device):
     assert expected.num_segments > 1
     spy = SyncSpy()
     with spy:
-        unread = segment_level_unread(frames)
+        unread = unread_segment_level(frames, 0.6, 0.4, 0.5, 0.5)  # segment_level's defaults
         count, padded = unread.segment_count, unread.marginal_values
     assert dict(spy.counts) == {}
     assert padded.shape == (8,) and count.shape == (1,)
