@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from hieravid.ops.budget import SegmentBudgets, segment_budgets
+from hieravid.ops.budget import SegmentBudgets, most_kept, segment_budgets
 from hieravid.ops.dpp import plan_dpp_blocks
 from hieravid.ops.relevance import RelevanceSign, normalize_relevance
 from hieravid.ops.selectors import select_tokens
@@ -23,6 +23,7 @@ __all__ = [
     "frame_level",
     "stage_budgets",
     "stage_keep_fractions",
+    "stage_most_kept",
 ]
 
 
@@ -157,15 +158,22 @@ def frame_level(
 def stage_budgets(stage: FrameStage, counts: Tensor, marginal_values: Tensor) -> SegmentBudgets:
     """The per-segment budgets of a stage from the host counts and marginal values (``[G]`` each), with the
     selector's host-side plan when it has one (the DPP's blocks), ready to be uploaded."""
-    budget = stage.budget
-    host = segment_budgets(
-        counts,
-        marginal_values,
-        stage.prune_ratio,
-        dynamic=budget is not None,
-        **({} if budget is None else {"scale": budget.scale, "min_keep": budget.min_keep, "max_keep": budget.max_keep}),
-    )
+    host = segment_budgets(counts, marginal_values, stage.prune_ratio, **_budget_options(stage))
     budgets = SegmentBudgets(counts.to(torch.int64), host)
     if isinstance(stage.selector, DppSelector):
         budgets.prepared["dpp"] = plan_dpp_blocks(budgets.counts, host, stage.selector.max_block)
     return budgets
+
+
+def stage_most_kept(stage: FrameStage, count: int, segments: int) -> int:
+    """The most tokens a stage's budgets (:func:`stage_budgets`) can keep of ``count`` split into at most
+    ``segments`` segments, whatever the split and the marginal values (:func:`~hieravid.ops.budget.most_kept`)."""
+    return most_kept(count, stage.prune_ratio, segments=segments, **_budget_options(stage))
+
+
+def _budget_options(stage: FrameStage) -> dict[str, Any]:
+    """The budget rule's keyword arguments of :func:`segment_budgets` (static ``1 - ρ`` without a dynamic budget)."""
+    budget = stage.budget
+    if budget is None:
+        return {"dynamic": False}
+    return {"dynamic": True, "scale": budget.scale, "min_keep": budget.min_keep, "max_keep": budget.max_keep}

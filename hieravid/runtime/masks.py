@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from hieravid.compat import is_resizable_static_layer, resize_static_layer, static_fill_counter
-from hieravid.ops.budget import most_kept
+from hieravid.ops.layer import stage_most_kept
 from hieravid.runtime.state import Request, StaticSlots
 
 if TYPE_CHECKING:
@@ -59,22 +59,15 @@ STATIC_CAPACITIES = ("observed", "bound")
 def most_rows(request: Request, stages: Sequence[StagePlan]) -> list[int]:
     """Per coordinate system of a pruned prefill, the most rows a prompt of its shape can bring there, whatever its
     content: the realised rows, with each sample's video content replaced by the most its stages can keep
-    (:func:`hieravid.ops.budget.most_kept`, with at most one segment per frame). The input level's counts follow
+    (:func:`hieravid.ops.layer.stage_most_kept`, with at most one segment per frame). The input level's counts follow
     from the shape, so only the frame-level stages' budgets move with the content."""
     most = [sample.content for sample in request.schedule]
     bounds = [request.coords[0].length]
     for system in range(1, len(request.coords)):
         stage = stages[system - 1]
-        budget = stage.budget
-        options = (
-            {} if budget is None else {"scale": budget.scale, "min_keep": budget.min_keep, "max_keep": budget.max_keep}
-        )
         for sample, record in enumerate(request.samples):
-            frames = record.layout.frames if record is not None else 1
-            segments = frames if stage.per_segment else 1
-            most[sample] = most_kept(
-                most[sample], stage.prune_ratio, segments=segments, dynamic=budget is not None, **options
-            )
+            segments = record.layout.frames if record is not None and stage.per_segment else 1
+            most[sample] = stage_most_kept(stage, most[sample], segments)
         realised = [budgets.total if budgets is not None else 0 for budgets in request.budgets[system - 1]]
         bounds.append(request.coords[system].length + max(bound - kept for bound, kept in zip(most, realised)))
     return bounds
